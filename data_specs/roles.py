@@ -1,0 +1,119 @@
+"""Role specs: which model serves a role, through which backend, on which device.
+
+A role spec is declarative and validated here, before any model library is imported: an unknown
+backend, a missing local path, a bad dtype or a non-positive batch size fail with one line that
+names the field.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ROLE_BACKENDS: dict[str, tuple[str, ...]] = {
+    "llm": ("transformers",),
+    "vlm": ("transformers",),
+    "t2i": ("diffusers",),
+    "editor": ("diffusers",),
+    "detector": ("transformers",),
+    "segmenter": ("transformers", "segment_anything"),
+    "clip": ("transformers", "open_clip"),
+    "dino": ("transformers",),
+}
+Role = Literal["llm", "vlm", "t2i", "editor", "detector", "segmenter", "clip", "dino"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+# A hub ID is `name` or `org/name` (open_clip also takes `hf-hub:org/name`); anything that starts
+# like a path is a local path and must exist.
+_HUB_ID = re.compile(r"^(hf-hub:)?[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message is one line naming the offending field."""
+
+
+def model_kind(model: str) -> Literal["zoo", "local", "hub"]:
+    if model.startswith("zoo:"):
+        return "zoo"
+    if model.startswith(("/", "./", "../", "~")) or Path(model).exists():
+        return "local"
+    return "hub"
+
+
+class RoleSpec(BaseModel):
+    """One model role: `{role, backend, model, dtype, device, batch_size, options}`.
+
+    `model` is a hub ID, a local path or `zoo:<name>`. `options` carries backend keyword
+    arguments (inference steps, max new tokens, thresholds) that are part of the cache key.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Role
+    backend: str
+    model: str = Field(min_length=1)
+    dtype: DType = "auto"
+    device: str = "auto"
+    batch_size: int = 4
+    trust_remote_code: bool = False
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be a positive integer, got {value}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, value: str) -> str:
+        kind = model_kind(value)
+        if kind == "zoo" and not re.fullmatch(r"zoo:[\w.\-]+", value):
+            raise ValueError(f"zoo model must look like zoo:<name>, got {value!r}")
+        if kind == "local" and not Path(value).expanduser().exists():
+            raise ValueError(f"local path does not exist: {value}")
+        if kind == "hub" and not _HUB_ID.match(value):
+            raise ValueError(f"not a hub ID, local path or zoo:<name>: {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _backend_serves_role(self) -> "RoleSpec":
+        allowed = ROLE_BACKENDS[self.role]
+        if self.backend not in allowed:
+            raise ValueError(
+                f"backend: {self.backend!r} cannot serve role {self.role!r}; use one of {', '.join(allowed)}"
+            )
+        return self
+
+    def cache_key(self) -> str:
+        return self.model_dump_json()
+
+
+def one_line(error: ValidationError, prefix: str = "") -> str:
+    """The first validation error as `field.path: message`."""
+    first = error.errors()[0]
+    loc = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "")
+    message = first["msg"].removeprefix("Value error, ")
+    if message.startswith("backend: "):  # raised by the model validator, which pydantic locates at the root
+        loc = ".".join(p for p in (loc, "backend") if p)
+        message = message.removeprefix("backend: ")
+    return f"{loc}: {message}" if loc else message
+
+
+def parse_role_spec(data: dict[str, Any], where: str = "") -> RoleSpec:
+    """Validate a role spec, raising SpecError with one line that names the field."""
+    try:
+        return RoleSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(one_line(error, where)) from None

@@ -1,0 +1,109 @@
+"""The tiny model zoo: deterministic, randomly initialised checkpoints for every role and backend.
+
+Each entry is written in its real on-disk format (`save_pretrained` folders with offline-built
+tokenizers and processors, open_clip config + weights, segment-anything weights) and keeps the real
+model's input resolution, patch size and preprocessing; only width and depth shrink. The outputs
+are noise: the zoo proves the machinery, real checkpoints give real data.
+
+`ensure_entry(name)` builds one entry on first use (safe across processes and threads);
+`build_zoo(root)` builds them all and writes `manifest.json` with a sha256 per file.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+from filelock import FileLock
+
+from music_model.paths import zoo_dir
+
+ZOO_SEED = 20260407
+
+# name -> "module:builder"; a builder writes the entry into the folder it is given.
+ENTRIES: dict[str, str] = {
+    "qwen3": "music_model.zoo.text:build_qwen3",
+    "qwen2_5_vl": "music_model.zoo.text:build_qwen2_5_vl",
+    "flux": "music_model.zoo.diffusion:build_flux",
+    "flux_kontext": "music_model.zoo.diffusion:build_flux_kontext",
+    "grounding_dino": "music_model.zoo.vision:build_grounding_dino",
+    "sam2": "music_model.zoo.vision:build_sam2",
+    "sam": "music_model.zoo.vision:build_sam",
+    "sam_official": "music_model.zoo.vision:build_sam_official",
+    "clip_b32": "music_model.zoo.embed:build_clip_b32",
+    "clip_l14": "music_model.zoo.embed:build_clip_l14",
+    "open_clip_b32": "music_model.zoo.embed:build_open_clip_b32",
+    "dino_vits16": "music_model.zoo.embed:build_dino_vits16",
+}
+
+_MARKER = "zoo_entry.json"
+_thread_lock = threading.Lock()
+
+
+def entry_seed(name: str) -> int:
+    """A seed per entry, stable across machines and Python runs."""
+    digest = hashlib.sha256(f"{ZOO_SEED}:{name}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, keyed by its relative POSIX path, sorted."""
+    hashes = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        hashes[path.relative_to(folder).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashes
+
+
+def _build_into(name: str, target: Path) -> None:
+    import torch
+
+    module_name, function_name = ENTRIES[name].split(":")
+    builder = getattr(importlib.import_module(module_name), function_name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        torch.manual_seed(entry_seed(name))
+        builder(staging, entry_seed(name))
+        hashes = file_hashes(staging)
+        (staging / _MARKER).write_text(json.dumps({"name": name, "files": hashes}, indent=1, sort_keys=True) + "\n")
+        if target.exists():  # an unfinished earlier build: no marker, so redo it
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def ensure_entry(name: str, root: Path | None = None) -> Path:
+    """The folder of zoo entry `name`, built first if it is not complete."""
+    if name not in ENTRIES:
+        raise KeyError(f"zoo has no entry {name!r}; entries: {', '.join(sorted(ENTRIES))}")
+    root = Path(root) if root else zoo_dir()
+    target = root / name
+    if (target / _MARKER).exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with _thread_lock, FileLock(str(root / f".{name}.lock")):
+        if not (target / _MARKER).exists():
+            _build_into(name, target)
+    return target
+
+
+def build_zoo(root: Path | None = None, names: list[str] | None = None, force: bool = False) -> Path:
+    """Build every entry (or `names`) under `root` and write `manifest.json`; returns the manifest path."""
+    root = Path(root) if root else zoo_dir()
+    names = names or sorted(ENTRIES)
+    for name in names:
+        if force and (root / name).exists():
+            shutil.rmtree(root / name)
+        ensure_entry(name, root)
+    manifest = {name: file_hashes(root / name) for name in sorted(ENTRIES) if (root / name / _MARKER).exists()}
+    path = root / "manifest.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
