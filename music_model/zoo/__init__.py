@@ -71,39 +71,41 @@ def _build_into(name: str, target: Path) -> None:
         builder(staging, entry_seed(name))
         hashes = file_hashes(staging)
         (staging / _MARKER).write_text(json.dumps({"name": name, "files": hashes}, indent=1, sort_keys=True) + "\n")
-        if target.exists():  # an unfinished earlier build: no marker, so redo it
+        if target.exists():  # a forced rebuild, or an earlier build that died before its marker
             shutil.rmtree(target)
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def ensure_entry(name: str, root: Path | None = None) -> Path:
-    """The folder of zoo entry `name`, built first if it is not complete."""
+def ensure_entry(name: str, root: Path | None = None, force: bool = False) -> Path:
+    """The folder of zoo entry `name`, built first if it is not complete (or when `force`)."""
     if name not in ENTRIES:
         raise KeyError(f"zoo has no entry {name!r}; entries: {', '.join(sorted(ENTRIES))}")
     root = Path(root) if root else zoo_dir()
     target = root / name
-    if (target / _MARKER).exists():
+    if (target / _MARKER).exists() and not force:
         return target
     root.mkdir(parents=True, exist_ok=True)
     with _thread_lock, FileLock(str(root / f".{name}.lock")):
-        if not (target / _MARKER).exists():
+        if force or not (target / _MARKER).exists():
             _build_into(name, target)
     return target
 
 
-def build_zoo(root: Path | None = None, names: list[str] | None = None, force: bool = False) -> Path:
-    """Build every entry (or `names`) under `root` and write `manifest.json`; returns the manifest path."""
+def write_manifest(root: Path | None = None) -> Path:
+    """`manifest.json`: the sha256 of every file of every built entry under `root`."""
     root = Path(root) if root else zoo_dir()
-    names = names or sorted(ENTRIES)
-    for name in names:
-        if force and (root / name).exists():
-            shutil.rmtree(root / name)
-        ensure_entry(name, root)
     manifest = {name: file_hashes(root / name) for name in sorted(ENTRIES) if (root / name / _MARKER).exists()}
     path = root / "manifest.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def build_zoo(root: Path | None = None, names: list[str] | None = None, force: bool = False) -> Path:
+    """Build every entry (or `names`) under `root` and write the manifest; returns its path."""
+    for name in names or sorted(ENTRIES):
+        ensure_entry(name, root, force)
+    return write_manifest(root)

@@ -1,0 +1,24 @@
+# Two entry points: `make demo` (install, then run the main job on the tiny zoo) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev,ray]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/music zoo build
+	$(BIN)/music roles check
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,95 @@
+"""The `music` command line."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="MUSIC pipeline: data generation, MSIC benchmark, scoring and training.", no_args_is_help=True)
+zoo_app = typer.Typer(help="The tiny model zoo (deterministic random checkpoints for every role).", no_args_is_help=True)
+roles_app = typer.Typer(help="Model roles.", no_args_is_help=True)
+server_app = typer.Typer(help="The local Prefect server (127.0.0.1, SQLite in the state folder).", invoke_without_command=True)
+app.add_typer(zoo_app, name="zoo")
+app.add_typer(roles_app, name="roles")
+app.add_typer(server_app, name="server")
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@zoo_app.command("build")
+def zoo_build(
+    dir: Optional[Path] = typer.Option(None, "--dir", help="Zoo folder (default: $MUSIC_ZOO_DIR or <state>/zoo)."),
+    force: bool = typer.Option(False, help="Rebuild entries that already exist."),
+    only: Optional[list[str]] = typer.Option(None, help="Build only these entries."),
+) -> None:
+    """Build the tiny zoo and write its manifest of content hashes."""
+    from music_model.paths import zoo_dir
+    from music_model.zoo import ENTRIES, ensure_entry, write_manifest
+
+    root = dir or zoo_dir()
+    unknown = [name for name in only or [] if name not in ENTRIES]
+    if unknown:
+        raise typer.BadParameter(f"unknown zoo entries {unknown}; known: {', '.join(sorted(ENTRIES))}", param_hint="--only")
+    total_start = time.perf_counter()
+    for name in only or sorted(ENTRIES):
+        start = time.perf_counter()
+        path = ensure_entry(name, root, force)
+        typer.echo(f"{name:16s} {_size(path) / 1e6:7.2f} MB  {time.perf_counter() - start:6.2f} s")
+    manifest = write_manifest(root)
+    typer.echo(f"zoo: {root}  {_size(root) / 1e6:.2f} MB  {time.perf_counter() - total_start:.1f} s  manifest: {manifest}")
+
+
+@zoo_app.command("list")
+def zoo_list() -> None:
+    """Zoo entries and whether they are built."""
+    from music_model.paths import zoo_dir
+    from music_model.zoo import ENTRIES
+
+    for name in sorted(ENTRIES):
+        built = (zoo_dir() / name / "zoo_entry.json").exists()
+        typer.echo(f"{name:16s} {'built' if built else '-'}")
+
+
+@roles_app.command("check")
+def roles_check(
+    device: Optional[str] = typer.Option(None, help="Override every role's device (cpu, cuda, cuda:N)."),
+    dtype: Optional[str] = typer.Option(None, help="Override every role's dtype (float32, bfloat16, float16)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON here."),
+) -> None:
+    """Load every role x backend from the zoo and run a batch of 2 through it, with timings."""
+    from music_model.smoke import check_roles, zoo_role_specs
+
+    rows = check_roles(zoo_role_specs(device, dtype))
+    for row in rows:
+        timing = f"load {row['load_s']:6.2f} s  batch {row['batch_s']:6.2f} s" if row["ok"] else "FAILED"
+        typer.echo(f"{row['name']:28s} {row['backend']:16s} {row.get('device', '-'):6s} {row.get('dtype', '-'):8s} {timing}  {row['output']}")
+    if json_out:
+        json_out.write_text(json.dumps(rows, indent=1))
+    if not all(row["ok"] for row in rows):
+        raise typer.Exit(1)
+
+
+@server_app.callback()
+def server(ctx: typer.Context) -> None:
+    """Start (or reuse) the local Prefect server and print its UI address."""
+    if ctx.invoked_subcommand is None:
+        from flows.server import ensure_server, ui_url
+
+        typer.echo(f"Prefect UI: {ui_url(ensure_server())}")
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the server this state folder started."""
+    from flows.server import stop_server
+
+    typer.echo("stopped" if stop_server() else "no server of ours was running")
+
+
+if __name__ == "__main__":
+    app()

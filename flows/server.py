@@ -1,0 +1,122 @@
+"""The local Prefect server the CLI starts or reuses (never Prefect's ephemeral mode, which loses
+task-run records): 127.0.0.1, SQLite in the project's state folder, analytics off."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from music_model.paths import state_dir
+
+DEFAULT_PORT = 4200
+
+
+def prefect_home() -> Path:
+    return state_dir() / "prefect"
+
+
+def _record() -> Path:
+    return prefect_home() / "server.json"
+
+
+def healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return sock.getsockname()[1]
+            except OSError:
+                continue
+    raise RuntimeError("no free port on 127.0.0.1")
+
+
+def _use(api_url: str) -> str:
+    os.environ["PREFECT_API_URL"] = api_url
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    return api_url
+
+
+def running_server() -> dict | None:
+    """The server this state folder started, when it is still up."""
+    try:
+        record = json.loads(_record().read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return record if healthy(record["api_url"]) else None
+
+
+def ensure_server(port: int = DEFAULT_PORT, timeout: float = 90.0) -> str:
+    """The API URL of a healthy server: `$PREFECT_API_URL` if set, else ours, started if needed.
+
+    Also points this process's Prefect client at it."""
+    if os.environ.get("PREFECT_API_URL"):
+        url = os.environ["PREFECT_API_URL"]
+        if not healthy(url, timeout=5):
+            raise RuntimeError(f"PREFECT_API_URL={url} does not answer at /health")
+        return _use(url)
+    if record := running_server():
+        return _use(record["api_url"])
+    home = prefect_home()
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port(port)
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    while not healthy(api_url):
+        if process.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {process.returncode}; see {home / 'server.log'}")
+        if time.monotonic() > deadline:
+            process.terminate()
+            raise RuntimeError(f"prefect server not healthy after {timeout:.0f}s; see {home / 'server.log'}")
+        time.sleep(0.5)
+    record = {"pid": process.pid, "port": port, "api_url": api_url, "ui_url": f"http://127.0.0.1:{port}"}
+    tmp = _record().with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, _record())
+    return _use(api_url)
+
+
+def stop_server(timeout: float = 30.0) -> bool:
+    """SIGTERM the server this state folder started; True when one was stopped."""
+    try:
+        record = json.loads(_record().read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    try:
+        os.killpg(record["pid"], signal.SIGTERM)
+    except ProcessLookupError:
+        _record().unlink(missing_ok=True)
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(record["pid"], 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    _record().unlink(missing_ok=True)
+    return True
+
+
+def ui_url(api_url: str) -> str:
+    return api_url.removesuffix("/api")

@@ -1,0 +1,94 @@
+"""Property tests for the grid math, the RLE round trip and decimation renumbering."""
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from music_model import masks as rle
+from music_model.decimate import decimate, mentioned, token
+from music_model.layout import GRID, box_to_mask, cell_ious, layout_grid, layout_to_text, text_to_layout
+
+boxes = st.tuples(
+    st.floats(0, 0.9), st.floats(0, 0.9), st.floats(0.02, 1.0), st.floats(0.02, 1.0)
+).map(lambda b: np.array([b[0], b[1], min(1.0, b[0] + b[2]), min(1.0, b[1] + b[3])]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(boxes, min_size=1, max_size=12), st.sampled_from([(64, 64), (48, 80), (97, 61)]))
+def test_layout_places_every_subject_and_only_known_ids(box_list, size):
+    height, width = size
+    masks = np.stack([box_to_mask(b, height, width) for b in box_list])
+    ids = list(range(1, len(box_list) + 1))
+    layout = layout_grid(masks, ids)
+    assert layout.shape == (GRID * GRID,)
+    assert set(np.unique(layout)) <= {0, *ids}
+    assert all((layout == i).any() for i in ids)  # the repair rule: nobody is left without a cell
+    assert np.array_equal(text_to_layout(layout_to_text(layout)), layout)
+
+
+@settings(max_examples=40, deadline=None)
+@given(boxes, st.sampled_from([(64, 64), (40, 72)]))
+def test_cell_ious_match_direct_computation(box, size):
+    height, width = size
+    mask = box_to_mask(box, height, width)
+    ious = cell_ious(mask[None])[0]
+    rows = np.round(np.linspace(0, height, GRID + 1)).astype(int)
+    cols = np.round(np.linspace(0, width, GRID + 1)).astype(int)
+    for r in range(GRID):
+        for c in range(GRID):
+            cell = np.zeros_like(mask)
+            cell[rows[r]:rows[r + 1], cols[c]:cols[c + 1]] = True
+            union = (cell | mask).sum()
+            expected = (cell & mask).sum() / union if union else 0.0
+            assert abs(ious[r * GRID + c] - expected) < 1e-12
+
+
+def test_full_image_subject_fills_the_grid_and_threshold_uses_lambda():
+    full = np.ones((1, 64, 64), bool)
+    assert (layout_grid(full, [1]) == 1).all()
+    quarter = box_to_mask(np.array([0, 0, 0.5, 0.5]), 64, 64)[None]
+    layout = layout_grid(quarter, [1]).reshape(GRID, GRID)
+    assert (layout[:4, :4] == 1).all() and (layout[4:, :] == 0).all() and (layout[:, 4:] == 0).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(boxes, min_size=1, max_size=4), st.sampled_from([(30, 50), (64, 64)]))
+def test_rle_round_trip(box_list, size):
+    for box in box_list:
+        mask = box_to_mask(box, *size)
+        encoded = rle.encode(mask)
+        assert np.array_equal(rle.decode(encoded), mask)
+        assert rle.area(encoded) == mask.sum()
+
+
+def sample_with(areas):
+    n = len(areas)
+    subjects = [{"id": i, "category": f"cat{i}", "area": a} for i, a in enumerate(areas, 1)]
+    instruction = "Put " + ", ".join(token(i) for i in range(1, n + 1)) + " together."
+    cot = {
+        "subjects": [{"id": i, "role": f"{token(i)} is here", "placement": "left"} for i in range(1, n + 1)],
+        "relations": [f"{token(i)} near {token(i % n + 1)}" for i in range(1, n + 1)],
+    }
+    layout = [(c % (n + 1)) for c in range(64)]
+    return {"subjects": subjects, "instruction": instruction, "cot": cot, "layout": layout}
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(1, 10_000), min_size=2, max_size=12))
+def test_decimation_renumbers_consistently(areas):
+    steps = decimate(sample_with(areas))
+    assert [len(s["subjects"]) for s in steps] == list(range(len(areas), 1, -1))
+    for before, after in zip(steps, steps[1:]):
+        dropped = min(before["subjects"], key=lambda s: (s["area"], -s["id"]))
+        kept_categories = [s["category"] for s in before["subjects"] if s is not dropped]
+        assert [s["category"] for s in after["subjects"]] == kept_categories  # order kept
+        assert dropped["category"] in after["instruction"]
+    for step in steps:
+        ids = [s["id"] for s in step["subjects"]]
+        assert ids == list(range(1, len(ids) + 1))
+        assert mentioned(step["instruction"]) == set(ids)
+        assert [e["id"] for e in step["cot"]["subjects"]] == ids
+        for entry in step["cot"]["subjects"]:
+            assert mentioned(entry["role"]) == {entry["id"]}
+        for relation in step["cot"]["relations"]:
+            assert mentioned(relation) <= set(ids)
+        assert set(step["layout"]) <= {0, *ids}
