@@ -1,6 +1,7 @@
 """What every role shares: device and dtype choice, model-path resolution, the role base class."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -45,6 +46,8 @@ class Role:
         self.device = resolve_device(spec.device)
         self.dtype = resolve_dtype(spec.dtype, self.device)
         self.path = resolve_model_path(spec.model)
+        # Pipelines and schedulers keep per-call state: shards in other threads take turns on one model.
+        self.lock = threading.Lock()
 
     @property
     def batch_size(self) -> int:

@@ -64,13 +64,13 @@ def build_clip_l14(out_dir: Path, seed: int) -> None:
 
 
 def build_open_clip_b32(out_dir: Path, seed: int) -> None:
-    """A tiny open_clip ViT-B/32-style model, created by open_clip's own `local-dir:` loader from
-    the config written first, so the entry is exactly what that loader reads back."""
+    """A tiny open_clip ViT-B/32-style model in open_clip's hub format; the role reads it back
+    with open_clip's own `local-dir:` loader."""
     import open_clip
     from safetensors.torch import save_file
 
     (out_dir / "open_clip_config.json").write_text(json.dumps(_OPEN_CLIP_B32, indent=2) + "\n")
-    model = open_clip.create_model(f"local-dir:{out_dir}", device="cpu")  # no weights there yet: random init
+    model = open_clip.CLIP(**_OPEN_CLIP_B32["model_cfg"])  # the class open_clip builds for this config
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, out_dir / "open_clip_model.safetensors")
 

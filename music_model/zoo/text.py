@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from music_model.zoo.tokenizers import byte_level_bpe
+from music_model.zoo.tokenizers import byte_level_bpe, words
 
 CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VISION_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -52,16 +52,18 @@ QWEN2_5_VL_MAX_PIXELS = 28 * 28 * 16384
 
 def qwen_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Byte-level BPE vocab in Qwen's shape. Qwen's pre-tokenizer splits ` word` with its leading
-    space (`[^\\r\\n\\p{L}\\p{N}]?\\p{L}+`) and byte-maps it without adding a prefix space, so the
-    vocabulary holds both `word` (text start) and `Ġword` (mid-sentence) forms."""
+    space (`[^\\r\\n\\p{L}\\p{N}]?\\p{L}+`) and byte-maps it without adding a prefix space, so
+    besides `word` (text start) the vocabulary holds `Ġword` (mid-sentence), merged last from
+    `Ġ` + `word` so that the word's own merges still apply first."""
     vocab, merges = byte_level_bpe(prefix_space=False)
-    spaced_vocab, spaced_merges = byte_level_bpe(prefix_space=True)
     vocab = dict(vocab)
-    for token in spaced_vocab:
-        vocab.setdefault(token, len(vocab))
-    known = set(merges)
-    merges = merges + [m for m in spaced_merges if m not in known]
-    return vocab, [tuple(m.split(" ")) for m in merges]
+    space = "Ġ"  # byte-level BPE's printable stand-in for the space byte
+    pairs = [tuple(m.split(" ")) for m in merges]
+    for word in words():
+        if word in vocab and space + word not in vocab:
+            vocab[space + word] = len(vocab)
+            pairs.append((space, word))
+    return vocab, pairs
 
 
 def qwen_tokenizer(extra_specials: list[str], chat_template: str):

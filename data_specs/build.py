@@ -1,0 +1,182 @@
+"""The build spec: one YAML file that says what a training-set (or benchmark) build makes.
+
+Every stage parameter has the paper's default (DESIGN.md section 1); a bad spec fails in
+`load_build_spec` before any model loads, with one line that names the field.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from data_specs import load_yaml, shipped
+from data_specs.roles import RoleSpec, SpecError, one_line
+
+STAGE_ROLES: dict[str, tuple[str, ...]] = {
+    "compose": ("llm",),
+    "synthesize": ("t2i",),
+    "detect": ("detector",),
+    "verify": ("vlm",),
+    "rerender": ("editor", "dino"),
+    "annotate": ("vlm",),
+    "layout": ("segmenter", "clip"),
+    "decimate": (),
+    "filter": ("clip",),
+    "publish": (),
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ComposeParams(_Section):
+    """Sample categories, then the LLM keeps plausible combinations and writes the scene caption."""
+
+    max_caption_chars: int = Field(240, ge=16, le=2000)
+    require_plausible: bool = Field(True, description="drop combinations the LLM judges implausible")
+
+
+class SynthesizeParams(_Section):
+    width: int = Field(1024, ge=16)
+    height: int = Field(1024, ge=16)
+
+
+class DetectParams(_Section):
+    min_box_area: float = Field(0.01, ge=0, lt=1, description="boxes under this fraction of the image are dropped")
+    box_threshold: float = Field(0.35, ge=0, le=1)
+    text_threshold: float = Field(0.25, ge=0, le=1)
+
+
+class VerifyParams(_Section):
+    min_subjects: int = Field(2, ge=1, description="a sample with fewer verified subjects is dropped")
+    crop_margin: float = Field(0.1, ge=0, le=1, description="context around a box in the crop the VLM judges")
+
+
+class RerenderParams(_Section):
+    prompt: str = "Show this {category} from a different viewpoint and in a different pose, on a plain background."
+    size: int = Field(512, ge=16, description="reference images are rendered at size x size")
+    min_dino: float = Field(0.4, ge=-1, le=1, description="below: identity lost")
+    max_dino: float = Field(0.95, ge=-1, le=1, description="above: a copy of the crop, not a new view")
+    crop_margin: float = Field(0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "RerenderParams":
+        if self.min_dino >= self.max_dino:
+            raise ValueError(f"min_dino ({self.min_dino}) must be below max_dino ({self.max_dino})")
+        return self
+
+
+class AnnotateParams(_Section):
+    max_instruction_chars: int = Field(300, ge=16, le=4000)
+    max_relations: int = Field(6, ge=0, le=32)
+
+
+class LayoutParams(_Section):
+    grid: int = Field(8, ge=2, le=32)
+    lam: float = Field(0.05, gt=0, le=1, description="tau = lam * mean IoU")
+
+
+class DecimateParams(_Section):
+    min_subjects: int = Field(2, ge=1)
+
+
+class FilterParams(_Section):
+    min_subjects: int = Field(2, ge=1)
+    max_subjects: int = Field(12, ge=1)
+    near_duplicate_clip: float = Field(0.95, ge=-1, le=1.0001, description="CLIP image cosine at or above: near duplicate")
+
+
+class PublishParams(_Section):
+    rows_per_file: int = Field(256, ge=1)
+    max_samples: int | None = Field(None, ge=1, description="cap on published samples (deterministic: lowest IDs)")
+
+
+class BuildSpec(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.\-]*$")
+    seed: int = 0
+    num_source_images: int = Field(ge=1)
+    subject_counts: dict[int, float] = Field(description="subject count (2..12) -> sampling weight")
+    categories: str = "objects365"
+    shard_size: int = Field(16, ge=1)
+    output_root: str = "out"
+    roles: dict[str, RoleSpec]
+    compose: ComposeParams = ComposeParams()
+    synthesize: SynthesizeParams = SynthesizeParams()
+    detect: DetectParams = DetectParams()
+    verify: VerifyParams = VerifyParams()
+    rerender: RerenderParams = RerenderParams()
+    annotate: AnnotateParams = AnnotateParams()
+    layout: LayoutParams = LayoutParams()
+    decimate: DecimateParams = DecimateParams()
+    filter: FilterParams = FilterParams()
+    publish: PublishParams = PublishParams()
+
+    @field_validator("subject_counts")
+    @classmethod
+    def _counts(cls, value: dict[int, float]) -> dict[int, float]:
+        if not value:
+            raise ValueError("needs at least one subject count")
+        for count, weight in value.items():
+            if not 1 <= count <= 12:
+                raise ValueError(f"subject count {count} is outside 1..12")
+            if weight < 0:
+                raise ValueError(f"weight of {count} subjects is negative ({weight})")
+        if sum(value.values()) <= 0:
+            raise ValueError("weights sum to zero")
+        return dict(sorted(value.items()))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _role_names(cls, data: Any) -> Any:
+        # A role entry's key is its role unless it says otherwise, so specs need not repeat it.
+        if isinstance(data, dict) and isinstance(data.get("roles"), dict):
+            data = {**data, "roles": {k: ({"role": k, **v} if isinstance(v, dict) else v) for k, v in data["roles"].items()}}
+        return data
+
+    @model_validator(mode="after")
+    def _roles_present(self) -> "BuildSpec":
+        needed = sorted({role for roles in STAGE_ROLES.values() for role in roles})
+        missing = [role for role in needed if role not in self.roles]
+        if missing:
+            raise ValueError(f"roles: missing {', '.join(missing)}")
+        return self
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+    def categories_path(self) -> Path:
+        if self.categories == "objects365":
+            return shipped("data/objects365_categories.txt")
+        return Path(self.categories).expanduser()
+
+    def load_categories(self) -> list[str]:
+        names = [line.strip() for line in self.categories_path().read_text().splitlines() if line.strip()]
+        if len(names) < max(self.subject_counts):
+            raise SpecError(f"categories: {len(names)} names, fewer than the largest subject count")
+        return names
+
+
+def parse_build_spec(data: Any, source: str = "spec") -> BuildSpec:
+    try:
+        spec = BuildSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(f"{source}: {one_line(error)}") from None
+    if spec.categories != "objects365" and not spec.categories_path().exists():
+        raise SpecError(f"{source}: categories: file does not exist: {spec.categories}")
+    return spec
+
+
+def load_build_spec(path: str | Path) -> BuildSpec:
+    """Read and validate a build spec YAML (a name without a folder looks in the shipped specs)."""
+    path = Path(path)
+    if not path.exists() and path.parent == Path(".") and shipped(path.name).exists():
+        path = shipped(path.name)
+    return parse_build_spec(load_yaml(path), source=path.name)
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)

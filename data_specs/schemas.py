@@ -1,0 +1,88 @@
+"""Arrow schemas of the stage shards, the dropped tables and the published dataset."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # Hugging Face `Image` layout
+RLE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+
+SUBJECT = pa.struct(
+    [
+        ("id", pa.int32()),
+        ("category", pa.string()),
+        ("box", pa.list_(pa.float32())),  # normalised xyxy
+        ("score", pa.float32()),
+        ("reference", IMAGE),
+        ("reference_dino", pa.float32()),
+        ("mask", RLE),
+        ("region", pa.string()),  # "mask" or "box": which one CLIP matched better to the category
+        ("area", pa.float32()),  # fraction of the image covered by the chosen region
+    ]
+)
+
+# The working row every stage reads and writes; a stage fills the columns it owns.
+WORK = pa.schema(
+    [
+        ("id", pa.string()),
+        ("index", pa.int64()),
+        ("source_id", pa.string()),
+        ("num_subjects", pa.int32()),
+        ("categories", pa.list_(pa.string())),
+        ("caption", pa.string()),
+        ("image", IMAGE),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("subjects", pa.list_(SUBJECT)),
+        ("instruction", pa.string()),
+        ("cot", pa.string()),  # JSON: {"subjects": [{id, role, placement}], "relations": [...]}
+        ("layout", pa.list_(pa.int32())),
+        ("layout_text", pa.string()),
+        ("clip_embedding", pa.list_(pa.float32())),
+    ]
+)
+
+DROPPED = pa.schema(
+    [("id", pa.string()), ("index", pa.int64()), ("stage", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
+)
+
+PUBLISHED = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source_id", pa.string()),
+        ("num_subjects", pa.int32()),
+        ("image", IMAGE),
+        ("caption", pa.string()),
+        ("instruction", pa.string()),
+        ("cot", pa.string()),
+        ("layout", pa.list_(pa.int32())),
+        ("layout_text", pa.string()),
+        ("subject_ids", pa.list_(pa.int32())),
+        ("categories", pa.list_(pa.string())),
+        ("boxes", pa.list_(pa.list_(pa.float32()))),
+        ("masks", pa.list_(RLE)),
+        ("regions", pa.list_(pa.string())),
+        ("references", pa.list_(IMAGE)),
+    ]
+)
+
+# `datasets` reads this from the Parquet metadata to decode `image` and `references` as images.
+PUBLISHED_FEATURES = {
+    "id": {"dtype": "string", "_type": "Value"},
+    "source_id": {"dtype": "string", "_type": "Value"},
+    "num_subjects": {"dtype": "int32", "_type": "Value"},
+    "image": {"_type": "Image"},
+    "caption": {"dtype": "string", "_type": "Value"},
+    "instruction": {"dtype": "string", "_type": "Value"},
+    "cot": {"dtype": "string", "_type": "Value"},
+    "layout": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"},
+    "layout_text": {"dtype": "string", "_type": "Value"},
+    "subject_ids": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"},
+    "categories": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "List"},
+    "boxes": {"feature": {"feature": {"dtype": "float32", "_type": "Value"}, "_type": "List"}, "_type": "List"},
+    "masks": {
+        "feature": {"size": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"}, "counts": {"dtype": "string", "_type": "Value"}},
+        "_type": "List",
+    },
+    "regions": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "List"},
+    "references": {"feature": {"_type": "Image"}, "_type": "List"},
+}

@@ -1,0 +1,110 @@
+"""`build_training_set`: compose -> synthesize -> detect -> verify -> rerender -> annotate ->
+segment + layout -> decimate -> filter -> publish, one task run per (stage, shard)."""
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from data_specs.build import BuildSpec, canonical_json, load_build_spec
+from music_model.roles import total_model_loads
+from tasks.engine import build_dir, fingerprint, num_shards, root_fingerprint, stage_dir, write_atomic
+from tasks.pipeline import STAGES, publish_dataset, stage_shard
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def stage_table(stage: str, results: list[dict], wall: float) -> dict:
+    rows_in, rows_out = sum(r["rows_in"] for r in results), sum(r["rows_out"] for r in results)
+    dropped: dict[str, int] = {}
+    for result in results:
+        for reason, count in result["dropped"].items():
+            dropped[reason] = dropped.get(reason, 0) + count
+    worked = [r for r in results if not r["skipped"]]
+    seconds = sum(r["seconds"] for r in worked)
+    return {
+        "stage": stage, "shards": len(results), "shards_skipped": len(results) - len(worked), "rows_in": rows_in,
+        "kept": rows_out, "dropped": sum(dropped.values()),
+        "dropped_by_reason": ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items())) or "-",
+        "task_seconds": round(seconds, 2), "model_seconds": round(sum(r["model_seconds"] for r in worked), 2),
+        "wall_seconds": round(wall, 2), "samples_per_s": round(sum(r["rows_in"] for r in worked) / wall, 2) if wall else 0.0,
+        "model_loads": sum(r["model_loads"] for r in worked),
+    }
+
+
+def report(spec: BuildSpec, tables: list[dict], stats: dict, wall: float, out: Path) -> str:
+    lines = [
+        f"# Build report: {spec.name}", "",
+        f"- published samples: {stats['samples']} (from {stats['sources']} source images)",
+        f"- subject counts: {stats['subject_counts']}", f"- wall time: {wall:.1f} s", f"- output: {out}", "",
+        "| stage | shards (skipped) | in | kept | dropped by reason | task s | model s | samples/s | loads |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in tables:
+        lines.append(
+            f"| {t['stage']} | {t['shards']} ({t['shards_skipped']}) | {t['rows_in']} | {t['kept']} | {t['dropped_by_reason']} "
+            f"| {t['task_seconds']} | {t['model_seconds']} | {t['samples_per_s']} | {t['model_loads']} |"
+        )
+    publish_row = stats["funnel"][-1]
+    lines += ["", f"publish: {publish_row['rows_in']} in, {publish_row['rows_out']} published, dropped {publish_row['dropped'] or '-'}",
+              "", "![funnel](plots/funnel.png) ![subject counts](plots/subject_counts.png)", ""]
+    return "\n".join(lines)
+
+
+@flow(name="build-training-set", flow_run_name="build-{spec_path}", log_prints=True,
+      task_runner=ThreadPoolTaskRunner(max_workers=2))
+def build_training_set(spec_path: str) -> dict:
+    """Run every stage over every shard of the spec, resuming from completed shards."""
+    logger = get_run_logger()
+    started, loads_before = time.perf_counter(), total_model_loads()
+    spec = load_build_spec(spec_path)
+    out = build_dir(spec)
+    write_atomic(out / "spec.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)))
+    shards, spec_json = num_shards(spec), spec.model_dump_json()
+    upstream, upstream_dir = root_fingerprint(spec), None
+    summaries, tables, task_runs = [], [], 0
+    for stage in STAGES:
+        fp = fingerprint(stage, spec, upstream)
+        stage_start = time.perf_counter()
+        progress = create_progress_artifact(0.0, key=artifact_key(spec.name, stage.name, "progress"),
+                                            description=f"{stage.name}: shards done of {shards}")
+        futures = stage_shard.with_options(tags=[f"stage:{stage.name}"]).map(
+            stage_name=unmapped(stage.name), spec_json=unmapped(spec_json), shard=range(shards),
+            fingerprint=unmapped(fp), upstream_dir=unmapped(str(upstream_dir) if upstream_dir else None),
+        )
+        results = []
+        for done, future in enumerate(as_completed(futures), 1):
+            results.append(future.result())
+            update_progress_artifact(progress, 100.0 * done / shards)
+        task_runs += shards
+        results.sort(key=lambda r: r["shard"])
+        table = stage_table(stage.name, results, time.perf_counter() - stage_start)
+        tables.append(table)
+        summaries.extend(results)
+        create_table_artifact([table], key=artifact_key(spec.name, stage.name),
+                              description=f"{stage.name}: kept, dropped by reason, time, throughput")
+        logger.info("%-10s kept %d of %d (%s) in %.1f s", stage.name, table["kept"], table["rows_in"],
+                    table["dropped_by_reason"], table["wall_seconds"])
+        upstream, upstream_dir = fp, stage_dir(spec, stage.name, fp)
+    publish_fp = hashlib.sha256(canonical_json({"publish": spec.publish.model_dump(), "near_duplicate": spec.filter.near_duplicate_clip,
+                                                "upstream": upstream}).encode()).hexdigest()[:16]
+    stats = publish_dataset(spec_json, str(upstream_dir), shards, summaries, publish_fp)
+    task_runs += 1
+    wall = time.perf_counter() - started
+    dataset = out / "dataset"
+    text = report(spec, tables, stats, wall, dataset)
+    write_atomic(dataset / "report.md", lambda tmp: tmp.write_text(text))
+    create_markdown_artifact(text, key=artifact_key(spec.name, "report"), description=f"build report of {spec.name}")
+    logger.info("published %d samples to %s", stats["samples"], dataset)
+    return {"dataset": str(dataset), "samples": stats["samples"], "task_runs": task_runs, "wall_seconds": round(wall, 2),
+            "model_loads": total_model_loads() - loads_before, "stages": tables, "funnel": stats["funnel"]}

@@ -1,0 +1,94 @@
+"""annotate: the VLM sees the target with its labelled boxes and writes the instruction (subjects
+named by `<sN>` tokens) and the vision CoT (each subject's role and placement, their relations).
+
+Repair rules, applied in this order: a sample whose instruction names an unknown subject is
+dropped; subjects the instruction does not name are appended as "with <s1> (dog), ..."; CoT
+entries with unknown IDs are removed and missing ones are filled from the subject's category and
+box position; relations that name unknown subjects are removed."""
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from pydantic import BaseModel, Field
+
+from music_model.decimate import mentioned, token
+from music_model.images import draw_labelled_boxes, from_struct
+from music_model.structured import bounded_text
+from tasks.engine import Stage, StageContext
+
+PROMPT = (
+    "The image shows these subjects, each outlined and labelled: {subjects}.\n"
+    "Write an instruction that asks an image generator to create this image from reference images of the "
+    "subjects, naming each subject only by its tag (<s1>, <s2>, ...). Then, for each subject, state its role in "
+    "the scene and where it is placed, and list the relations between subjects."
+)
+
+
+def annotation_schema(max_instruction: int, max_relations: int) -> type[BaseModel]:
+    class SubjectNote(BaseModel):
+        id: Annotated[int, Field(ge=1, le=12)]
+        role: bounded_text(80)
+        placement: bounded_text(80)
+
+    class Annotation(BaseModel):
+        instruction: bounded_text(max_instruction)
+        subjects: Annotated[list[SubjectNote], Field(max_length=12)]
+        relations: Annotated[list[bounded_text(100)], Field(max_length=max_relations)]
+
+    return Annotation
+
+
+def placement_words(box) -> str:
+    x0, y0, x1, y1 = box
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    horizontal = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "center"
+    vertical = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else "middle"
+    return f"{vertical} {horizontal} of the image"
+
+
+def repair(annotation: BaseModel, subjects: list[dict]) -> tuple[str, dict] | None:
+    """The instruction and CoT after the repair rules, or None when the instruction is unusable."""
+    ids = {s["id"] for s in subjects}
+    instruction = annotation.instruction.strip()
+    if not mentioned(instruction) <= ids:
+        return None
+    missing = [s for s in subjects if s["id"] not in mentioned(instruction)]
+    if missing:
+        instruction += " with " + ", ".join(f"{token(s['id'])} ({s['category']})" for s in missing)
+    notes = {}
+    for note in annotation.subjects:
+        if note.id in ids and note.id not in notes and mentioned(note.role + note.placement) <= ids:
+            notes[note.id] = {"id": note.id, "role": note.role, "placement": note.placement}
+    cot_subjects = [
+        notes.get(s["id"], {"id": s["id"], "role": s["category"], "placement": placement_words(s["box"])}) for s in subjects
+    ]
+    relations = [r for r in annotation.relations if mentioned(r) <= ids]
+    return instruction, {"subjects": cot_subjects, "relations": relations}
+
+
+def process(rows: list[dict], ctx: StageContext) -> list[dict]:
+    params = ctx.spec.annotate
+    vlm = ctx.role("vlm")
+    schema = annotation_schema(params.max_instruction_chars, params.max_relations)
+    images, prompts = [], []
+    for row in rows:
+        labels = [token(s["id"]) for s in row["subjects"]]
+        images.append([draw_labelled_boxes(from_struct(row["image"]), [s["box"] for s in row["subjects"]], labels)])
+        prompts.append(PROMPT.format(subjects=", ".join(f"{token(s['id'])} {s['category']}" for s in row["subjects"])))
+    results = ctx.timed(vlm.generate, images, prompts, schema, [ctx.seed(r["index"]) for r in rows])
+    kept = []
+    for row, result in zip(rows, results):
+        if not result.ok:
+            ctx.drop(row, "vlm_invalid_output", result.error or "")
+            continue
+        repaired = repair(result.value, row["subjects"])
+        if repaired is None:
+            ctx.drop(row, "unknown_subject_in_instruction", result.value.instruction)
+            continue
+        instruction, cot = repaired
+        kept.append({**row, "instruction": instruction, "cot": json.dumps(cot, sort_keys=True)})
+    return kept
+
+
+STAGE = Stage("annotate", 1, process)

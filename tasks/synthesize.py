@@ -1,0 +1,20 @@
+"""synthesize: the text-to-image target of each caption, seeded per sample."""
+from __future__ import annotations
+
+from music_model.images import to_struct
+from tasks.engine import Stage, StageContext
+
+
+def process(rows: list[dict], ctx: StageContext) -> list[dict]:
+    params = ctx.spec.synthesize
+    t2i = ctx.role("t2i")
+    images = ctx.timed(
+        t2i.generate, [r["caption"] for r in rows], [ctx.seed(r["index"]) for r in rows], width=params.width, height=params.height
+    )
+    return [
+        {**row, "image": to_struct(image), "width": image.width, "height": image.height}
+        for row, image in zip(rows, images)
+    ]
+
+
+STAGE = Stage("synthesize", 1, process)
