@@ -15,8 +15,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from data_specs.build import BuildSpec, canonical_json, load_build_spec
 from music_model.roles import total_model_loads
-from tasks.engine import build_dir, fingerprint, num_shards, root_fingerprint, stage_dir, write_atomic
+from tasks.engine import build_dir, done_marker, fingerprint, num_shards, root_fingerprint, stage_dir, write_atomic
 from tasks.pipeline import STAGES, publish_dataset, stage_shard
+from tasks.publish import published_stats
 
 
 def artifact_key(*parts: str) -> str:
@@ -78,15 +79,18 @@ def build_training_set(spec_path: str) -> dict:
         stage_start = time.perf_counter()
         progress = create_progress_artifact(0.0, key=artifact_key(spec.name, stage.name, "progress"),
                                             description=f"{stage.name}: shards done of {shards}")
+        # Completed shards are read from their markers: a rerun submits task runs only for work.
+        results = [m for k in range(shards) if (m := done_marker(spec, stage.name, fp, k))]
+        todo = [k for k in range(shards) if k not in {r["shard"] for r in results}]
         futures = stage_shard.with_options(tags=[f"stage:{stage.name}"]).map(
-            stage_name=unmapped(stage.name), spec_json=unmapped(spec_json), shard=range(shards),
+            stage_name=unmapped(stage.name), spec_json=unmapped(spec_json), shard=todo,
             fingerprint=unmapped(fp), upstream_dir=unmapped(str(upstream_dir) if upstream_dir else None),
-        )
-        results = []
-        for done, future in enumerate(as_completed(futures), 1):
+        ) if todo else []
+        for future in as_completed(futures):
             results.append(future.result())
-            update_progress_artifact(progress, 100.0 * done / shards)
-        task_runs += shards
+            update_progress_artifact(progress, 100.0 * len(results) / shards)
+        update_progress_artifact(progress, 100.0)
+        task_runs += len(todo)
         results.sort(key=lambda r: r["shard"])
         table = stage_table(stage.name, results, time.perf_counter() - stage_start)
         tables.append(table)
@@ -98,8 +102,10 @@ def build_training_set(spec_path: str) -> dict:
         upstream, upstream_dir = fp, stage_dir(spec, stage.name, fp)
     publish_fp = hashlib.sha256(canonical_json({"publish": spec.publish.model_dump(), "near_duplicate": spec.filter.near_duplicate_clip,
                                                 "upstream": upstream}).encode()).hexdigest()[:16]
-    stats = publish_dataset(spec_json, str(upstream_dir), shards, summaries, publish_fp)
-    task_runs += 1
+    stats = published_stats(spec, publish_fp)
+    if stats is None:
+        stats = publish_dataset(spec_json, str(upstream_dir), shards, summaries, publish_fp)
+        task_runs += 1
     wall = time.perf_counter() - started
     dataset = out / "dataset"
     text = report(spec, tables, stats, wall, dataset)

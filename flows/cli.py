@@ -75,7 +75,10 @@ def roles_check(
 
 
 @app.command("build")
-def build(spec: Path = typer.Argument(..., help="Build spec YAML (e.g. data_specs/tiny.yaml).")) -> None:
+def build(
+    spec: Path = typer.Argument(..., help="Build spec YAML (e.g. data_specs/tiny.yaml)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the run summary as JSON here."),
+) -> None:
     """Build a training set: every stage as a Prefect DAG on the local (or $PREFECT_API_URL) server."""
     from data_specs.build import load_build_spec
     from data_specs.roles import SpecError
@@ -93,6 +96,8 @@ def build(spec: Path = typer.Argument(..., help="Build spec YAML (e.g. data_spec
 
     typer.echo(f"Output: {build_dir(parsed).resolve()}")
     result = build_training_set(str(spec))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1))
     for table in result["stages"]:
         typer.echo(f"  {table['stage']:10s} in {table['rows_in']:5d}  kept {table['kept']:5d}  {table['dropped_by_reason']}")
     typer.echo(f"Published {result['samples']} samples to {result['dataset']} in {result['wall_seconds']:.1f} s "

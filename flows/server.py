@@ -59,10 +59,43 @@ def running_server() -> dict | None:
     return record if healthy(record["api_url"]) else None
 
 
+def spawn_server(port: int = DEFAULT_PORT) -> tuple[subprocess.Popen, str]:
+    """Start `prefect server start` in the background (not waiting for it); returns it and its API URL."""
+    home = prefect_home()
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port(port)
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    with open(home / "server.log", "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    record = {"pid": process.pid, "port": port, "api_url": api_url, "ui_url": ui_url(api_url)}
+    tmp = _record().with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, _record())
+    return process, api_url
+
+
+def wait_healthy(process: subprocess.Popen, api_url: str, timeout: float = 90.0) -> None:
+    log = prefect_home() / "server.log"
+    deadline = time.monotonic() + timeout
+    while not healthy(api_url):
+        if process.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {process.returncode}; see {log}")
+        if time.monotonic() > deadline:
+            process.terminate()
+            raise RuntimeError(f"prefect server not healthy after {timeout:.0f}s; see {log}")
+        time.sleep(0.5)
+
+
 def ensure_server(port: int = DEFAULT_PORT, timeout: float = 90.0) -> str:
     """The API URL of a healthy server: `$PREFECT_API_URL` if set, else ours, started if needed.
 
-    Also points this process's Prefect client at it."""
+    Points this process's Prefect client at it: call it before importing prefect, which reads its
+    settings at import time."""
     if os.environ.get("PREFECT_API_URL"):
         url = os.environ["PREFECT_API_URL"]
         if not healthy(url, timeout=5):
@@ -70,29 +103,8 @@ def ensure_server(port: int = DEFAULT_PORT, timeout: float = 90.0) -> str:
         return _use(url)
     if record := running_server():
         return _use(record["api_url"])
-    home = prefect_home()
-    home.mkdir(parents=True, exist_ok=True)
-    port = _free_port(port)
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-    )
-    deadline = time.monotonic() + timeout
-    while not healthy(api_url):
-        if process.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {process.returncode}; see {home / 'server.log'}")
-        if time.monotonic() > deadline:
-            process.terminate()
-            raise RuntimeError(f"prefect server not healthy after {timeout:.0f}s; see {home / 'server.log'}")
-        time.sleep(0.5)
-    record = {"pid": process.pid, "port": port, "api_url": api_url, "ui_url": f"http://127.0.0.1:{port}"}
-    tmp = _record().with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, _record())
+    process, api_url = spawn_server(port)
+    wait_healthy(process, api_url, timeout)
     return _use(api_url)
 
 

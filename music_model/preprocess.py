@@ -36,7 +36,7 @@ def resize_shorter_side(image: Image.Image, size: int, resample: Image.Resamplin
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(size * long / short)
     new_size = (size, new_long) if width <= height else (new_long, size)
-    return image if new_size == image.size else image.resize(new_size, Image.Resampling.BILINEAR)
+    return image if new_size == image.size else image.resize(new_size, resample)
 
 
 def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -45,7 +45,7 @@ def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
     height, width = pixels.shape[:2]
     if height < size or width < size:
         raise ValueError(f"cannot crop {size}x{size} from a {width}x{height} image")
-    top = int(round((height - size) / 2.0))
+    top = (height - size) // 2
     left = int(round((width - size) / 2.0))
     return pixels[top : top + size, left : left + size]
 

@@ -164,7 +164,7 @@ class StructuredDecoder:
 
     def grammar(self, schema: type[BaseModel]) -> xgr.CompiledGrammar:
         """The compiled grammar of `schema`, compiled once per decoder."""
-        key = json.dumps(schema.model_json_schema(), sort_keys=True)
+        key = json.dumps(schema.model_json_schema())  # property order kept: the model writes fields in it
         with self._lock:
             if key not in self._grammars:
                 try:

@@ -132,12 +132,18 @@ def stage_dir(spec: BuildSpec, stage: str, fp: str) -> Path:
     return build_dir(spec) / "stages" / stage / fp
 
 
+def done_marker(spec: BuildSpec, stage: str, fp: str, shard: int) -> dict | None:
+    """The marker of a completed shard, or None when the shard is still to do."""
+    marker = stage_dir(spec, stage, fp) / f"{shard_name(shard)}.done.json"
+    return {**json.loads(marker.read_text()), "skipped": True} if marker.exists() else None
+
+
 def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: Path | None) -> dict:
     """Process one shard of one stage, or return its marker when it is already done."""
+    if done := done_marker(spec, stage.name, fp, shard):
+        return done
     out_dir = stage_dir(spec, stage.name, fp)
     marker = out_dir / f"{shard_name(shard)}.done.json"
-    if marker.exists():
-        return {**json.loads(marker.read_text()), "skipped": True}
     start, loads_before = time.perf_counter(), total_model_loads()
     if upstream_dir is None:
         rows = [{"index": i} for i in range(shard * spec.shard_size, min((shard + 1) * spec.shard_size, spec.num_source_images))]

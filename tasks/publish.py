@@ -147,12 +147,20 @@ def card(spec: BuildSpec, stats: dict) -> str:
     )
 
 
-def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict], fingerprint: str) -> dict:
-    """Write the published dataset (or return its stats when this fingerprint is already published)."""
+def published_stats(spec: BuildSpec, fingerprint: str) -> dict | None:
+    """The stats of the published dataset when it was published with this fingerprint."""
     out = build_dir(spec) / "dataset"
     marker = out / "publish.done.json"
     if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
         return {**json.loads((out / "stats.json").read_text()), "skipped": True}
+    return None
+
+
+def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict], fingerprint: str) -> dict:
+    """Write the published dataset (or return its stats when this fingerprint is already published)."""
+    if stats := published_stats(spec, fingerprint):
+        return stats
+    out = build_dir(spec) / "dataset"
     rows = [row for shard in range(shards) for row in read_rows(filter_dir / f"{shard_name(shard)}.parquet")]
     drops: Counter = Counter()
     duplicates = near_duplicate_sources(rows, spec.filter.near_duplicate_clip)

@@ -1,27 +1,64 @@
-"""Shared fixtures: an isolated state folder per test session and the zoo built in it once."""
+"""Shared fixtures: an isolated state folder per test session, the zoo built in it on first use,
+and a real Prefect server on 127.0.0.1.
+
+Prefect reads its settings when it is first imported. The server is spawned (and PREFECT_API_URL
+set) after collection, only when a selected test is marked `prefect`; such test modules import
+prefect, flows and tasks.pipeline inside their tests, never at module level. `prefect_api` waits
+for the server's health."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 TESTS_DATA = Path(__file__).parent / "data"
+_server = {}
 
 
-@pytest.fixture(scope="session", autouse=True)
-def music_home(tmp_path_factory) -> Path:
-    """Every test session gets its own `MUSIC_HOME` (zoo, server database, outputs)."""
-    home = tmp_path_factory.mktemp("music_home")
-    previous = {key: os.environ.get(key) for key in ("MUSIC_HOME", "MUSIC_ZOO_DIR")}
+def pytest_configure(config):
+    home = Path(tempfile.mkdtemp(prefix="music-test-home-"))
     os.environ["MUSIC_HOME"] = str(home)
     os.environ.pop("MUSIC_ZOO_DIR", None)
-    yield home
-    for key, value in previous.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    config.addinivalue_line("markers", "prefect: needs the session's real Prefect server")
+    _server["home"] = home
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if any(item.get_closest_marker("prefect") for item in items) and not os.environ.get("PREFECT_API_URL"):
+        import sys
+
+        assert "prefect" not in sys.modules, "a test module imported prefect at collection; import it inside tests"
+        from flows.server import spawn_server
+
+        _server["process"], _server["api_url"] = spawn_server(port=0)
+        os.environ["PREFECT_API_URL"] = _server["api_url"]
+
+
+def pytest_unconfigure(config):
+    if "process" in _server:
+        from flows.server import stop_server
+
+        stop_server()
+    shutil.rmtree(_server.get("home", ""), ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def music_home() -> Path:
+    return _server["home"]
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> str:
+    """The API URL of the session's real Prefect server, once it answers."""
+    if "process" in _server:
+        from flows.server import wait_healthy
+
+        wait_healthy(_server["process"], _server["api_url"])
+    return os.environ["PREFECT_API_URL"]
 
 
 @pytest.fixture(scope="session")

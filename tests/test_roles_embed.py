@@ -36,11 +36,13 @@ def images(dreambench_dir) -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def odd_images(images) -> list[Image.Image]:
-    """Non-square crops (odd margins exercise the crop rounding) and non-RGB modes."""
+    """Non-square crops and non-RGB modes. 454x448 resizes to 227x224 (CLIP) and 259x256 (DINO):
+    crop margins of 1.5 and 17.5 px, where torchvision's round-half-to-even differs from floor."""
     photo = images[0]
     return [
+        photo.crop((0, 0, 454, 448)),
+        photo.crop((13, 40, 461, 494)),
         photo.crop((0, 0, 701, 523)),
-        photo.crop((13, 40, 480, 777)),
         photo.convert("L"),
         photo.convert("RGBA"),
         photo.convert("P"),
