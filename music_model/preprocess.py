@@ -45,7 +45,7 @@ def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
     height, width = pixels.shape[:2]
     if height < size or width < size:
         raise ValueError(f"cannot crop {size}x{size} from a {width}x{height} image")
-    top = (height - size) // 2
+    top = int(round((height - size) / 2.0))
     left = int(round((width - size) / 2.0))
     return pixels[top : top + size, left : left + size]
 

@@ -57,7 +57,8 @@ def bounded_list(item: Any, max_length: int, min_length: int = 0) -> Any:
 
 @dataclass
 class StructuredResult:
-    """One row's outcome: the validated object, or None with the reason in `error`."""
+    """One row's outcome: the validated object, or None with the reason in `error`; `attempts`
+    counts the generations tried (0 when the input was rejected before any)."""
 
     value: BaseModel | None
     text: str
@@ -117,6 +118,7 @@ class _ConstrainedSampler(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.generators is None:
             self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+            self.banned = self.banned.to(scores.device)
         else:  # the previous step's tokens
             for row, matcher in enumerate(self.matchers):
                 token = int(input_ids[row, -1])
@@ -130,7 +132,7 @@ class _ConstrainedSampler(LogitsProcessor):
         xgr.apply_token_bitmask_inplace(masked, self.bitmask.to(masked.device))
         scores = masked.to(scores.device)
         # The grammar takes a special token's text literally (`<|image_pad|>` fits inside a string).
-        scores[:, self.banned.to(scores.device)] = float("-inf")
+        scores[:, self.banned] = float("-inf")
         if self.temperature > 0:
             scores = scores / self.temperature
             for row, generator in enumerate(self.generators):
@@ -171,7 +173,7 @@ class StructuredDecoder:
                     # Compact separators: no free whitespace for a weak model to loop on.
                     self._grammars[key] = self.compiler.compile_json_schema(key, any_whitespace=False)
                 except Exception as error:
-                    raise ValueError(f"xgrammar cannot compile the JSON schema of {schema.__name__}: {error}") from error
+                    raise ValueError(f"xgrammar cannot compile the JSON schema of {schema.__name__}: {str(error).strip()}") from error
             return self._grammars[key]
 
     def generate(
@@ -243,11 +245,13 @@ class StructuredDecoder:
 
 
 def _validate(schema: type[BaseModel], text: str, finished: bool, max_new_tokens: int) -> tuple[BaseModel | None, str | None]:
+    """The validated object, or None and why. Text that validates counts even without its end
+    token (the grammar allowed nothing else after it)."""
     if not text:
         return None, "no output"
-    if not finished:
-        return None, f"unfinished: no end of output within max_new_tokens={max_new_tokens}"
     try:
         return schema.model_validate_json(text), None
     except ValidationError as error:
+        if not finished:
+            return None, f"unfinished: the output did not end within max_new_tokens={max_new_tokens}"
         return None, f"invalid {schema.__name__}: {error}"

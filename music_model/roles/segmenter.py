@@ -169,7 +169,13 @@ class SegmentAnythingSegmenter(BoxSegmenter):
         model, weights = self._build_model(Path(self.path), spec)
         # weights_only: an official checkpoint is a plain state dict, nothing to unpickle beyond tensors
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model = model.to(self.device).eval()
+        if self.dtype != torch.float32:
+            # segment-anything's prompt encoder casts box coordinates to float32 itself, so only the
+            # image encoder (nearly all the compute) runs in the spec's dtype; the float32 decoder
+            # takes its embeddings as they are
+            self.model.image_encoder.to(self.dtype)
+            self.model.image_encoder.register_forward_pre_hook(lambda _, args: tuple(a.to(self.dtype) for a in args))
         self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
 
     @staticmethod
@@ -208,7 +214,7 @@ class SegmentAnythingSegmenter(BoxSegmenter):
                     "image": torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous(),
                     "original_size": original_size,
                     "boxes": torch.as_tensor(
-                        self.transform.apply_boxes(image_boxes, original_size), device=self.device, dtype=self.dtype
+                        self.transform.apply_boxes(image_boxes, original_size), device=self.device, dtype=torch.float32
                     ),
                 }
             )

@@ -13,6 +13,7 @@ from pathlib import Path
 _FLUX_LATENT_CHANNELS = 16
 _FLUX_VAE_SCALING = 0.3611
 _FLUX_VAE_SHIFT = 0.1159
+_FLUX_CLIP_MAX_LENGTH = 77
 _FLUX_T5_MAX_LENGTH = 512
 _FLUX_SCHEDULER = dict(
     num_train_timesteps=1000,
@@ -27,14 +28,16 @@ _TEXT_WIDTH = 32  # CLIP hidden size = pooled projection dim; T5 d_model = joint
 
 
 def _flux_components() -> dict:
-    """Tiny randomly initialised FLUX components, in the order the pipeline constructors take them."""
+    """Tiny randomly initialised FLUX components, keyed as both pipeline constructors take them."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
     from music_model.zoo.tokenizers import clip_bpe, unigram_pieces
 
     vocab, merges = clip_bpe()
-    clip_tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=77)
+    clip_tokenizer = CLIPTokenizer(
+        vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=_FLUX_CLIP_MAX_LENGTH
+    )
     t5_tokenizer = T5Tokenizer(vocab=unigram_pieces(), extra_ids=0, model_max_length=_FLUX_T5_MAX_LENGTH)
 
     clip = CLIPTextModel(

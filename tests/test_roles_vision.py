@@ -1,0 +1,103 @@
+"""Detector and segmenter roles on their tiny zoo checkpoints, with real DreamBench photos.
+
+The zoo models have random weights, so these tests check the contract (types, shapes, dtypes,
+value ranges, phrase bookkeeping, thresholds, batching) rather than what the boxes and masks show.
+"""
+import numpy as np
+import pytest
+from PIL import Image
+
+from music_model.roles import load_role
+from music_model.roles.detector import Detections, phrase_token_mask, prompt_for
+
+SEGMENTERS = [("transformers", "zoo:sam2"), ("transformers", "zoo:sam"), ("segment_anything", "zoo:sam_official")]
+
+
+@pytest.fixture(scope="module")
+def images(dreambench_dir) -> list[Image.Image]:
+    """A square 780 px dog and a landscape 1000x600 crop of a cat photo (so H and W differ)."""
+    dog = Image.open(dreambench_dir / "dog" / "00.jpg").convert("RGB")
+    cat = Image.open(dreambench_dir / "cat" / "00.jpg").convert("RGB").crop((100, 200, 1100, 800))
+    return [dog, cat]
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return load_role({"role": "detector", "backend": "transformers", "model": "zoo:grounding_dino", "batch_size": 2})
+
+
+def check_detections(found: Detections, phrases: list[str]) -> None:
+    n = len(found)
+    assert found.boxes.shape == (n, 4) and found.boxes.dtype == np.float32
+    assert found.scores.shape == (n,) and found.scores.dtype == np.float32
+    assert found.phrase_index.shape == (n,) and np.issubdtype(found.phrase_index.dtype, np.integer)
+    assert ((found.boxes >= 0) & (found.boxes <= 1)).all()
+    assert (found.boxes[:, 0] <= found.boxes[:, 2]).all() and (found.boxes[:, 1] <= found.boxes[:, 3]).all()
+    assert ((found.phrase_index >= 0) & (found.phrase_index < len(phrases))).all()
+    assert found.labels == [phrases[k] for k in found.phrase_index]
+    assert (np.diff(found.scores) <= 0).all(), "detections are best first"
+
+
+def test_detector_batch(detector, images):
+    phrases = [["dog", "Red Backpack"], ["cat"]]
+    loose = detector.detect(images, phrases, box_threshold=0.0, text_threshold=0.0)
+    assert len(loose) == 2
+    for found, image_phrases in zip(loose, phrases):
+        check_detections(found, image_phrases)
+        # every query's probabilities are above 0, so at threshold 0 each of the 30 queries is a box
+        assert len(found) == detector.model.config.num_queries
+    assert set(loose[0].labels) <= {"dog", "Red Backpack"}  # labels are the phrases as given
+
+    strict = detector.detect(images, phrases, box_threshold=0.5, text_threshold=0.9)
+    for few, many, image_phrases in zip(strict, loose, phrases):
+        check_detections(few, image_phrases)
+        assert (few.scores > 0.9).all()
+        for box, score, index in zip(few.boxes, few.scores, few.phrase_index):
+            match = np.flatnonzero(np.isclose(many.scores, score) & (many.phrase_index == index))
+            assert any(np.allclose(many.boxes[i], box) for i in match), "a strict box is one of the loose boxes"
+
+
+def test_detector_edge_cases(detector, images):
+    nothing = detector.detect(images, [["dog"], []], box_threshold=1.0)
+    for found in nothing:
+        check_detections(found, ["dog"])
+        assert len(found) == 0
+    with pytest.raises(ValueError, match="phrase 1"):
+        detector.detect(images[:1], [["dog", "a. b"]])
+    with pytest.raises(ValueError, match="2 images but 1"):
+        detector.detect(images, [["dog"]])
+
+
+def test_phrase_token_spans_cover_exactly_each_phrase(detector):
+    phrases = ["Red backpack", "dog", "teapot"]
+    text, spans = prompt_for(phrases, "test")
+    assert text == "red backpack. dog. teapot."
+    tokens = detector.processor.tokenizer(text, return_offsets_mapping=True)
+    mask = phrase_token_mask(np.array(tokens["offset_mapping"]), spans, 256)
+    ids = np.array(tokens["input_ids"])
+    for k, phrase in enumerate(phrases):
+        assert detector.processor.tokenizer.decode(ids[mask[k, : len(ids)]]) == phrase.lower()
+    assert not mask[:, len(ids):].any() and mask.sum(axis=0).max() == 1
+
+
+@pytest.mark.parametrize("backend,model", SEGMENTERS, ids=[m for _, m in SEGMENTERS])
+def test_segmenter_batch(backend, model, images):
+    segmenter = load_role({"role": "segmenter", "backend": backend, "model": model, "batch_size": 2})
+    dog_boxes = np.array([[0.1, 0.1, 0.6, 0.9], [0.5, 0.4, 0.9, 0.8], [0.0, 0.0, 1.0, 1.0]], np.float32)
+    cat_boxes = np.array([[0.2, 0.3, 0.7, 0.6]], np.float32)
+    empty = np.zeros((0, 4), np.float32)
+    # three images, the middle without boxes: the two with boxes share one batch of 2
+    masks = segmenter.segment([images[0], images[1], images[1]], [dog_boxes, empty, cat_boxes])
+    assert len(masks) == 3
+    for image_masks, image, boxes in zip(masks, [images[0], images[1], images[1]], [dog_boxes, empty, cat_boxes]):
+        assert isinstance(image_masks, np.ndarray) and image_masks.dtype == bool
+        assert image_masks.shape == (len(boxes), image.height, image.width)
+    assert not np.array_equal(masks[0][0], masks[0][1]), "each box prompts its own mask"
+
+    # a box's mask does not depend on the rest of its batch (SAM pads box lists by repetition)
+    alone = segmenter.segment([images[1]], [cat_boxes])[0]
+    assert alone.shape == masks[2].shape
+    assert (alone == masks[2]).mean() > 0.999
+
+    with pytest.raises(ValueError, match=r"shape \(n, 4\)"):
+        segmenter.segment([images[0]], [np.zeros((2, 3), np.float32)])
