@@ -69,7 +69,7 @@ def build_training_set(spec_path: str) -> dict:
     logger = get_run_logger()
     started, loads_before = time.perf_counter(), total_model_loads()
     spec = load_build_spec(spec_path)
-    out = build_dir(spec)
+    out = build_dir(spec).resolve()
     write_atomic(out / "spec.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)))
     shards, spec_json = num_shards(spec), spec.model_dump_json()
     upstream, upstream_dir = root_fingerprint(spec), None

@@ -17,6 +17,15 @@ app.add_typer(roles_app, name="roles")
 app.add_typer(server_app, name="server")
 
 
+def quiet_model_progress_bars() -> None:
+    """Per-file weight-loading bars drown the run's own progress lines."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -91,6 +100,7 @@ def build(
         raise typer.Exit(2)
     api = ensure_server()
     typer.echo(f"Prefect UI: {ui_url(api)}")
+    quiet_model_progress_bars()
     from flows.build import build_training_set
     from tasks.engine import build_dir
 

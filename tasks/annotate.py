@@ -7,6 +7,8 @@ entries with unknown IDs are removed and missing ones are filled from the subjec
 box position; relations that name unknown subjects are removed."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 import json
 from typing import Annotated
 
@@ -25,6 +27,7 @@ PROMPT = (
 )
 
 
+@lru_cache(maxsize=None)  # one class per bound, so its compiled grammar is cached
 def annotation_schema(max_instruction: int, max_relations: int) -> type[BaseModel]:
     class SubjectNote(BaseModel):
         id: Annotated[int, Field(ge=1, le=12)]

@@ -2,6 +2,8 @@
 the scene caption."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 import random
 
 from pydantic import BaseModel
@@ -21,6 +23,7 @@ def display_name(category: str) -> str:
     return category.split("/")[0].strip().lower()
 
 
+@lru_cache(maxsize=None)  # one class per bound, so its compiled grammar is cached
 def composition_schema(max_chars: int) -> type[BaseModel]:
     class Composition(BaseModel):
         plausible: bool

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from data_specs.build import STAGE_ROLES, BuildSpec, canonical_json
 from data_specs.schemas import DROPPED, WORK
-from music_model.roles import load_role, total_model_loads
+from music_model.roles import load_role, thread_model_loads
 
 
 def stable_int(*parts: Any) -> int:
@@ -144,7 +144,7 @@ def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: 
         return done
     out_dir = stage_dir(spec, stage.name, fp)
     marker = out_dir / f"{shard_name(shard)}.done.json"
-    start, loads_before = time.perf_counter(), total_model_loads()
+    start, loads_before = time.perf_counter(), thread_model_loads()
     if upstream_dir is None:
         rows = [{"index": i} for i in range(shard * spec.shard_size, min((shard + 1) * spec.shard_size, spec.num_source_images))]
     else:
@@ -166,7 +166,7 @@ def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: 
         "dropped": dict(sorted(Counter(d["reason"] for d in dropped).items())),
         "seconds": round(time.perf_counter() - start, 4),
         "model_seconds": round(context.model_seconds, 4),
-        "model_loads": total_model_loads() - loads_before,
+        "model_loads": thread_model_loads() - loads_before,
     }
     write_atomic(marker, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
     return {**summary, "skipped": False}

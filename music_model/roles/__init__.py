@@ -30,6 +30,7 @@ BACKENDS: dict[tuple[str, str], str] = {
 
 _cache: dict[str, Role] = {}
 _loads: Counter[str] = Counter()
+_thread = threading.local()  # loads made by this thread, so concurrent shards count only their own
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
 
@@ -52,6 +53,7 @@ def load_role(spec: RoleSpec | dict[str, Any]) -> Role:
         if key not in _cache:
             _cache[key] = role_class(spec)(spec)
             _loads[key] += 1
+            _thread.loads = getattr(_thread, "loads", 0) + 1
     return _cache[key]
 
 
@@ -62,6 +64,11 @@ def model_loads() -> dict[str, int]:
 
 def total_model_loads() -> int:
     return sum(_loads.values())
+
+
+def thread_model_loads() -> int:
+    """Loads made by the calling thread since the process started."""
+    return getattr(_thread, "loads", 0)
 
 
 def clear_cache() -> None:

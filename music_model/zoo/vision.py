@@ -14,15 +14,19 @@ from pathlib import Path
 _SAM_WIDTH = 32
 _TINY_MASK_DECODER = dict(hidden_size=_SAM_WIDTH, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32)
 
+# SAM's ViT attends globally over all 64x64 patches in a few blocks; in a 2-block tiny model one
+# such block is ~90% of the compute, so the tiny SAM encoders use windowed (14x14) attention only.
+_SAM_GLOBAL_ATTENTION: list[int] = []
+
 # segment-anything's builder arguments (see `music_model.roles.segmenter.build_official_sam`) for a
-# ViT image encoder at 1024 px, patch 16, with one windowed and one global-attention block.
+# ViT image encoder at 1024 px, patch 16.
 SAM_OFFICIAL_TINY = {
     "image_size": 1024,
     "vit_patch_size": 16,
     "encoder_embed_dim": 32,
     "encoder_depth": 2,
     "encoder_num_heads": 2,
-    "encoder_global_attn_indexes": [1],
+    "encoder_global_attn_indexes": _SAM_GLOBAL_ATTENTION,
     "prompt_embed_dim": _SAM_WIDTH,
     "decoder_depth": 2,
     "decoder_mlp_dim": 64,
@@ -106,7 +110,7 @@ def build_sam(out_dir: Path, seed: int) -> None:
             output_channels=_SAM_WIDTH,
             num_hidden_layers=2,
             num_attention_heads=2,
-            global_attn_indexes=[1],
+            global_attn_indexes=_SAM_GLOBAL_ATTENTION,
             num_pos_feats=_SAM_WIDTH // 2,
         ),
         prompt_encoder_config=dict(hidden_size=_SAM_WIDTH),
