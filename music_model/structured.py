@@ -88,12 +88,12 @@ class DecodeOptions:
             temperature=options.get("temperature", DEFAULT_TEMPERATURE),
             max_attempts=options.get("max_attempts", DEFAULT_MAX_ATTEMPTS),
         )
-        if not (isinstance(decoded.max_new_tokens, int) and decoded.max_new_tokens >= 1):
-            raise ValueError(f"options.max_new_tokens: must be a positive integer, got {decoded.max_new_tokens!r}")
-        if not (isinstance(decoded.temperature, (int, float)) and decoded.temperature >= 0):
+        for key in ("max_new_tokens", "max_attempts"):
+            value = getattr(decoded, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"options.{key}: must be a positive integer, got {value!r}")
+        if isinstance(decoded.temperature, bool) or not isinstance(decoded.temperature, (int, float)) or decoded.temperature < 0:
             raise ValueError(f"options.temperature: must be a number >= 0, got {decoded.temperature!r}")
-        if not (isinstance(decoded.max_attempts, int) and decoded.max_attempts >= 1):
-            raise ValueError(f"options.max_attempts: must be a positive integer, got {decoded.max_attempts!r}")
         return decoded
 
 

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_specs.roles import SpecError
 from music_model.roles import load_role
-from music_model.roles.detector import Detections, phrase_token_mask, prompt_for
+from music_model.roles.detector import Detections, corners, phrase_token_mask, prompt_for
+from music_model.roles.segmenter import pixel_boxes
 
 SEGMENTERS = [("transformers", "zoo:sam2"), ("transformers", "zoo:sam"), ("segment_anything", "zoo:sam_official")]
 
@@ -46,9 +48,10 @@ def test_detector_batch(detector, images):
         check_detections(found, image_phrases)
         # every query's probabilities are above 0, so at threshold 0 each of the 30 queries is a box
         assert len(found) == detector.model.config.num_queries
-    assert set(loose[0].labels) <= {"dog", "Red Backpack"}  # labels are the phrases as given
+    assert set(loose[0].labels) == {"dog", "Red Backpack"}, "boxes go to both phrases, labels as given"
 
     strict = detector.detect(images, phrases, box_threshold=0.5, text_threshold=0.9)
+    assert 0 < sum(map(len, strict)) < sum(map(len, loose)), "the thresholds keep some boxes, not all"
     for few, many, image_phrases in zip(strict, loose, phrases):
         check_detections(few, image_phrases)
         assert (few.scores > 0.9).all()
@@ -68,6 +71,14 @@ def test_detector_edge_cases(detector, images):
         detector.detect(images, [["dog"]])
 
 
+def test_detector_thresholds_from_options(images):
+    spec = {"role": "detector", "backend": "transformers", "model": "zoo:grounding_dino", "batch_size": 2}
+    strict = load_role({**spec, "options": {"box_threshold": 1.0}})
+    assert [len(found) for found in strict.detect(images, [["dog"], ["cat"]])] == [0, 0]
+    with pytest.raises(SpecError, match="options.box_treshold"):
+        load_role({**spec, "options": {"box_treshold": 0.3}})
+
+
 def test_phrase_token_spans_cover_exactly_each_phrase(detector):
     phrases = ["Red backpack", "dog", "teapot"]
     text, spans = prompt_for(phrases, "test")
@@ -78,6 +89,17 @@ def test_phrase_token_spans_cover_exactly_each_phrase(detector):
     for k, phrase in enumerate(phrases):
         assert detector.processor.tokenizer.decode(ids[mask[k, : len(ids)]]) == phrase.lower()
     assert not mask[:, len(ids):].any() and mask.sum(axis=0).max() == 1
+
+
+def test_box_conversions():
+    np.testing.assert_allclose(corners(np.array([[0.5, 0.5, 0.2, 0.4], [0.95, 0.05, 0.2, 0.2]])),
+                               [[0.4, 0.3, 0.6, 0.7], [0.85, 0.0, 1.0, 0.15]], atol=1e-6)
+    assert corners(np.zeros((0, 4))).shape == (0, 4)
+    # PIL sizes are (W, H): x scales by the width, y by the height; out-of-range values are clipped
+    pixels = pixel_boxes(np.array([[0.1, 0.2, 0.5, 1.2]]), (1000, 600), "test")
+    assert pixels.dtype == np.float32
+    np.testing.assert_allclose(pixels, [[100, 120, 500, 600]])
+    assert pixel_boxes(np.zeros((0, 4)), (10, 10), "test").shape == (0, 4)
 
 
 @pytest.mark.parametrize("backend,model", SEGMENTERS, ids=[m for _, m in SEGMENTERS])
@@ -101,3 +123,20 @@ def test_segmenter_batch(backend, model, images):
 
     with pytest.raises(ValueError, match=r"shape \(n, 4\)"):
         segmenter.segment([images[0]], [np.zeros((2, 3), np.float32)])
+
+
+@pytest.mark.parametrize(
+    "files,options,message",
+    [
+        ([], {}, "has no sam_config.json"),
+        (["sam_custom.pth"], {}, "options.model_type: needed"),
+        (["sam_custom.pth"], {"model_type": "vit_x"}, "'vit_x' is not one of"),
+    ],
+)
+def test_segment_anything_checkpoint_errors(tmp_path, files, options, message):
+    for name in files:
+        (tmp_path / name).write_bytes(b"")
+    model = str(tmp_path / files[0]) if files else str(tmp_path)
+    spec = {"role": "segmenter", "backend": "segment_anything", "model": model, "options": options}
+    with pytest.raises(SpecError, match=message):
+        load_role(spec)
