@@ -26,6 +26,7 @@ from flows.server import ensure_server  # noqa: E402  (no prefect import: safe b
 def run_build(size: int, out: Path) -> dict:
     spec = yaml.safe_load((ROOT / "data_specs" / "tiny.yaml").read_text())
     spec.update(name=f"bench-{size}", num_source_images=size, shard_size=16, output_root=str(out))
+    out.mkdir(parents=True, exist_ok=True)
     spec_path = out / f"bench-{size}.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     result_path = out / f"bench-{size}.json"
