@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -62,18 +63,28 @@ def report(spec: BuildSpec, tables: list[dict], stats: dict, wall: float, out: P
     return "\n".join(lines)
 
 
-@flow(name="build-training-set", flow_run_name="build-{spec_path}", log_prints=True,
-      task_runner=ThreadPoolTaskRunner(max_workers=2))
-def build_training_set(spec_path: str) -> dict:
-    """Run every stage over every shard of the spec, resuming from completed shards."""
+@dataclass
+class StagesRun:
+    """What running the stages left: the last stage's output and what every shard reported."""
+
+    spec_json: str
+    shards: int
+    upstream: str
+    upstream_dir: Path
+    summaries: list[dict] = field(default_factory=list)
+    tables: list[dict] = field(default_factory=list)
+    task_runs: int = 0
+
+
+def run_stages(spec: BuildSpec) -> StagesRun:
+    """Every stage over every shard, resuming from completed shards (shared by the training-set
+    and MSIC builds); call inside a flow."""
     logger = get_run_logger()
-    started, loads_before = time.perf_counter(), total_model_loads()
-    spec = load_build_spec(spec_path)
     out = build_dir(spec).resolve()
     write_atomic(out / "spec.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)))
     shards, spec_json = num_shards(spec), spec.model_dump_json()
     upstream, upstream_dir = root_fingerprint(spec), None
-    summaries, tables, task_runs = [], [], 0
+    run = StagesRun(spec_json, shards, upstream, out)
     for stage in STAGES:
         fp = fingerprint(stage, spec, upstream)
         stage_start = time.perf_counter()
@@ -90,27 +101,39 @@ def build_training_set(spec_path: str) -> dict:
             results.append(future.result())
             update_progress_artifact(progress, 100.0 * len(results) / shards)
         update_progress_artifact(progress, 100.0)
-        task_runs += len(todo)
+        run.task_runs += len(todo)
         results.sort(key=lambda r: r["shard"])
         table = stage_table(stage.name, results, time.perf_counter() - stage_start)
-        tables.append(table)
-        summaries.extend(results)
+        run.tables.append(table)
+        run.summaries.extend(results)
         create_table_artifact([table], key=artifact_key(spec.name, stage.name),
                               description=f"{stage.name}: kept, dropped by reason, time, throughput")
         logger.info("%-10s kept %d of %d (%s) in %.1f s", stage.name, table["kept"], table["rows_in"],
                     table["dropped_by_reason"], table["wall_seconds"])
         upstream, upstream_dir = fp, stage_dir(spec, stage.name, fp)
+    run.upstream, run.upstream_dir = upstream, upstream_dir
+    return run
+
+
+@flow(name="build-training-set", flow_run_name="build-{spec_path}", log_prints=True,
+      task_runner=ThreadPoolTaskRunner(max_workers=2))
+def build_training_set(spec_path: str) -> dict:
+    """Run every stage over every shard of the spec, then publish the dataset."""
+    logger = get_run_logger()
+    started, loads_before = time.perf_counter(), total_model_loads()
+    spec = load_build_spec(spec_path)
+    run = run_stages(spec)
     publish_fp = hashlib.sha256(canonical_json({"publish": spec.publish.model_dump(), "near_duplicate": spec.filter.near_duplicate_clip,
-                                                "upstream": upstream}).encode()).hexdigest()[:16]
+                                                "upstream": run.upstream}).encode()).hexdigest()[:16]
     stats = published_stats(spec, publish_fp)
     if stats is None:
-        stats = publish_dataset(spec_json, str(upstream_dir), shards, summaries, publish_fp)
-        task_runs += 1
+        stats = publish_dataset(run.spec_json, str(run.upstream_dir), run.shards, run.summaries, publish_fp)
+        run.task_runs += 1
     wall = time.perf_counter() - started
-    dataset = out / "dataset"
-    text = report(spec, tables, stats, wall, dataset)
+    dataset = build_dir(spec).resolve() / "dataset"
+    text = report(spec, run.tables, stats, wall, dataset)
     write_atomic(dataset / "report.md", lambda tmp: tmp.write_text(text))
     create_markdown_artifact(text, key=artifact_key(spec.name, "report"), description=f"build report of {spec.name}")
     logger.info("published %d samples to %s", stats["samples"], dataset)
-    return {"dataset": str(dataset), "samples": stats["samples"], "task_runs": task_runs, "wall_seconds": round(wall, 2),
-            "model_loads": total_model_loads() - loads_before, "stages": tables, "funnel": stats["funnel"]}
+    return {"dataset": str(dataset), "samples": stats["samples"], "task_runs": run.task_runs, "wall_seconds": round(wall, 2),
+            "model_loads": total_model_loads() - loads_before, "stages": run.tables, "funnel": stats["funnel"]}
