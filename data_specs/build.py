@@ -54,6 +54,7 @@ class DetectParams(_Section):
 class VerifyParams(_Section):
     min_subjects: int = Field(2, ge=1, description="a sample with fewer verified subjects is dropped")
     crop_margin: float = Field(0.1, ge=0, le=1, description="context around a box in the crop the VLM judges")
+    require_match: bool = Field(True, description="remove subjects the VLM rejects (tiny specs: a random VLM's verdict)")
 
 
 class RerenderParams(_Section):
@@ -95,6 +96,22 @@ class PublishParams(_Section):
     max_samples: int | None = Field(None, ge=1, description="cap on published samples (deterministic: lowest IDs)")
 
 
+class MsicParams(_Section):
+    """The benchmark build: cases stratified by subject count, drawn from the decimated samples."""
+
+    version: str = Field("1.0", pattern=r"^[\w.\-]+$")
+    strata: list[int] = Field(default_factory=lambda: list(range(1, 13)))
+    cases_per_stratum: int = Field(20, ge=1)
+    training_dataset: str | None = Field(None, description="published training set checked for overlap")
+
+    @field_validator("strata")
+    @classmethod
+    def _strata(cls, value: list[int]) -> list[int]:
+        if not value or any(not 1 <= k <= 12 for k in value):
+            raise ValueError(f"strata must be subject counts in 1..12, got {value}")
+        return sorted(set(value))
+
+
 class BuildSpec(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][\w.\-]*$")
     seed: int = 0
@@ -114,6 +131,7 @@ class BuildSpec(_Section):
     decimate: DecimateParams = DecimateParams()
     filter: FilterParams = FilterParams()
     publish: PublishParams = PublishParams()
+    msic: MsicParams | None = None
 
     @field_validator("subject_counts")
     @classmethod

@@ -33,7 +33,7 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     )
     passed: dict[int, list[dict]] = {n: [] for n in range(len(rows))}
     for (number, subject, _), result in zip(jobs, results):
-        if result.ok and result.value.match:
+        if not params.require_match or (result.ok and result.value.match):
             passed[number].append(subject)
     kept = []
     for number, row in enumerate(rows):
@@ -45,4 +45,4 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     return kept
 
 
-STAGE = Stage("verify", 1, process)
+STAGE = Stage("verify", 2, process)

@@ -1,0 +1,41 @@
+"""`build_msic`: the training-set stages (no copy of their logic) run with a benchmark spec, then
+the benchmark is selected, checked for overlap with a training set and published."""
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from data_specs.build import BuildSpec, load_build_spec
+from flows.build import artifact_key, run_stages
+from music_model.roles import total_model_loads
+from tasks.msic import publish_msic
+
+
+@task(name="publish-msic", task_run_name="publish-msic-{version}")
+def publish_msic_task(spec_json: str, filter_dir: str, shards: int, version: str) -> dict:
+    from pathlib import Path
+
+    return publish_msic(BuildSpec.model_validate_json(spec_json), Path(filter_dir), shards)
+
+
+@flow(name="build-msic", flow_run_name="msic-{spec_path}", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+def build_msic(spec_path: str) -> dict:
+    """Regenerate the MSIC benchmark from a spec with an `msic` section."""
+    logger = get_run_logger()
+    started, loads_before = time.perf_counter(), total_model_loads()
+    spec = load_build_spec(spec_path)
+    if spec.msic is None:
+        raise ValueError(f"{spec_path}: not a benchmark spec (it has no `msic` section)")
+    run = run_stages(spec)
+    result = publish_msic_task(run.spec_json, str(run.upstream_dir), run.shards, spec.msic.version)
+    counts = [{"subjects": k, "cases": v} for k, v in result["counts"].items()]
+    create_table_artifact(counts, key=artifact_key(spec.name, "msic-cases"), description="MSIC cases per subject count")
+    create_markdown_artifact(
+        f"# MSIC {spec.msic.version}: {spec.name}\n\n- cases: {result['cases']}\n- output: {result['msic']}\n"
+        f"- per subject count: {result['counts']}\n", key=artifact_key(spec.name, "msic-report"))
+    logger.info("published %d MSIC cases to %s", result["cases"], result["msic"])
+    return {**result, "task_runs": run.task_runs + 1, "stages": run.tables, "wall_seconds": round(time.perf_counter() - started, 2),
+            "model_loads": total_model_loads() - loads_before}

@@ -1,0 +1,79 @@
+"""`music msic`: regenerate the MSIC benchmark, diff two regenerations, check for overlap."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+msic_app = typer.Typer(help="The MSIC benchmark (1-12 subjects per case).", no_args_is_help=True)
+
+
+def _manifest(path: Path) -> dict:
+    path = path / "manifest.json" if path.is_dir() else path
+    if not path.exists():
+        raise typer.BadParameter(f"no manifest at {path}")
+    return json.loads(path.read_text())
+
+
+@msic_app.command("build")
+def build(
+    spec: Path = typer.Argument(..., help="Benchmark spec YAML (e.g. data_specs/msic_tiny.yaml)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the run summary as JSON here."),
+) -> None:
+    """Regenerate the benchmark as a Prefect flow on the local (or $PREFECT_API_URL) server."""
+    from data_specs.build import load_build_spec
+    from data_specs.roles import SpecError
+    from flows.server import ensure_server, ui_url
+
+    try:
+        parsed = load_build_spec(spec)
+    except (SpecError, FileNotFoundError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2)
+    if parsed.msic is None:
+        typer.echo(f"error: {spec}: not a benchmark spec (no `msic` section)", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"Prefect UI: {ui_url(ensure_server())}")
+    from flows.cli import quiet_model_progress_bars
+
+    quiet_model_progress_bars()
+    from flows.msic import build_msic
+
+    result = build_msic(str(spec))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1))
+    typer.echo(f"Published {result['cases']} cases to {result['msic']} in {result['wall_seconds']:.1f} s; per subject count: {result['counts']}")
+
+
+@msic_app.command("diff")
+def diff(a: Path = typer.Argument(..., help="An MSIC folder or its manifest.json."), b: Path = typer.Argument(...)) -> None:
+    """Cases added, removed and changed (by content hash) from A to B."""
+    from tasks.msic import diff_manifests
+
+    ma, mb = _manifest(a), _manifest(b)
+    changes = diff_manifests(ma, mb)
+    typer.echo(f"A: {ma['name']} {ma['version']} ({len(ma['cases'])} cases)  B: {mb['name']} {mb['version']} ({len(mb['cases'])} cases)")
+    for kind, ids in changes.items():
+        typer.echo(f"{kind}: {len(ids)}")
+        for case_id in ids:
+            typer.echo(f"  {case_id}")
+    if not any(changes.values()):
+        typer.echo("identical")
+
+
+@msic_app.command("check-overlap")
+def check_overlap_cmd(msic: Path = typer.Argument(..., help="An MSIC folder."), training: Path = typer.Argument(..., help="A published training dataset folder.")) -> None:
+    """Fail (exit 1) naming every benchmark item whose content hash is in the training set."""
+    import pyarrow.parquet as pq
+
+    from tasks.msic import OverlapError, check_overlap
+
+    cases = [r for p in sorted((msic / "data").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    try:
+        check_overlap(cases, training)
+    except OverlapError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(1)
+    typer.echo(f"no overlap: {len(cases)} cases against {training}")
