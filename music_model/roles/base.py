@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from data_specs.roles import RoleSpec, model_kind
+from data_specs.roles import RoleSpec, SpecError, model_kind
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,6 +37,14 @@ def resolve_model_path(model: str) -> str:
     if kind == "local":
         return str(Path(model).expanduser().resolve())
     return model
+
+
+def check_options(spec: RoleSpec, known: Sequence[str]) -> None:
+    """Fail on an option this backend would ignore, naming it."""
+    for name in spec.options:
+        if name not in known:
+            allowed = ", ".join(known) if known else "none"
+            raise SpecError(f"options.{name}: not an option of the {spec.role}/{spec.backend} role (known: {allowed})")
 
 
 class Role:

@@ -14,21 +14,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data_specs.roles import RoleSpec, SpecError, model_kind
+from data_specs.roles import RoleSpec, model_kind
 from music_model.preprocess import clip_transform
-from music_model.roles.base import Role
+from music_model.roles.base import Role, check_options
 
 # open_clip names its interpolation modes; its transforms map anything but bilinear to bicubic.
 _OPEN_CLIP_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _OPEN_CLIP_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def check_options(spec: RoleSpec, known: Sequence[str]) -> None:
-    """Fail on an option this backend would ignore, naming it."""
-    for name in spec.options:
-        if name not in known:
-            allowed = ", ".join(known) if known else "none"
-            raise SpecError(f"options.{name}: not an option of the {spec.role}/{spec.backend} role (known: {allowed})")
 
 
 def unit_rows(chunks: list[torch.Tensor], dim: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from data_specs.roles import RoleSpec
 from music_model.roles.base import Role
-from music_model.roles.clip import check_options
+from music_model.roles.base import check_options
 
 BOX_THRESHOLD = 0.35
 TEXT_THRESHOLD = 0.25

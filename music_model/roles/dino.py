@@ -14,7 +14,8 @@ from PIL import Image
 
 from data_specs.roles import RoleSpec
 from music_model.preprocess import dino_transform
-from music_model.roles.clip import ImageEmbeddingRole, check_options
+from music_model.roles.base import check_options
+from music_model.roles.clip import ImageEmbeddingRole
 
 
 class TransformersDino(ImageEmbeddingRole):

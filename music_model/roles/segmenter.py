@@ -17,7 +17,7 @@ from PIL import Image
 
 from data_specs.roles import RoleSpec, SpecError
 from music_model.roles.base import Role
-from music_model.roles.clip import check_options
+from music_model.roles.base import check_options
 
 # A segment-anything folder (the zoo writes one): the builder arguments of `build_official_sam` and
 # the state dict in the official checkpoint format.
