@@ -164,7 +164,12 @@ class BuildSpec(_Section):
         return self
 
     def spec_hash(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        """Hash of what decides the content: not where it is written, nor which training set the
+        benchmark is checked against."""
+        content = self.model_dump(mode="json", exclude={"output_root"})
+        if content.get("msic"):
+            content["msic"].pop("training_dataset")
+        return hashlib.sha256(canonical_json(content).encode()).hexdigest()[:16]
 
     def categories_path(self) -> Path:
         if self.categories == "objects365":
