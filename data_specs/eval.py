@@ -7,7 +7,7 @@ A bad spec fails in `load_eval_spec` before any model loads, with one line namin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -121,7 +121,7 @@ class EvalSpec(_Section):
         return self
 
     def out_dir(self) -> Path:
-        return Path(self.output_root).expanduser() / self.name
+        return (Path(self.output_root).expanduser() / self.name).resolve()
 
 
 def parse_eval_spec(data: Any, source: str = "spec") -> EvalSpec:

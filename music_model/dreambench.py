@@ -128,7 +128,7 @@ def load_dreambench(root: str | Path, check_images: bool = True) -> DreamBench:
     """Read and check a DreamBench folder. Everything that would make scores wrong fails here, before
     any model loads: no table, a folder that is not a subject, a subject with no photos, a photo that
     is not an image or does not decode (with `check_images`, every photo is decoded once)."""
-    root = Path(root).expanduser()
+    root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise DreamBenchError(f"DreamBench folder not found: {root}")
     table = root / PROMPTS_FILE

@@ -70,9 +70,6 @@ class ImageEmbeddings:
     dino: np.ndarray
     clip: np.ndarray
 
-    def __len__(self) -> int:
-        return len(self.dino)
-
     def take(self, rows: Sequence[int] | slice) -> "ImageEmbeddings":
         index = rows if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
         return ImageEmbeddings(self.dino[index], self.clip[index])
@@ -125,10 +122,6 @@ class Scorer:
         where = {text: i for i, text in enumerate(unique)}
         return rowwise_cosine(image_rows, text_rows[[where[t] for t in texts]])
 
-    def models(self) -> dict[str, str]:
-        roles = {"dino": self.dino, "clip": self.clip, "clip_select": self.select}
-        return {name: role.spec.model for name, role in roles.items() if role is not None}
-
 
 def pair_means(generated: np.ndarray, references: np.ndarray) -> np.ndarray:
     """For each generated row, the mean cosine over every reference row: the DreamBench
@@ -146,8 +139,8 @@ class Estimate:
     ci_high: float
     n: int
 
-    def as_dict(self, prefix: str = "") -> dict[str, Any]:
-        return {f"{prefix}mean": self.mean, f"{prefix}ci_low": self.ci_low, f"{prefix}ci_high": self.ci_high, f"{prefix}n": self.n}
+    def as_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n}
 
 
 def bootstrap_estimate(

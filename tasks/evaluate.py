@@ -35,7 +35,7 @@ from music_model.dreambench import DreamBench, GeneratedImage, Scan, coverage, g
 from music_model.metrics import METRICS, PROTOCOL, SCALE, Scorer
 from music_model.multisubject import CASE_METRICS, by_subject_count, decode_case, score_cases
 from music_model.passn import passn_curve
-from music_model.roles import load_role, total_model_loads
+from music_model.roles import load_role, thread_model_loads
 from tasks.engine import shard_name, write_atomic, write_table
 
 PLAN = pa.schema([("subject", pa.string()), ("prompt_index", pa.int32()), ("sample", pa.int32()), ("path", pa.string())])
@@ -67,7 +67,8 @@ def files_digest(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _done(work_dir: Path, shard: int) -> dict | None:
+def done_shard(work_dir: Path, shard: int) -> dict | None:
+    """The marker of a shard already scored with these inputs, or None."""
     marker = work_dir / f"{shard_name(shard)}.done.json"
     return {**json.loads(marker.read_text()), "skipped": True} if marker.exists() else None
 
@@ -87,22 +88,22 @@ def generate_dreambench_shard(spec_json: str, bench_root: str, images_dir: str, 
     spec = EvalSpec.model_validate_json(spec_json)
     params = spec.generation
     bench = load_dreambench(bench_root, check_images=False)
-    start, loads = time.perf_counter(), total_model_loads()
+    start, loads = time.perf_counter(), thread_model_loads()
     prompts = params.prompt_indices or list(range(min(len(bench.templates(s)) for s in subjects)))
     counts = generate_missing(load_role(spec.generator), bench, images_dir, subjects, prompts, params.images_per_prompt,
                               params.width, params.height, params.seed, params.unique_token, params.reference_index)
     return {"shard": shard, "subjects": subjects, **counts, "seconds": round(time.perf_counter() - start, 3),
-            "model_loads": total_model_loads() - loads}
+            "model_loads": thread_model_loads() - loads}
 
 
 def score_dreambench_shard(spec_json: str, bench_root: str, plan_path: str, subjects: list[str], shard: int,
                            work_dir: str, with_selection: bool) -> dict:
     """Score every planned image of `subjects` (references and images embedded once, in batches)."""
     work = Path(work_dir)
-    if done := _done(work, shard):
+    if done := done_shard(work, shard):
         return done
     spec = EvalSpec.model_validate_json(spec_json)
-    start, loads = time.perf_counter(), total_model_loads()
+    start, loads = time.perf_counter(), thread_model_loads()
     bench = load_dreambench(bench_root, check_images=False)
     wanted = set(subjects)
     images = [GeneratedImage(r["subject"], r["prompt_index"], r["sample"], Path(r["path"]))
@@ -113,7 +114,7 @@ def score_dreambench_shard(spec_json: str, bench_root: str, plan_path: str, subj
     write_table(drops, DREAMBENCH_DROPS, work / f"{shard_name(shard)}.dropped.parquet")
     return _finish_shard(work, shard, {
         "shard": shard, "rows_in": len(images), "scored": len(rows), "dropped": dict(Counter(d["reason"] for d in drops)),
-        "seconds": round(time.perf_counter() - start, 3), "model_loads": total_model_loads() - loads,
+        "seconds": round(time.perf_counter() - start, 3), "model_loads": thread_model_loads() - loads,
     })
 
 
@@ -137,10 +138,10 @@ def score_cases_shard(spec_json: str, cases_path: str, start: int, stop: int, sh
     """Score cases [start, stop) of a cases table: decode (dropping what does not decode, with the
     reason), then UNO-style, CLIP-T, grounded and selector scores in batched passes."""
     work = Path(work_dir)
-    if done := _done(work, shard):
+    if done := done_shard(work, shard):
         return done
     spec = EvalSpec.model_validate_json(spec_json)
-    begin, loads = time.perf_counter(), total_model_loads()
+    begin, loads = time.perf_counter(), thread_model_loads()
     base_dir = Path(cases_path).expanduser().resolve().parent
     rows = read_row_range(cases_path, start, stop)
     cases, drops = [], []
@@ -159,7 +160,7 @@ def score_cases_shard(spec_json: str, cases_path: str, start: int, stop: int, sh
     return _finish_shard(work, shard, {
         "shard": shard, "rows_in": len(rows), "cases": len(cases), "scored": len(candidate_rows),
         "dropped": dict(Counter(d["reason"] for d in drops)), "seconds": round(time.perf_counter() - begin, 3),
-        "model_loads": total_model_loads() - loads,
+        "model_loads": thread_model_loads() - loads,
     })
 
 
@@ -171,6 +172,21 @@ def _gather(work_dir: Path, shards: int, kind: str, schema: pa.Schema) -> list[d
 
 
 # --- aggregation and outputs ------------------------------------------------------------------------
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN floats as None (JSON has no NaN) and numpy scalars as Python numbers."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_json(path: Path, value: Any) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(json_safe(value), indent=1) + "\n"))
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -241,7 +257,7 @@ def finish_dreambench(spec: EvalSpec, bench: DreamBench, scan: Scan, work_dir: P
     score_table = [{"part": part, "subjects": o["subjects"], "images": o["images"],
                     **{LABELS[m]: _with_ci(o[m]["mean"], o[m]["ci_low"], o[m]["ci_high"]) for m in METRICS}}
                    for part, o in overall.items()]
-    measured = [{"row": f"this run ({spec.name}, 1 sample)", "source": "measured here",
+    measured = [{"row": f"this run ({spec.name}, mean over every image)", "source": "measured here",
                  **{m: overall["all"][m]["mean"] for m in METRICS}}]
     if curve:
         best = [p for p in curve if p["selector"] == "clip_t"][-1]
@@ -251,6 +267,7 @@ def finish_dreambench(spec: EvalSpec, bench: DreamBench, scan: Scan, work_dir: P
     summary = {
         "benchmark": "dreambench", "name": spec.name, "scale": SCALE, "protocol": PROTOCOL, "models": models,
         "dreambench_root": str(bench.root), "subjects_in_table": len(bench.classes), "subjects_present": len(bench.subjects),
+        "subjects_absent": bench.absent_subjects(),
         "images_found": len(scan.images) + len(scan.drops), "images_scored": len(rows), "dropped": dict(Counter(d["reason"] for d in drops)),
         "scores": overall, "passn": curve, "comparison": comparison, "output": str(out), **extra,
     }
@@ -268,7 +285,7 @@ def finish_dreambench(spec: EvalSpec, bench: DreamBench, scan: Scan, work_dir: P
     lines += ["", "## Dropped inputs", "", *markdown_table(drops, ["path", "reason", "detail"])]
     report = "\n".join(lines) + "\n"
     write_atomic(out / "report.md", lambda tmp: tmp.write_text(report))
-    write_atomic(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1, default=float) + "\n"))
+    write_json(out / "summary.json", summary)
     return {"summary": summary, "report": report, "tables": {"scores": score_table, "subjects": subject_rows,
             "comparison": comparison, "passn": curve, "dropped": drops}}
 
@@ -294,7 +311,7 @@ def finish_cases(spec: EvalSpec, cases_path: str, work_dir: Path, shards: int, c
     overall = counts[-1] if counts else {}
     count_table = [{"subjects": r["subjects"], "cases": r["cases"], "images": r["images"],
                     **{LABELS[m]: _with_ci(r[m], r[f"{m}_ci_low"], r[f"{m}_ci_high"]) for m in CASE_METRICS}} for r in counts]
-    measured = [{"row": f"this run ({spec.name}, UNO-style, 1 sample)", "source": "measured here",
+    measured = [{"row": f"this run ({spec.name}, UNO-style, mean over candidates)", "source": "measured here",
                  "dino": overall.get("uno_dino"), "clip_i": overall.get("uno_clip_i"), "clip_t": overall.get("clip_t")}]
     if curve:
         best = [p for p in curve if p["selector"] == "clip_t"][-1]
@@ -322,7 +339,7 @@ def finish_cases(spec: EvalSpec, cases_path: str, work_dir: Path, shards: int, c
     lines += ["", "## Dropped inputs", "", *markdown_table(drops, ["case_id", "candidate", "reason", "detail"])]
     report = "\n".join(lines) + "\n"
     write_atomic(out / "report.md", lambda tmp: tmp.write_text(report))
-    write_atomic(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1, default=float) + "\n"))
+    write_json(out / "summary.json", summary)
     return {"summary": summary, "report": report, "tables": {"by_subject_count": count_table, "comparison": comparison,
             "passn": curve, "dropped": drops}}
 
@@ -369,10 +386,12 @@ def plot_by_count(counts: list[dict], path: Path) -> None:
         low = [r[metric] - r[f"{metric}_ci_low"] for r in rows]
         high = [r[f"{metric}_ci_high"] - r[metric] for r in rows]
         left.errorbar(x, [r[metric] for r in rows], yerr=[low, high], marker="o", capsize=3, label=LABELS[metric])
+    left.set_xticks(x)
     left.set_xlabel("subjects in the case")
     left.set_ylabel("raw cosine")
     left.legend(fontsize=7)
     right.bar(x, [r["missing_rate"] for r in rows], color="tab:red")
+    right.set_xticks(x)
     right.set_xlabel("subjects in the case")
     right.set_ylabel("subject-missing rate")
     right.set_ylim(0, 1)
@@ -388,6 +407,7 @@ def plot_passn(curve: list[dict], metrics: list[str], path: Path) -> None:
             points = [p for p in curve if p["selector"] == selector]
             ax.plot([p["n"] for p in points], [p[metric] for p in points], marker="o", label=selector)
         ax.set_title(LABELS.get(metric, metric), fontsize=9)
+        ax.set_xticks(sorted({p["n"] for p in curve}))
         ax.set_xlabel("N")
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Pass@N: expected score of the selected candidate")

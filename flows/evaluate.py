@@ -1,0 +1,125 @@
+"""`evaluate`: optional generation -> scoring, one task run per shard -> aggregation -> outputs
+(scores Parquet, summary.json, report.md with plots) and Prefect artifacts (tables, the report).
+
+Everything that would make a run fail part-way is checked first, before any task is submitted: the
+spec, the benchmark folder and its photos, the generated-images folder or the cases table."""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from data_specs.eval import EvalSpec
+from flows.build import artifact_key
+from music_model.dreambench import DreamBenchError, load_dreambench, scan_generated
+from music_model.multisubject import CasesError, read_cases
+from music_model.roles import total_model_loads
+from tasks.evaluate import (chunks, done_shard, files_digest, fingerprint, finish_cases, finish_dreambench, generate_task,
+                            json_safe, score_cases_task, score_dreambench_task, write_json, write_plan)
+
+MAX_ARTIFACT_ROWS = 500
+BENCHMARKS = ("dreambench", "cases")
+
+
+def _clean(rows: list[dict]) -> list[dict]:
+    """Table-artifact rows: JSON has no NaN, and lists (boxes) are not table cells."""
+    return [{k: v for k, v in json_safe(row).items() if not isinstance(v, (list, dict))} for row in rows[:MAX_ARTIFACT_ROWS]]
+
+
+def publish_artifacts(name: str, result: dict) -> None:
+    for table, rows in result["tables"].items():
+        if rows:
+            more = f" (first {MAX_ARTIFACT_ROWS} of {len(rows)})" if len(rows) > MAX_ARTIFACT_ROWS else ""
+            create_table_artifact(_clean(rows), key=artifact_key("eval", name, table), description=f"{name}: {table}{more}")
+    create_markdown_artifact(result["report"], key=artifact_key("eval", name, "report"), description=f"evaluation report of {name}")
+
+
+def _done_and_todo(work: Path, shards: int) -> tuple[list[dict], list[int]]:
+    """Markers of the shards already scored with these inputs, and the shards still to do: a rerun
+    submits task runs only for work."""
+    done = [marker for k in range(shards) if (marker := done_shard(work, k))]
+    finished = {marker["shard"] for marker in done}
+    return done, [k for k in range(shards) if k not in finished]
+
+
+def _dreambench(spec: EvalSpec, images: str | None, bench_root: str | None, logger) -> tuple[dict, int]:
+    root = bench_root or spec.dreambench_root
+    if not root:
+        raise DreamBenchError("no DreamBench folder: pass bench_root (--bench) or set dreambench_root in the spec")
+    bench = load_dreambench(root)
+    out = spec.out_dir()
+    images_dir = Path(images).expanduser().resolve() if images else out / "generated"
+    spec_json, task_runs = spec.model_dump_json(), 0
+    if spec.generator is not None:
+        subjects = spec.generation.subjects or list(bench.subjects)
+        unknown = [s for s in subjects if s not in bench.subjects]
+        if unknown:
+            raise DreamBenchError(f"generation.subjects: {unknown[0]!r} has no photos in {bench.root}")
+        groups = chunks(subjects, spec.shard_size)
+        futures = generate_task.map(unmapped(spec_json), unmapped(str(bench.root)), unmapped(str(images_dir)), groups,
+                                    list(range(len(groups))))
+        made = [f.result() for f in futures]
+        task_runs += len(groups)
+        logger.info("generated %d images (%d already there) with %s", sum(m["generated"] for m in made),
+                    sum(m["existing"] for m in made), spec.generator.model)
+    scan = scan_generated(bench, images_dir)
+    if scan.drops:
+        logger.warning("left out %d files: %s", len(scan.drops), scan.drop_counts())
+    plan = out / "plan.parquet"
+    write_plan(scan, plan)
+    cells = {(i.subject, i.prompt_index) for i in scan.images}
+    with_selection = len(cells) < len(scan.images)  # some prompt has several candidates: Pass@N
+    references = [p for s in bench.subjects.values() for p in s.references]
+    fp = fingerprint(spec, "dreambench", files_digest(references + [i.path for i in scan.images]) + f":{with_selection}")
+    work = out / "shards" / fp
+    groups = chunks(list(dict.fromkeys(i.subject for i in scan.images)), spec.shard_size)
+    results, todo = _done_and_todo(work, len(groups))
+    futures = score_dreambench_task.map(unmapped(spec_json), unmapped(str(bench.root)), unmapped(str(plan)), [groups[k] for k in todo],
+                                        todo, unmapped(str(work)), unmapped(with_selection)) if todo else []
+    results = sorted(results + [f.result() for f in futures], key=lambda r: r["shard"])
+    extra = {"images_dir": str(images_dir), "shards": results}
+    return finish_dreambench(spec, bench, scan, work, len(groups), extra), task_runs + len(todo)
+
+
+def _cases(spec: EvalSpec, cases: str) -> tuple[dict, int]:
+    if spec.generator is not None:
+        raise CasesError("generator: multi-subject generation needs the MUSIC renderer; fill the cases' `generated` column instead")
+    table = read_cases(cases)
+    counts = [len(g) for g in table.column("generated").to_pylist()]
+    with_selection = max(counts) > 1
+    fp = fingerprint(spec, "cases", hashlib.sha256(Path(cases).read_bytes()).hexdigest() + f":{with_selection}")
+    work = spec.out_dir() / "shards" / fp
+    ranges = chunks(list(range(len(table))), spec.shard_size)
+    results, todo = _done_and_todo(work, len(ranges))
+    futures = score_cases_task.map(unmapped(spec.model_dump_json()), unmapped(str(Path(cases).expanduser().resolve())),
+                                   [ranges[k][0] for k in todo], [ranges[k][-1] + 1 for k in todo], todo,
+                                   unmapped(str(work)), unmapped(with_selection)) if todo else []
+    results = sorted(results + [f.result() for f in futures], key=lambda r: r["shard"])
+    return finish_cases(spec, cases, work, len(ranges), len(table), {"shards": results}), len(todo)
+
+
+@flow(name="evaluate", flow_run_name="evaluate-{benchmark}", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+def evaluate(spec_json: str, benchmark: str, images: str | None = None, cases: str | None = None, bench_root: str | None = None) -> dict:
+    """Score DreamBench (a folder of generated images, optionally generated first by the spec's
+    generator) or a multi-subject cases table; returns the summary (paths, scores, counts)."""
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"benchmark must be one of {', '.join(BENCHMARKS)}, got {benchmark!r}")
+    logger = get_run_logger()
+    started, loads = time.perf_counter(), total_model_loads()
+    spec = EvalSpec.model_validate_json(spec_json)
+    if benchmark == "dreambench":
+        result, task_runs = _dreambench(spec, images, bench_root, logger)
+    else:
+        if not cases:
+            raise CasesError("benchmark 'cases' needs a cases Parquet file")
+        result, task_runs = _cases(spec, cases)
+    publish_artifacts(spec.name, result)
+    summary = {**result["summary"], "task_runs": task_runs, "model_loads": total_model_loads() - loads,
+               "wall_seconds": round(time.perf_counter() - started, 2)}
+    write_json(Path(summary["output"]) / "summary.json", summary)
+    logger.info("wrote %s (report.md, summary.json, scores/)", summary["output"])
+    return json_safe(summary)
