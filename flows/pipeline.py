@@ -1,0 +1,194 @@
+"""MUSIC generation on the benchmarks and the parent pipeline.
+
+- `music_generate(spec_json, benchmark, adapters)`: N candidates per MSIC case (or per DreamBench
+  subject and prompt) from a trained model, one task run per shard, then the `evaluate` flow scores
+  them: Pass@N curves for both selectors (`clip_t`, `identity_aware`) come from the scoring code.
+  MSIC candidates go to a cases table (data_specs.eval.CASES) with the images beside it; DreamBench
+  images follow the naming convention `<subject>/<PP>_<K>.png`. Outputs live in
+  `<run>/generated/<benchmark>-<fingerprint>/` (the fingerprint covers the models, adapters,
+  generation parameters and benchmark inputs, so a rerun with the same ones generates nothing).
+- `music_pipeline(spec_json)`: rebuild the training set -> regenerate MSIC (checked for overlap with
+  the new training set) -> train -> generate and evaluate on MSIC and DreamBench; a markdown report
+  of every step as an artifact and `<run>/pipeline_report.md`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from data_specs.eval import load_eval_spec, parse_eval_spec
+from data_specs.train import TrainSpec, resolve_spec_path
+from flows.build import artifact_key
+from music_model.music import msic_cases_file
+from tasks.engine import write_atomic
+from tasks.evaluate import chunks, files_digest, json_safe
+from tasks.train import generate_dreambench_task, generate_msic_task, merge_msic_parts
+
+BENCHMARKS = ("msic", "dreambench")
+
+
+def _generation_fingerprint(spec: TrainSpec, adapters: str | None, inputs: str) -> str:
+    adapter_files = sorted(p for p in Path(adapters).rglob("*") if p.is_file()) if adapters else []
+    payload = {"planner": spec.planner.model_dump(), "renderer": spec.renderer.model_dump(), "plan": spec.plan.model_dump(),
+               "render": spec.render.model_dump(), "generation": spec.generation.model_dump(exclude={"selector", "shard_size"}),
+               "adapters": files_digest(adapter_files), "inputs": inputs}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _eval_spec_json(spec: TrainSpec, benchmark: str) -> str:
+    """The scoring spec, its run named after the training run and written under it."""
+    base = load_eval_spec(resolve_spec_path(spec.evaluation.eval_spec))
+    data = {**base.model_dump(), "name": f"{spec.name}-{benchmark}", "output_root": str(spec.out_dir() / "eval"), "generator": None}
+    return parse_eval_spec(data, source=spec.evaluation.eval_spec).model_dump_json()
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    parameters = flow_run.parameters
+    return f"music-generate-{parameters['benchmark']}-{json.loads(parameters['spec_json'])['name']}"
+
+
+@flow(name="music-generate", flow_run_name=_run_name, log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+def music_generate(spec_json: str, benchmark: str, adapters: str | None = None, score: bool = True) -> dict:
+    """Generate the spec's Pass@N candidates on a benchmark with the model (plus trained `adapters`),
+    then (with `score`) run `evaluate` on them. Returns paths, generation counts and the scores summary."""
+    from flows.evaluate import evaluate
+
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"benchmark must be one of {', '.join(BENCHMARKS)}, got {benchmark!r}")
+    logger = get_run_logger()
+    started = time.perf_counter()
+    spec = TrainSpec.model_validate_json(spec_json)
+    eval_json = _eval_spec_json(spec, benchmark)  # a bad scoring spec fails before any generation
+    shard_size = spec.generation.shard_size
+    if benchmark == "msic":
+        if not spec.evaluation.msic:
+            raise ValueError("evaluation.msic: no MSIC benchmark given (its folder or cases Parquet)")
+        cases = msic_cases_file(spec.evaluation.msic)
+        out = spec.out_dir() / "generated" / f"msic-{_generation_fingerprint(spec, adapters, files_digest([cases.resolve()]))}"
+        ranges = chunks(list(range(pq.ParquetFile(cases).metadata.num_rows)), shard_size)
+        futures = generate_msic_task.map(unmapped(spec_json), unmapped(adapters), unmapped(str(cases)), [r[0] for r in ranges],
+                                         [r[-1] + 1 for r in ranges], list(range(len(ranges))), unmapped(str(out)))
+        shards = [f.result() for f in futures]
+        merged = merge_msic_parts(str(out), len(ranges))
+        result = {"benchmark": "msic", "cases_file": merged["cases"], "generation_file": merged["generation"]}
+    else:
+        from music_model.dreambench import load_dreambench
+
+        root = load_eval_spec(resolve_spec_path(spec.evaluation.eval_spec)).dreambench_root
+        if not root:
+            raise ValueError(f"{spec.evaluation.eval_spec}: dreambench_root is not set")
+        bench = load_dreambench(root)
+        subjects = spec.evaluation.dreambench_subjects or list(bench.subjects)
+        unknown = [s for s in subjects if s not in bench.subjects]
+        if unknown:
+            raise ValueError(f"evaluation.dreambench_subjects: {unknown[0]!r} has no photos in {bench.root}")
+        prompts = spec.evaluation.dreambench_prompts or list(range(min(len(bench.templates(s)) for s in subjects)))
+        inputs = files_digest([p for s in subjects for p in bench.subjects[s].references]) + json.dumps([subjects, prompts])
+        out = spec.out_dir() / "generated" / f"dreambench-{_generation_fingerprint(spec, adapters, inputs)}"
+        groups = chunks(subjects, shard_size)
+        futures = generate_dreambench_task.map(unmapped(spec_json), unmapped(adapters), unmapped(str(bench.root)), unmapped(str(out / "images")),
+                                               groups, unmapped(prompts), list(range(len(groups))), unmapped(str(out)))
+        shards = [f.result() for f in futures]
+        result = {"benchmark": "dreambench", "images_dir": str(out / "images"), "bench_root": str(bench.root)}
+    table = [{k: v for k, v in s.items() if not isinstance(v, (list, dict))} for s in shards]
+    create_table_artifact(table, key=artifact_key(spec.name, "generate", benchmark),
+                          description=f"{spec.name}: MUSIC generation on {benchmark}, {spec.generation.candidates} candidates per case")
+    logger.info("generated on %s in %d shards (%d skipped) into %s", benchmark, len(shards), sum(s["skipped"] for s in shards), out)
+    result |= {"output": str(out), "candidates": spec.generation.candidates, "seed": spec.generation.seed, "shards": shards}
+    if score:
+        if benchmark == "msic":
+            result["scores"] = evaluate(eval_json, "cases", cases=result["cases_file"])
+        else:
+            result["scores"] = evaluate(eval_json, "dreambench", images=result["images_dir"], bench_root=result["bench_root"])
+    result["wall_seconds"] = round(time.perf_counter() - started, 2)
+    return json_safe(result)
+
+
+def _msic_spec_path(spec: TrainSpec, msic_spec: str, dataset: str) -> Path:
+    """The MSIC build spec with the new training set as the one it is checked against for overlap."""
+    data = yaml.safe_load(resolve_spec_path(msic_spec).read_text())
+    data.setdefault("msic", {})["training_dataset"] = dataset
+    path = spec.out_dir() / "msic_spec.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: tmp.write_text(yaml.safe_dump(data, sort_keys=False)))
+    return path
+
+
+def _passn_rows(name: str, scores: dict, metrics: tuple[str, ...]) -> list[dict]:
+    return [{"benchmark": name, "selector": p["selector"], "n": p["n"], **{m: p.get(m) for m in metrics}} for p in scores.get("passn", [])]
+
+
+def pipeline_report(spec: TrainSpec, built: dict, msic: dict | None, trained: dict, evaluated: dict) -> str:
+    def fmt(value) -> str:
+        return "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    first, last = trained["first"] or {}, trained["last"] or {}
+    lines = [f"# MUSIC pipeline: {spec.name}", "",
+             f"1. Training set: {built['samples']} samples published to {built['dataset']} ({built['task_runs']} task runs).",
+             f"2. MSIC: {msic['cases']} cases in {msic['msic']}." if msic else "2. MSIC: not regenerated.",
+             f"3. Training: {trained['steps']} steps; planner CE {fmt(first.get('planner'))} -> {fmt(last.get('planner'))}, "
+             f"renderer {fmt(first.get('renderer'))} -> {fmt(last.get('renderer'))}; adapters in {Path(trained['output']) / 'adapter'}.",
+             f"4. Evaluation ({spec.generation.candidates} candidates per case, seed {spec.generation.seed}):", ""]
+    for benchmark, result in evaluated.items():
+        scores = result["scores"]
+        lines += [f"### {benchmark}", "", f"- report: {Path(scores['output']) / 'report.md'}"]
+        metrics = ("uno_dino", "uno_clip_i", "clip_t", "grounded_dino", "missing_rate") if benchmark == "msic" else ("dino", "clip_i", "clip_t")
+        rows = _passn_rows(benchmark, scores, metrics)
+        if rows:
+            lines += ["", "| selector | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+            lines += [f"| {r['selector']} | {r['n']} | " + " | ".join(fmt(r[m]) for m in metrics) + " |" for r in rows]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _pipeline_name() -> str:
+    from prefect.runtime import flow_run
+
+    return "music-pipeline-" + json.loads(flow_run.parameters["spec_json"])["name"]
+
+
+@flow(name="music-pipeline", flow_run_name=_pipeline_name, log_prints=True)
+def music_pipeline(spec_json: str) -> dict:
+    """Rebuild the training set, regenerate MSIC, train, then generate and evaluate on MSIC and
+    DreamBench; every step is a subflow (completed stages and shards are not redone)."""
+    from flows.build import build_training_set
+    from flows.msic import build_msic
+    from flows.train import train
+
+    logger = get_run_logger()
+    started = time.perf_counter()
+    spec = TrainSpec.model_validate_json(spec_json)
+    if spec.pipeline is None:
+        raise ValueError("pipeline: the spec has no pipeline section (build_spec, msic_spec)")
+    built = build_training_set(str(resolve_spec_path(spec.pipeline.build_spec)))
+    msic = None
+    evaluation = spec.evaluation.model_dump()
+    if spec.pipeline.msic_spec:
+        msic = build_msic(str(_msic_spec_path(spec, spec.pipeline.msic_spec, built["dataset"])))
+        evaluation["msic"] = msic["msic"]
+    trained_spec = TrainSpec.model_validate({**spec.model_dump(), "dataset": built["dataset"], "evaluation": evaluation})
+    trained_json = trained_spec.model_dump_json()
+    trained = train(trained_json)
+    adapters = str(Path(trained["output"]) / "adapter")
+    evaluated = {}
+    if trained_spec.evaluation.msic:
+        evaluated["msic"] = music_generate(trained_json, "msic", adapters)
+    if trained_spec.evaluation.dreambench:
+        evaluated["dreambench"] = music_generate(trained_json, "dreambench", adapters)
+    text = pipeline_report(trained_spec, built, msic, trained, evaluated)
+    write_atomic(trained_spec.out_dir() / "pipeline_report.md", lambda tmp: tmp.write_text(text))
+    create_markdown_artifact(text, key=artifact_key(spec.name, "pipeline-report"), description=f"MUSIC pipeline report of {spec.name}")
+    logger.info("pipeline done: report %s", trained_spec.out_dir() / "pipeline_report.md")
+    return json_safe({"dataset": built["dataset"], "msic": msic["msic"] if msic else trained_spec.evaluation.msic, "train": trained,
+                      "evaluation": evaluated, "report": str(trained_spec.out_dir() / "pipeline_report.md"),
+                      "wall_seconds": round(time.perf_counter() - started, 2)})

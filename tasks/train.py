@@ -1,0 +1,155 @@
+"""The MUSIC model's work as plain functions over one unit (a training run, a shard of benchmark
+cases or subjects) plus their Prefect task wrappers: train, generate MSIC candidates, generate
+DreamBench images, and the loss plot. The plain functions need no Prefect.
+
+Generation writes under `<run>/generated/`::
+
+    msic/images/<case_id>/<k>.png                 candidates of each MSIC case
+    msic/parts/part-00003.{cases,generation}.parquet, part-00003.done.json   one shard, marker last
+    msic/cases.parquet                            the scoring code's cases table (data_specs.eval.CASES)
+    msic/generation.parquet                       seeds, planner output, plan, repairs per candidate
+    dreambench/images/<subject>/<PP>_<K>.png      the DreamBench naming convention
+    dreambench/parts/...                          per-shard generation records and markers
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+
+from data_specs.eval import CASES
+from data_specs.train import TrainSpec
+from music_model.music import GENERATION, generate_dreambench_shard, generate_msic_shard, load_model, read_msic_cases
+from music_model.roles import thread_model_loads
+from music_model.training import read_history, train
+from tasks.engine import shard_name, write_atomic, write_table
+
+MAX_PLOTTED = 2000
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """Planner, renderer and weighted total loss per optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    stride = max(1, math.ceil(len(history) / MAX_PLOTTED))
+    points = history[::stride]
+    for key, label in (("loss", "weighted total"), ("planner", "planner CE (plan tokens)"), ("renderer", "renderer flow matching")):
+        steps = [r["step"] for r in points if r.get(key) is not None]
+        if steps:
+            ax.plot(steps, [r[key] for r in points if r.get(key) is not None], label=label, marker="." if len(steps) < 50 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title("MUSIC LoRA training")
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    plt.close(fig)
+
+
+def train_run(spec_json: str, on_step: Callable[[dict], None] | None = None) -> dict:
+    """Train (or resume) the spec's run and plot its losses; returns the run summary."""
+    spec = TrainSpec.model_validate_json(spec_json)
+    summary = train(spec, on_step=on_step)
+    plot = Path(summary["output"]) / "plots" / "loss.png"
+    plot_losses(read_history(summary["output"]), plot)
+    return {**summary, "plot": str(plot)}
+
+
+def _done(marker: Path) -> dict | None:
+    return {**json.loads(marker.read_text()), "skipped": True} if marker.exists() else None
+
+
+def _finish(marker: Path, summary: dict) -> dict:
+    write_atomic(marker, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
+    return {**summary, "skipped": False}
+
+
+def generate_msic_part(spec_json: str, adapters: str | None, cases_path: str, start: int, stop: int, shard: int, out_dir: str) -> dict:
+    """Candidates for MSIC cases [start, stop): images, the cases-table rows and the seeds, then a marker."""
+    out = Path(out_dir)
+    marker = out / "parts" / f"{shard_name(shard)}.done.json"
+    if done := _done(marker):
+        return done
+    spec = TrainSpec.model_validate_json(spec_json)
+    begin, loads = time.perf_counter(), thread_model_loads()
+    model = load_model(spec, adapters)
+    rows, records = generate_msic_shard(model, read_msic_cases(cases_path, start, stop), out, spec.generation.candidates,
+                                        spec.generation.seed)
+    write_table(rows, CASES, out / "parts" / f"{shard_name(shard)}.cases.parquet")
+    write_table(records, GENERATION, out / "parts" / f"{shard_name(shard)}.generation.parquet")
+    return _finish(marker, {"shard": shard, "cases": len(rows), "images": len(records),
+                            "plans_repaired": sum(bool(r["repairs"]) for r in records),
+                            "plans_rejected": sum(r["plan_error"] is not None for r in records),
+                            "seconds": round(time.perf_counter() - begin, 3), "model_loads": thread_model_loads() - loads})
+
+
+def merge_msic_parts(out_dir: str, shards: int) -> dict:
+    """The shards' tables as one cases table (its image paths relative to it) and one generation table."""
+    out = Path(out_dir)
+    merged = {}
+    for kind, schema in (("cases", CASES), ("generation", GENERATION)):
+        tables = [pq.read_table(out / "parts" / f"{shard_name(k)}.{kind}.parquet", schema=schema) for k in range(shards)]
+        path = out / f"{kind}.parquet"
+        table = pa.concat_tables(tables)
+        write_atomic(path, lambda tmp, t=table: pq.write_table(t, tmp, compression="zstd"))
+        merged[kind] = str(path)
+    return merged
+
+
+def generate_dreambench_part(spec_json: str, adapters: str | None, bench_root: str, images_dir: str, subjects: list[str],
+                             prompt_indices: list[int], shard: int, out_dir: str) -> dict:
+    """The DreamBench grid cells of `subjects` that have no image yet, plus their generation records."""
+    from music_model.dreambench import load_dreambench
+
+    out = Path(out_dir)
+    marker = out / "parts" / f"{shard_name(shard)}.done.json"
+    if done := _done(marker):
+        return done
+    spec = TrainSpec.model_validate_json(spec_json)
+    begin, loads = time.perf_counter(), thread_model_loads()
+    bench = load_dreambench(bench_root, check_images=False)
+    counts, records = generate_dreambench_shard(load_model(spec, adapters), bench, Path(images_dir), subjects, prompt_indices,
+                                                spec.generation.candidates, spec.generation.seed)
+    write_table(records, GENERATION, out / "parts" / f"{shard_name(shard)}.generation.parquet")
+    return _finish(marker, {"shard": shard, "subjects": subjects, **counts, "seconds": round(time.perf_counter() - begin, 3),
+                            "model_loads": thread_model_loads() - loads})
+
+
+# --- Prefect task wrappers ------------------------------------------------------------------------------
+
+
+@task(name="train-music", task_run_name="train-{name}")
+def train_task(spec_json: str, name: str, progress_id: str | None = None, total_steps: int | None = None) -> dict:
+    from prefect.artifacts import update_progress_artifact
+
+    shown = {"percent": -1}
+
+    def on_step(record: dict) -> None:  # one API call per whole percent, not per step
+        percent = int(100 * record["step"] / total_steps) if total_steps else 0
+        if progress_id and percent > shown["percent"]:
+            update_progress_artifact(progress_id, min(100.0, float(percent)))
+            shown["percent"] = percent
+
+    return train_run(spec_json, on_step)
+
+
+@task(name="generate-msic", task_run_name="generate-msic-shard-{shard:05d}")
+def generate_msic_task(spec_json: str, adapters: str | None, cases_path: str, start: int, stop: int, shard: int, out_dir: str) -> dict:
+    return generate_msic_part(spec_json, adapters, cases_path, start, stop, shard, out_dir)
+
+
+@task(name="generate-dreambench-music", task_run_name="generate-dreambench-shard-{shard:05d}")
+def generate_dreambench_task(spec_json: str, adapters: str | None, bench_root: str, images_dir: str, subjects: list[str],
+                             prompt_indices: list[int], shard: int, out_dir: str) -> dict:
+    return generate_dreambench_part(spec_json, adapters, bench_root, images_dir, subjects, prompt_indices, shard, out_dir)
