@@ -480,7 +480,7 @@ class Planner:
                 inputs = self.encode([images[i] for i in chosen], [instructions[i] for i in chosen],
                                      [categories[i] for i in chosen]).to(self.vlm.device)
                 with self.vlm.lock:
-                    decoded = self.vlm.decoder._decode(inputs, self.grammar(n), [int(seeds[i]) for i in chosen], limit)
+                    decoded = self.vlm.decoder.decode(inputs, self.grammar(n), [int(seeds[i]) for i in chosen], limit)
                 for i, (text, finished) in zip(chosen, decoded):
                     reading = read_plan(text, n, categories[i], self.bounds.grid)
                     if not finished and reading.ok:

@@ -200,7 +200,7 @@ class StructuredDecoder:
                 if not rows:
                     continue
                 row_seeds = [attempt_seed(seeds[i], attempt) for i in rows]
-                for i, (text, finished) in zip(rows, self._decode(inputs, grammar, row_seeds, options)):
+                for i, (text, finished) in zip(rows, self.decode(inputs, grammar, row_seeds, options)):
                     value, error = _validate(schema, text, finished, options.max_new_tokens)
                     results[i] = StructuredResult(value, text, error, attempt + 1)
             pending = [i for i in pending if not results[i].ok and results[i].attempts == attempt + 1]
@@ -225,7 +225,9 @@ class StructuredDecoder:
         return (good, encode(good)) if good else ([], None)
 
     @torch.inference_mode()
-    def _decode(self, inputs, grammar, seeds: list[int], options: DecodeOptions) -> list[tuple[str, bool]]:
+    def decode(self, inputs, grammar, seeds: list[int], options: DecodeOptions) -> list[tuple[str, bool]]:
+        """One constrained generation over encoded `inputs`: (text, finished) per row, no validation
+        or retry (the planner uses it with grammars of its own)."""
         sampler = _ConstrainedSampler(grammar, seeds, options.temperature, self.banned)
         output = self.model.generate(
             **inputs,
