@@ -15,7 +15,7 @@ install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/music zoo build
-	$(BIN)/music roles check
+	$(BIN)/music pipeline data_specs/train_tiny.yaml
 
 test: install
 	$(BIN)/python -m pytest

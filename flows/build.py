@@ -12,12 +12,13 @@ import yaml
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from data_specs.build import BuildSpec, canonical_json, load_build_spec
+from flows.monitor import on_flow_running
+from flows.runners import ShardPlacement, default_task_runner
 from music_model.roles import total_model_loads
 from tasks.engine import build_dir, done_marker, fingerprint, num_shards, root_fingerprint, stage_dir, write_atomic
-from tasks.pipeline import STAGES, publish_dataset, stage_shard
+from tasks.pipeline import GPU_STAGES, STAGES, publish_dataset, stage_shard
 from tasks.publish import published_stats
 
 
@@ -85,6 +86,7 @@ def run_stages(spec: BuildSpec) -> StagesRun:
     shards, spec_json = num_shards(spec), spec.model_dump_json()
     upstream, upstream_dir = root_fingerprint(spec), None
     run = StagesRun(spec_json, shards, upstream, out)
+    placement = ShardPlacement.for_this_run()
     for stage in STAGES:
         fp = fingerprint(stage, spec, upstream)
         stage_start = time.perf_counter()
@@ -93,10 +95,13 @@ def run_stages(spec: BuildSpec) -> StagesRun:
         # Completed shards are read from their markers: a rerun submits task runs only for work.
         results = [m for k in range(shards) if (m := done_marker(spec, stage.name, fp, k))]
         todo = [k for k in range(shards) if k not in {r["shard"] for r in results}]
-        futures = stage_shard.with_options(tags=[f"stage:{stage.name}"]).map(
-            stage_name=unmapped(stage.name), spec_json=unmapped(spec_json), shard=todo,
-            fingerprint=unmapped(fp), upstream_dir=unmapped(str(upstream_dir) if upstream_dir else None),
-        ) if todo else []
+        gpu_stage = stage.name in GPU_STAGES
+        with placement.submitting(gpu_stage):
+            futures = stage_shard.with_options(tags=[f"stage:{stage.name}"]).map(
+                stage_name=unmapped(stage.name), spec_json=unmapped(spec_json), shard=todo,
+                fingerprint=unmapped(fp), upstream_dir=unmapped(str(upstream_dir) if upstream_dir else None),
+                gpu_limit=unmapped(placement.task_limit(gpu_stage)),
+            ) if todo else []
         for future in as_completed(futures):
             results.append(future.result())
             update_progress_artifact(progress, 100.0 * len(results) / shards)
@@ -116,7 +121,7 @@ def run_stages(spec: BuildSpec) -> StagesRun:
 
 
 @flow(name="build-training-set", flow_run_name="build-{spec_path}", log_prints=True,
-      task_runner=ThreadPoolTaskRunner(max_workers=2))
+      task_runner=default_task_runner(), on_running=[on_flow_running])
 def build_training_set(spec_path: str) -> dict:
     """Run every stage over every shard of the spec, then publish the dataset."""
     logger = get_run_logger()

@@ -15,6 +15,14 @@ server_app = typer.Typer(help="The local Prefect server (127.0.0.1, SQLite in th
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(roles_app, name="roles")
 app.add_typer(server_app, name="server")
+from flows.eval_cli import eval_app
+app.add_typer(eval_app, name="eval")
+from flows.msic_cli import msic_app
+app.add_typer(msic_app, name="msic")
+from flows.model_cli import generate_app, pipeline_command, train_command
+app.command("train")(train_command)
+app.command("pipeline")(pipeline_command)
+app.add_typer(generate_app, name="generate")
 
 
 def quiet_model_progress_bars() -> None:
@@ -87,25 +95,30 @@ def roles_check(
 def build(
     spec: Path = typer.Argument(..., help="Build spec YAML (e.g. data_specs/tiny.yaml)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the run summary as JSON here."),
+    runner: str = typer.Option("local", help="Where shard tasks run: local (bounded thread pool) or ray."),
+    ray_address: Optional[str] = typer.Option(None, help="With --runner ray: the cluster's GCS address, e.g. 127.0.0.1:6379."),
 ) -> None:
     """Build a training set: every stage as a Prefect DAG on the local (or $PREFECT_API_URL) server."""
     from data_specs.build import load_build_spec
     from data_specs.roles import SpecError
+    from flows.runners import RunnerError, check_runner
     from flows.server import ensure_server, ui_url
 
     try:
         parsed = load_build_spec(spec)  # a bad spec fails here, before any server or model
-    except (SpecError, FileNotFoundError, ValueError) as error:
+        check_runner(runner, ray_address)
+    except (SpecError, FileNotFoundError, ValueError, RunnerError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2)
     api = ensure_server()
     typer.echo(f"Prefect UI: {ui_url(api)}")
     quiet_model_progress_bars()
     from flows.build import build_training_set
+    from flows.runners import make_task_runner
     from tasks.engine import build_dir
 
     typer.echo(f"Output: {build_dir(parsed).resolve()}")
-    result = build_training_set(str(spec))
+    result = build_training_set.with_options(task_runner=make_task_runner(runner, ray_address))(str(spec))
     if json_out:
         json_out.write_text(json.dumps(result, indent=1))
     for table in result["stages"]:
@@ -129,6 +142,50 @@ def server_stop() -> None:
     from flows.server import stop_server
 
     typer.echo("stopped" if stop_server() else "no server of ours was running")
+
+
+@app.command("deploy")
+def deploy() -> None:
+    """Register prefect.yaml's deployments (and their process work pools) on the server."""
+    from flows.server import ensure_server, ui_url
+
+    api = ensure_server()
+    from flows.deploy import deployments, register
+
+    done = register()
+    if done.returncode != 0:
+        typer.echo(done.stdout[-4000:] + done.stderr[-4000:], err=True)
+        raise typer.Exit(done.returncode)
+    for row in deployments():
+        typer.echo(f"{row['name']:40s} pool {row['pool']:12s} schedules {', '.join(row['schedules']) or '-':16s} next {row['next_run'] or '-'}")
+    typer.echo(f"Prefect UI: {ui_url(api)}/deployments")
+
+
+@app.command("worker")
+def worker(
+    pool: str = typer.Option("music-gpu", help="Work pool to poll (prefect.yaml's pool)."),
+    gpu: Optional[str] = typer.Option(None, help="Pin the worker and its flow runs to this GPU (sets CUDA_VISIBLE_DEVICES); start one worker per GPU."),
+    runner: str = typer.Option("local", help="Where its flow runs' shard tasks run: local or ray."),
+    ray_address: Optional[str] = typer.Option(None, help="With --runner ray: the cluster's GCS address."),
+    name: Optional[str] = typer.Option(None, help="Worker name (default: <pool>-<host>[-gpuN])."),
+) -> None:
+    """Start a Prefect process worker for the MUSIC deployments (stop it with SIGTERM; it ignores SIGINT)."""
+    import os
+
+    from flows.runners import RunnerError, check_runner
+    from flows.server import ensure_server, ui_url
+
+    try:
+        check_runner(runner, ray_address)
+    except RunnerError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2)
+    api = ensure_server()
+    from flows.deploy import worker_process
+
+    command, env = worker_process(pool, gpu, runner, ray_address, name)
+    typer.echo(f"Prefect UI: {ui_url(api)}  worker: {command[-1]}  pool: {pool}  CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '(all)')}")
+    os.execvpe(command[0], command, env)  # the worker takes over this process: SIGTERM reaches it directly
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from data_specs.eval import EvalSpec
+from data_specs.eval import EvalSpec, load_eval_spec
 from flows.build import artifact_key
+from flows.monitor import on_flow_running
 from music_model.dreambench import DreamBenchError, load_dreambench, scan_generated
 from music_model.multisubject import CasesError, read_cases
 from music_model.roles import total_model_loads
@@ -102,7 +103,8 @@ def _cases(spec: EvalSpec, cases: str) -> tuple[dict, int]:
     return finish_cases(spec, cases, work, len(ranges), len(table), {"shards": results}), len(todo)
 
 
-@flow(name="evaluate", flow_run_name="evaluate-{benchmark}", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="evaluate", flow_run_name="evaluate-{benchmark}", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2),
+      on_running=[on_flow_running])
 def evaluate(spec_json: str, benchmark: str, images: str | None = None, cases: str | None = None, bench_root: str | None = None) -> dict:
     """Score DreamBench (a folder of generated images, optionally generated first by the spec's
     generator) or a multi-subject cases table; returns the summary (paths, scores, counts)."""
@@ -123,3 +125,11 @@ def evaluate(spec_json: str, benchmark: str, images: str | None = None, cases: s
     write_json(Path(summary["output"]) / "summary.json", summary)
     logger.info("wrote %s (report.md, summary.json, scores/)", summary["output"])
     return json_safe(summary)
+
+
+@flow(name="evaluate-from-file", flow_run_name="evaluate-{benchmark}-{spec_path}", on_running=[on_flow_running])
+def evaluate_from_file(spec_path: str, benchmark: str, images: str | None = None, cases: str | None = None,
+                       bench_root: str | None = None) -> dict:
+    """`evaluate` from a spec file: the deployment entry point."""
+    return evaluate(load_eval_spec(spec_path).model_dump_json(), benchmark, images, cases, bench_root)
+

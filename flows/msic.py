@@ -6,10 +6,11 @@ import time
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from data_specs.build import BuildSpec, load_build_spec
 from flows.build import artifact_key, run_stages
+from flows.monitor import on_flow_running
+from flows.runners import default_task_runner
 from music_model.roles import total_model_loads
 from tasks.msic import publish_msic
 
@@ -21,7 +22,8 @@ def publish_msic_task(spec_json: str, filter_dir: str, shards: int, version: str
     return publish_msic(BuildSpec.model_validate_json(spec_json), Path(filter_dir), shards)
 
 
-@flow(name="build-msic", flow_run_name="msic-{spec_path}", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="build-msic", flow_run_name="msic-{spec_path}", log_prints=True, task_runner=default_task_runner(),
+      on_running=[on_flow_running])
 def build_msic(spec_path: str) -> dict:
     """Regenerate the MSIC benchmark from a spec with an `msic` section."""
     logger = get_run_logger()

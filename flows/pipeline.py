@@ -25,8 +25,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from data_specs.eval import load_eval_spec, parse_eval_spec
-from data_specs.train import TrainSpec, resolve_spec_path
+from data_specs.train import TrainSpec, load_train_spec, resolve_spec_path
 from flows.build import artifact_key
+from flows.monitor import on_flow_running
 from music_model.music import msic_cases_file
 from tasks.engine import write_atomic
 from tasks.evaluate import chunks, files_digest, json_safe
@@ -157,7 +158,7 @@ def _pipeline_name() -> str:
     return "music-pipeline-" + json.loads(flow_run.parameters["spec_json"])["name"]
 
 
-@flow(name="music-pipeline", flow_run_name=_pipeline_name, log_prints=True)
+@flow(name="music-pipeline", flow_run_name=_pipeline_name, log_prints=True, on_running=[on_flow_running])
 def music_pipeline(spec_json: str) -> dict:
     """Rebuild the training set, regenerate MSIC, train, then generate and evaluate on MSIC and
     DreamBench; every step is a subflow (completed stages and shards are not redone)."""
@@ -192,3 +193,10 @@ def music_pipeline(spec_json: str) -> dict:
     return json_safe({"dataset": built["dataset"], "msic": msic["msic"] if msic else trained_spec.evaluation.msic, "train": trained,
                       "evaluation": evaluated, "report": str(trained_spec.out_dir() / "pipeline_report.md"),
                       "wall_seconds": round(time.perf_counter() - started, 2)})
+
+
+@flow(name="music-pipeline-from-file", flow_run_name="music-pipeline-{spec_path}", on_running=[on_flow_running])
+def pipeline_from_file(spec_path: str) -> dict:
+    """`music_pipeline` from a spec file: the deployment entry point for scheduled runs."""
+    return music_pipeline(load_train_spec(spec_path).model_dump_json())
+

@@ -65,7 +65,8 @@ def spawn_server(port: int = DEFAULT_PORT) -> tuple[subprocess.Popen, str]:
     home.mkdir(parents=True, exist_ok=True)
     port = _free_port(port)
     api_url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    # The UI asks the API at PREFECT_UI_API_URL, which otherwise defaults to port 4200 whatever --port says.
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": api_url}
     env.pop("PREFECT_API_URL", None)
     with open(home / "server.log", "ab") as log:
         process = subprocess.Popen(

@@ -14,8 +14,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
 
-from data_specs.train import TrainSpec
+from data_specs.train import TrainSpec, load_train_spec
 from flows.build import artifact_key
+from flows.monitor import on_flow_running
 from music_model import training
 from tasks.engine import write_atomic
 from tasks.train import train_task
@@ -58,7 +59,7 @@ def report(summary: dict, plot: Path, inline_plot: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-@flow(name="train", flow_run_name=_run_name, log_prints=True)
+@flow(name="train", flow_run_name=_run_name, log_prints=True, on_running=[on_flow_running])
 def train(spec_json: str) -> dict:
     """Train the MUSIC model's LoRA adapters from a published training set; resumes from the run's
     newest checkpoint when there is one. Returns the run summary (adapters, steps, losses, plot)."""
@@ -81,3 +82,10 @@ def train(spec_json: str) -> dict:
                              description=f"training report of {spec.name}")
     logger.info("trained %d steps; adapters in %s", summary["steps"], Path(summary["output"]) / "adapter")
     return summary
+
+
+@flow(name="train-from-file", flow_run_name="train-{spec_path}", on_running=[on_flow_running])
+def train_from_file(spec_path: str) -> dict:
+    """`train` from a spec file: the deployment entry point (a YAML path is a readable parameter)."""
+    return train(load_train_spec(spec_path).model_dump_json())
+
