@@ -82,7 +82,7 @@ def text_to_layout(text: str, grid: int = GRID) -> np.ndarray:
     """Inverse of `layout_to_text`; raises ValueError naming what is wrong."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     if len(lines) != grid:
-        raise ValueError(f"layout has {len(lines)} rows, expected {grid}")
+        raise ValueError(f"the layout has {len(lines)} rows, expected {grid}")
     values = []
     for number, line in enumerate(lines, 1):
         cells = line.split()

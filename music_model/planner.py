@@ -56,7 +56,7 @@ from pathlib import Path
 from PIL import Image
 
 from music_model.decimate import mentioned, token
-from music_model.layout import GRID, layout_to_text
+from music_model.layout import GRID, layout_to_text, text_to_layout
 
 SUBJECTS_HEADER = "Subjects:"
 RELATIONS_HEADER = "Relations:"
@@ -324,14 +324,10 @@ def read_plan(text: str, n_subjects: int, categories: Sequence[str] | None = Non
             notes.append((int(match.group(1)), role, placement))
         relations = [line.removeprefix("-").strip() for line in lines[heads[RELATIONS_HEADER] + 1 : heads[LAYOUT_HEADER]]]
         rows = lines[heads[LAYOUT_HEADER] + 1 :]
-        if len(rows) != grid:
-            raise PlanError(f"the layout has {len(rows)} rows, expected {grid}")
-        layout = []
-        for number, row in enumerate(rows, 1):
-            values = row.split()
-            if len(values) != grid or not all(re.fullmatch(r"[0-9]+", v) for v in values):
-                raise PlanError(f"layout row {number} is not {grid} non-negative integers: {row!r}")
-            layout.extend(int(v) for v in values)
+        try:
+            layout = text_to_layout("\n".join(rows), grid).tolist()
+        except ValueError as error:
+            raise PlanError(str(error)) from None
         plan, repairs = repair_plan(notes, relations, layout, n_subjects, categories, grid)
         return PlanReading(text, plan, repairs)
     except PlanError as error:
