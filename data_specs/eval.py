@@ -136,7 +136,12 @@ def load_eval_spec(path: str | Path) -> EvalSpec:
     path = Path(path)
     if not path.exists() and path.parent == Path(".") and shipped(path.name).exists():
         path = shipped(path.name)
-    return parse_eval_spec(load_yaml(path), source=path.name)
+    spec = parse_eval_spec(load_yaml(path), source=path.name)
+    root = spec.dreambench_root
+    if root and not Path(root).expanduser().is_absolute() and path.resolve().parent == shipped(".").resolve():
+        # A shipped spec's relative paths are relative to the project folder, wherever it runs from.
+        spec = spec.model_copy(update={"dreambench_root": str(shipped(".").resolve().parent / root)})
+    return spec
 
 
 def parse_generator(text: str) -> RoleSpec:
