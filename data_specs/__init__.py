@@ -13,6 +13,14 @@ def shipped(name: str) -> Path:
     return Path(str(resources.files("data_specs").joinpath(name)))
 
 
+def resolve_spec_path(path: str | Path) -> Path:
+    """A spec path as given, or, for a bare file name that does not exist here, the shipped spec."""
+    path = Path(path)
+    if not path.exists() and path.parent == Path(".") and shipped(path.name).exists():
+        return shipped(path.name)
+    return path
+
+
 def load_yaml(path: str | Path) -> Any:
     """Parse a YAML file, naming the file in the error when it is not valid YAML."""
     path = Path(path)

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from data_specs import load_yaml, shipped
+from data_specs import load_yaml, resolve_spec_path, shipped
 from data_specs.roles import RoleSpec, SpecError, one_line
 
 STAGE_ROLES: dict[str, tuple[str, ...]] = {
@@ -195,9 +195,7 @@ def parse_build_spec(data: Any, source: str = "spec") -> BuildSpec:
 
 def load_build_spec(path: str | Path) -> BuildSpec:
     """Read and validate a build spec YAML (a name without a folder looks in the shipped specs)."""
-    path = Path(path)
-    if not path.exists() and path.parent == Path(".") and shipped(path.name).exists():
-        path = shipped(path.name)
+    path = resolve_spec_path(path)
     return parse_build_spec(load_yaml(path), source=path.name)
 
 

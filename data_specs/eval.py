@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from data_specs import load_yaml, shipped
+from data_specs import load_yaml, resolve_spec_path, shipped
 from data_specs.roles import RoleSpec, SpecError, one_line
 
 # Role name in the spec -> the role it must be.
@@ -133,9 +133,7 @@ def parse_eval_spec(data: Any, source: str = "spec") -> EvalSpec:
 
 def load_eval_spec(path: str | Path) -> EvalSpec:
     """Read and validate an eval spec YAML (a bare file name also looks in the shipped specs)."""
-    path = Path(path)
-    if not path.exists() and path.parent == Path(".") and shipped(path.name).exists():
-        path = shipped(path.name)
+    path = resolve_spec_path(path)
     spec = parse_eval_spec(load_yaml(path), source=path.name)
     root = spec.dreambench_root
     if root and not Path(root).expanduser().is_absolute() and path.resolve().parent == shipped(".").resolve():

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from data_specs import load_yaml, shipped
+from data_specs import load_yaml, resolve_spec_path
 from data_specs.build import canonical_json
 from data_specs.roles import RoleSpec, SpecError, one_line
 
@@ -169,14 +169,6 @@ def parse_train_spec(data: Any, source: str = "spec") -> TrainSpec:
         return TrainSpec.model_validate(data)
     except ValidationError as error:
         raise SpecError(f"{source}: {one_line(error)}") from None
-
-
-def resolve_spec_path(path: str | Path) -> Path:
-    """A spec path, or a bare file name of a shipped spec."""
-    path = Path(path)
-    if not path.exists() and path.parent == Path(".") and shipped(path.name).exists():
-        return shipped(path.name)
-    return path
 
 
 def load_train_spec(path: str | Path) -> TrainSpec:
