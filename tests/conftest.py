@@ -1,6 +1,13 @@
 """Shared fixtures: an isolated state folder per test session, the zoo built in it on first use,
 and a real Prefect server on 127.0.0.1.
 
+Whatever the environment holds, the session uses only its own state: every `PREFECT_*` and
+`MUSIC_*` variable is cleared (a `PREFECT_API_URL` would send the suite's runs, and the
+deployments `music deploy` registers with live schedules, to someone's real server; a profile
+under the user's PREFECT_HOME could do the same), PREFECT_HOME points into the session's
+temporary MUSIC_HOME, and the server runs with its scheduler off, so no registered schedule ever
+starts a run during the suite.
+
 Prefect reads its settings when it is first imported. The server is spawned (and PREFECT_API_URL
 set) after collection, only when a selected test is marked `prefect`; such test modules import
 prefect, flows and tasks.pipeline inside their tests, never at module level. `prefect_api` waits
@@ -20,15 +27,18 @@ _server = {}
 
 def pytest_configure(config):
     home = Path(tempfile.mkdtemp(prefix="music-test-home-"))
+    for name in [n for n in os.environ if n.startswith(("PREFECT_", "MUSIC_"))]:
+        del os.environ[name]
     os.environ["MUSIC_HOME"] = str(home)
-    os.environ.pop("MUSIC_ZOO_DIR", None)
+    os.environ["PREFECT_HOME"] = str(home / "prefect-client")
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED"] = "false"
     config.addinivalue_line("markers", "prefect: needs the session's real Prefect server")
     _server["home"] = home
 
 
 def pytest_collection_modifyitems(session, config, items):
-    if any(item.get_closest_marker("prefect") for item in items) and not os.environ.get("PREFECT_API_URL"):
+    if any(item.get_closest_marker("prefect") for item in items):
         import sys
 
         assert "prefect" not in sys.modules, "a test module imported prefect at collection; import it inside tests"
