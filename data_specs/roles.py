@@ -24,6 +24,7 @@ ROLE_BACKENDS: dict[str, tuple[str, ...]] = {
 }
 Role = Literal["llm", "vlm", "t2i", "editor", "detector", "segmenter", "clip", "dino"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+Offload = Literal["none", "model", "sequential"]
 
 # A hub ID is `name` or `org/name` (open_clip also takes `hf-hub:org/name`); anything that starts
 # like a path is a local path and must exist.
@@ -35,9 +36,12 @@ class SpecError(ValueError):
     """A spec that cannot run; the message is one line naming the offending field."""
 
 
-def model_kind(model: str) -> Literal["zoo", "local", "hub"]:
+def model_kind(model: str) -> Literal["zoo", "arch", "local", "hub"]:
+    """`arch:<name>`: the real architecture with random weights, built on the device (benchmarks, planning)."""
     if model.startswith("zoo:"):
         return "zoo"
+    if model.startswith("arch:"):
+        return "arch"
     if model.startswith(("/", "./", "../", "~")) or Path(model).exists():
         return "local"
     return "hub"
@@ -46,8 +50,10 @@ def model_kind(model: str) -> Literal["zoo", "local", "hub"]:
 class RoleSpec(BaseModel):
     """One model role: `{role, backend, model, dtype, device, batch_size, options}`.
 
-    `model` is a hub ID, a local path or `zoo:<name>`. `options` carries backend keyword
-    arguments (inference steps, max new tokens, thresholds) that are part of the cache key.
+    `model` is a hub ID, a local path, `zoo:<name>` or `arch:<name>`. `options` carries backend
+    keyword arguments (inference steps, max new tokens, thresholds) that are part of the cache key.
+    `offload` is for GPUs the model does not fit: `model` (diffusers' model CPU offload; accelerate's
+    device_map for transformers) or `sequential` (diffusers' sequential offload: least memory, slowest).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -59,6 +65,7 @@ class RoleSpec(BaseModel):
     device: str = "auto"
     batch_size: int = 4
     trust_remote_code: bool = False
+    offload: Offload = "none"
     options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("batch_size")
@@ -79,8 +86,8 @@ class RoleSpec(BaseModel):
     @classmethod
     def _model_exists(cls, value: str) -> str:
         kind = model_kind(value)
-        if kind == "zoo" and not re.fullmatch(r"zoo:[\w.\-]+", value):
-            raise ValueError(f"zoo model must look like zoo:<name>, got {value!r}")
+        if kind in ("zoo", "arch") and not re.fullmatch(r"(zoo|arch):[\w.\-]+", value):
+            raise ValueError(f"{kind} model must look like {kind}:<name>, got {value!r}")
         if kind == "local" and not Path(value).expanduser().exists():
             raise ValueError(f"local path does not exist: {value}")
         if kind == "hub" and not _HUB_ID.match(value):

@@ -1,18 +1,24 @@
-"""Model roles behind one loader with a process-level cache.
+"""Model roles behind one registry that owns their lifetime.
 
-`load_role(spec)` returns the loaded role for a `RoleSpec`, loading it at most once per process
-however many shards ask for it; `model_loads()` counts the loads, so a rerun that loads nothing
-can be shown to load nothing.
+`load_role(spec)` returns the loaded role for a `RoleSpec` on this thread's device (the device slot
+it holds, see `slots.py`), loading it at most once per (spec, device) however many shards ask.
+Residency is stage-scoped and decided here, never by a stage: the flow calls
+`release_roles(keep=next stage's specs)` between stages, which frees every other model (its
+modules dropped, the accelerator's cache emptied), so only the running stage's roles occupy the
+device; a model that consecutive stages share stays. `model_loads()` counts loads, so a rerun that
+loads nothing can be shown to load nothing.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import threading
 from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from data_specs.roles import RoleSpec, parse_role_spec
-from music_model.roles.base import Role
+from music_model.roles.base import Role, resolve_device
 
 # (role, backend) -> "module:Class"; imported lazily so a CPU-only stage never imports diffusers.
 BACKENDS: dict[tuple[str, str], str] = {
@@ -28,10 +34,11 @@ BACKENDS: dict[tuple[str, str], str] = {
     ("dino", "transformers"): "music_model.roles.dino:TransformersDino",
 }
 
-_cache: dict[str, Role] = {}
+# (spec key, device) -> a loaded role, or another model object built from roles (`cached`).
+_cache: dict[tuple[str, str], Any] = {}
 _loads: Counter[str] = Counter()
 _thread = threading.local()  # loads made by this thread, so concurrent shards count only their own
-_locks: dict[str, threading.Lock] = {}
+_locks: dict[tuple[str, str], threading.Lock] = {}
 _locks_guard = threading.Lock()
 
 
@@ -40,21 +47,56 @@ def role_class(spec: RoleSpec) -> type[Role]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def load_role(spec: RoleSpec | dict[str, Any]) -> Role:
-    """The loaded role for `spec`, from the process cache when it is there."""
-    if not isinstance(spec, RoleSpec):
-        spec = parse_role_spec(spec)
-    key = spec.cache_key()
-    if key in _cache:
-        return _cache[key]
+def cached(key: str, device: str, factory: Callable[[], Any]) -> Any:
+    """The object cached under (key, device), made by `factory` once however many threads ask."""
+    slot = (key, device)
+    if slot in _cache:
+        return _cache[slot]
     with _locks_guard:
-        lock = _locks.setdefault(key, threading.Lock())
+        lock = _locks.setdefault(slot, threading.Lock())
     with lock:  # two threads asking for the same model load it once
-        if key not in _cache:
-            _cache[key] = role_class(spec)(spec)
+        if slot not in _cache:
+            _cache[slot] = factory()
             _loads[key] += 1
             _thread.loads = getattr(_thread, "loads", 0) + 1
-    return _cache[key]
+    return _cache[slot]
+
+
+def load_role(spec: RoleSpec | dict[str, Any]) -> Role:
+    """The loaded role for `spec` on this thread's device, from the cache when it is there."""
+    if not isinstance(spec, RoleSpec):
+        spec = parse_role_spec(spec)
+    return cached(spec.cache_key(), str(resolve_device(spec.device)), lambda: role_class(spec)(spec))
+
+
+def release_roles(keep: Iterable[RoleSpec] = ()) -> list[str]:
+    """Free every cached model whose spec is not in `keep`; returns the released keys. Call it
+    between stages, when no shard is using a model (the flow waits for a stage's shards)."""
+    kept = {spec.cache_key() for spec in keep}
+    released = [slot for slot in list(_cache) if slot[0] not in kept]
+    for slot in released:
+        close = getattr(_cache.pop(slot), "close", None)
+        if close:
+            close()
+    if released:
+        free_accelerator_memory()
+    return [key for key, _ in released]
+
+
+def free_accelerator_memory() -> None:
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def resident_roles() -> list[tuple[str, str, str]]:
+    """(role, model, device) of every model the registry holds now ("-" role: a `cached` object)."""
+    rows = []
+    for (key, device), held in _cache.items():
+        rows.append((held.spec.role, held.spec.model, device) if isinstance(held, Role) else ("-", key, device))
+    return sorted(rows)
 
 
 def model_loads() -> dict[str, int]:
@@ -72,6 +114,6 @@ def thread_model_loads() -> int:
 
 
 def clear_cache() -> None:
-    """Forget loaded models and load counts (frees memory between unrelated jobs)."""
-    _cache.clear()
+    """Release every model and forget the load counts."""
+    release_roles()
     _loads.clear()

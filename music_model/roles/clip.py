@@ -46,11 +46,9 @@ class ImageEmbeddingRole(Role):
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(n, embed_dim) float32, each row L2-normalised."""
         images = list(images)
-        chunks = []
         with torch.inference_mode():
-            for batch in self.batches(len(images)):
-                pixels = self._pixels(images[batch.start : batch.stop]).to(self.device, self.dtype)
-                chunks.append(self._encode_pixels(pixels))
+            chunks = self.run_batched(len(images), lambda batch: [
+                self._encode_pixels(self._pixels(images[batch.start : batch.stop]).to(self.device, self.dtype))])
         return unit_rows(chunks, self.embed_dim)
 
 
@@ -75,7 +73,7 @@ class ClipRole(ImageEmbeddingRole):
             if not isinstance(text, str):
                 raise TypeError(f"text {i}: expected a str, got {type(text).__name__}")
         with torch.inference_mode():
-            chunks = [self._encode_texts(texts[batch.start : batch.stop]) for batch in self.batches(len(texts))]
+            chunks = self.run_batched(len(texts), lambda batch: [self._encode_texts(texts[batch.start : batch.stop])])
         return unit_rows(chunks, self.embed_dim)
 
 
@@ -88,7 +86,7 @@ class TransformersClip(ClipRole):
         check_options(spec, ())
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-        self.model = CLIPModel.from_pretrained(self.path, dtype=self.dtype).to(self.device).eval()
+        self.model = self.load_pretrained(CLIPModel)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=spec.trust_remote_code)
         processor = AutoImageProcessor.from_pretrained(self.path, trust_remote_code=spec.trust_remote_code)
         config = self.model.config

@@ -75,9 +75,8 @@ class TransformersDetector(Role):
 
         remote = spec.trust_remote_code
         self.processor = AutoProcessor.from_pretrained(self.path, trust_remote_code=remote)
-        model = AutoModelForZeroShotObjectDetection.from_pretrained(self.path, dtype=self.dtype, trust_remote_code=remote)
-        self.model = model.to(self.device).eval()
-        self.max_text_len = model.config.max_text_len
+        self.model = self.load_pretrained(AutoModelForZeroShotObjectDetection, trust_remote_code=remote)
+        self.max_text_len = self.model.config.max_text_len
         self.box_threshold = float(spec.options.get("box_threshold", BOX_THRESHOLD))
         self.text_threshold = float(spec.options.get("text_threshold", TEXT_THRESHOLD))
 
@@ -96,17 +95,19 @@ class TransformersDetector(Role):
         prompts = [prompt_for(p, f"detect: image {i}") if p else None for i, p in enumerate(phrases)]
         results = [Detections.empty() for _ in images]
         todo = [i for i, prompt in enumerate(prompts) if prompt]
-        for batch in self.batches(len(todo)):
+
+        def run_batch(batch: range) -> list[Detections]:
             indices = [todo[j] for j in batch]
-            found = self._detect_batch(
+            return self._detect_batch(
                 [images[i] if images[i].mode == "RGB" else images[i].convert("RGB") for i in indices],
                 [prompts[i] for i in indices],
                 [phrases[i] for i in indices],
                 box_threshold,
                 text_threshold,
             )
-            for i, detections in zip(indices, found):
-                results[i] = detections
+
+        for i, detections in zip(todo, self.run_batched(len(todo), run_batch)):
+            results[i] = detections
         return results
 
     @torch.inference_mode()

@@ -29,10 +29,9 @@ class TransformersDino(ImageEmbeddingRole):
 
         config = AutoConfig.from_pretrained(self.path, trust_remote_code=spec.trust_remote_code)
         if config.model_type == "vit":  # the embedding is the CLS token, the pooler is not used
-            model = ViTModel.from_pretrained(self.path, add_pooling_layer=False, dtype=self.dtype)
+            self.model = self.load_pretrained(ViTModel, add_pooling_layer=False)
         else:
-            model = AutoModel.from_pretrained(self.path, dtype=self.dtype, trust_remote_code=spec.trust_remote_code)
-        self.model = model.to(self.device).eval()
+            self.model = self.load_pretrained(AutoModel, trust_remote_code=spec.trust_remote_code)
         self.embed_dim = config.hidden_size
         self.image_size = int(spec.options.get("image_size", config.image_size))
         # ViT needs to be told to interpolate position embeddings off its native size; DINOv2 always does

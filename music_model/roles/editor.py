@@ -43,13 +43,14 @@ class DiffusersEditor(DiffusersPipelineRole):
             groups.setdefault(size, []).append(index)
         edited: list[Image.Image | None] = [None] * count
         for (out_width, out_height), indices in groups.items():
-            for batch in self.batches(len(indices)):
+
+            def run_batch(batch: range) -> list[Image.Image]:
                 chosen = [indices[j] for j in batch]
                 fitted = [
                     ImageOps.fit(images[i].convert("RGB"), (out_width, out_height), Image.Resampling.BICUBIC)
                     for i in chosen
                 ]
-                outputs = self.run(
+                return self.run(
                     [seeds[i] for i in chosen],
                     image=fitted,
                     prompt=[prompts[i] for i in chosen],
@@ -57,8 +58,9 @@ class DiffusersEditor(DiffusersPipelineRole):
                     height=out_height,
                     **self._keep_size(out_width, out_height),
                 )
-                for i, output in zip(chosen, outputs):
-                    edited[i] = output
+
+            for i, output in zip(indices, self.run_batched(len(indices), run_batch)):
+                edited[i] = output
         return edited
 
     def _keep_size(self, width: int, height: int) -> dict:

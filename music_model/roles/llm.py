@@ -26,9 +26,7 @@ class TransformersLLM(Role):
         )
         if not self.tokenizer.chat_template:
             raise ValueError(f"model {spec.model}: the tokenizer has no chat template; the llm role needs a chat model")
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.path, dtype=self.dtype, trust_remote_code=spec.trust_remote_code
-        ).to(self.device).eval()
+        self.model = self.load_pretrained(AutoModelForCausalLM)
         self.decoder = StructuredDecoder(self.model, self.tokenizer)
 
     def chat_text(self, prompt: str, system: str | None = None) -> str:

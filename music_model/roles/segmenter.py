@@ -57,11 +57,13 @@ class BoxSegmenter(Role):
         pixels = [pixel_boxes(b, image.size, f"segment: image {i}") for i, (image, b) in enumerate(zip(images, boxes))]
         masks = [empty_masks(image) for image in images]
         with_boxes = [i for i, b in enumerate(pixels) if len(b)]
-        for batch in self.batches(len(with_boxes)):
+
+        def run_batch(batch: range) -> list[np.ndarray]:
             indices = [with_boxes[j] for j in batch]
-            found = self._segment_batch([images[i] for i in indices], [pixels[i] for i in indices])
-            for i, image_masks in zip(indices, found):
-                masks[i] = image_masks
+            return self._segment_batch([images[i] for i in indices], [pixels[i] for i in indices])
+
+        for i, image_masks in zip(with_boxes, self.run_batched(len(with_boxes), run_batch)):
+            masks[i] = image_masks
         return masks
 
     def _segment_batch(self, images: list[Image.Image], boxes: list[np.ndarray]) -> list[np.ndarray]:
@@ -87,8 +89,7 @@ class TransformersSegmenter(BoxSegmenter):
         # SAM resizes the longest side and pads, so its post-processing must crop the padding away
         self._crop_padding = model_type == "sam"
         self.processor = AutoProcessor.from_pretrained(self.path, trust_remote_code=remote)
-        model = AutoModelForMaskGeneration.from_pretrained(self.path, dtype=self.dtype, trust_remote_code=remote)
-        self.model = model.to(self.device).eval()
+        self.model = self.load_pretrained(AutoModelForMaskGeneration, trust_remote_code=remote)
 
     @torch.inference_mode()
     def _segment_batch(self, images: list[Image.Image], boxes: list[np.ndarray]) -> list[np.ndarray]:

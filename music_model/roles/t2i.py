@@ -33,15 +33,7 @@ class DiffusersPipelineRole(Role):
 
     def __init__(self, spec: RoleSpec):
         super().__init__(spec)
-        from diffusers import DiffusionPipeline
-
-        pipeline = DiffusionPipeline.from_pretrained(
-            self.path, dtype=self.dtype, trust_remote_code=spec.trust_remote_code
-        )
-        for component in pipeline.components.values():
-            if isinstance(component, torch.nn.Module):
-                component.eval()
-        self.pipeline = pipeline.to(self.device)
+        self.pipeline = self.load_pipeline()
         self.pipeline.set_progress_bar_config(disable=True)
         self.call_options = self._call_options()
         # Height and width must divide into whole latent patches: for FLUX, the VAE's 8x times 2x2 packing.
@@ -129,9 +121,6 @@ class DiffusersT2I(DiffusersPipelineRole):
         """One `width` x `height` RGB image per prompt, the i-th from seed `seeds[i]`."""
         count = check_lengths(prompts=prompts, seeds=seeds)
         width, height = self.check_size(width, height)
-        images: list[Image.Image] = []
-        for batch in self.batches(count):
-            images += self.run(
-                [seeds[i] for i in batch], prompt=[prompts[i] for i in batch], width=width, height=height
-            )
-        return images
+        return self.run_batched(count, lambda batch: self.run(
+            [seeds[i] for i in batch], prompt=[prompts[i] for i in batch], width=width, height=height
+        ))

@@ -31,9 +31,7 @@ class TransformersVLM(Role):
         if not self.processor.chat_template:
             raise ValueError(f"model {spec.model}: the processor has no chat template; the vlm role needs a chat model")
         self.images_kwargs = self._images_kwargs(spec.options.get("max_pixels"))
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            self.path, dtype=self.dtype, trust_remote_code=spec.trust_remote_code
-        ).to(self.device).eval()
+        self.model = self.load_pretrained(AutoModelForImageTextToText)
         self.decoder = StructuredDecoder(self.model, self.processor.tokenizer)
 
     def _images_kwargs(self, max_pixels) -> dict:
