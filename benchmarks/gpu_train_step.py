@@ -3,10 +3,10 @@ architecture and the renderer as FLUX.1 Kontext-dev's (transformer, T5-XXL and C
 VAE), bf16 on one GPU, both resident as in joint training, through the training code's own
 `PlannerTrainer` / `RendererTrainer` (LoRA rank 64, CE on plan tokens, flow-matching loss).
 
-Models are built directly on the GPU in bf16 (no CPU initialisation, no download); the tokenizers
-and processors are the tiny zoo's (the real classes and image preprocessing; token IDs are mapped
-into the real vocabularies). A sample is 3 subjects with 512x512 references and a 1024x1024 target.
-Prints and writes JSON: per part, each step's time and the peak GPU memory.
+Models are `arch:` role models (`music_model.zoo.arch`: the published architectures, random weights
+built directly on the GPU in bf16, no CPU initialisation, no download); the tokenizers and processors
+are the tiny zoo's (the real classes and image preprocessing; token IDs index the real vocabularies).
+A sample is 3 subjects with 512x512 references and a 1024x1024 target. Prints and writes JSON: per part, each step's time and the peak GPU memory.
 
     python benchmarks/gpu_train_step.py --out /tmp/step.json              # on a GPU machine
     python benchmarks/gpu_train_step.py --scale tiny --device cpu          # the same code path, tiny
@@ -21,74 +21,6 @@ import tempfile
 import time
 
 import torch
-
-QWEN2_5_VL_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                          num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
-                          rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1_000_000.0})
-QWEN2_5_VL_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
-                            spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
-FLUX_KONTEXT = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-                    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, feed_forward_proj="gated-gelu",
-              relative_attention_num_buckets=32, relative_attention_max_distance=128)
-CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                   max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
-FLUX_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
-
-# The same structure at laptop size, to check the code path on a CPU.
-TINY = {
-    "text": dict(QWEN2_5_VL_7B_TEXT, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=4096, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}),
-    "vision": dict(QWEN2_5_VL_7B_VISION, depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                   fullatt_block_indexes=[1]),
-    "flux": dict(FLUX_KONTEXT, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-                 joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)),
-    "t5": dict(T5_XXL, d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=1),
-    "clip": dict(CLIP_L_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, projection_dim=32),
-    "vae": dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8),
-}
-REAL = {"text": QWEN2_5_VL_7B_TEXT, "vision": QWEN2_5_VL_7B_VISION, "flux": FLUX_KONTEXT, "t5": T5_XXL, "clip": CLIP_L_TEXT, "vae": FLUX_VAE}
-
-
-def build_on(device: torch.device, dtype: torch.dtype, make):
-    """`make()` with parameters created directly on `device` in `dtype`."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            return make()
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def planner_model(sizes: dict, zoo_config, device, dtype):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    text = zoo_config.text_config
-    ids = {k: getattr(zoo_config, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
-    config = Qwen2_5_VLConfig(
-        text_config=dict(sizes["text"], bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id,
-                         tie_word_embeddings=False),
-        vision_config=sizes["vision"], tie_word_embeddings=False, **ids)
-    return build_on(device, dtype, lambda: Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)).eval()
-
-
-def renderer_components(sizes: dict, device, dtype) -> dict:
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    def make():
-        return {
-            "transformer": FluxTransformer2DModel(**sizes["flux"]),
-            "text_encoder_2": T5EncoderModel._from_config(T5Config(**sizes["t5"]), dtype=dtype),
-            "text_encoder": CLIPTextModel._from_config(CLIPTextConfig(**sizes["clip"]), dtype=dtype),
-            "vae": AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                                 up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, sample_size=1024,
-                                 scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
-                                 **sizes["vae"]),
-        }
-
-    return {k: v.eval() for k, v in build_on(device, dtype, make).items()}
 
 
 def sample(reference_size: int, target_size: int):
@@ -132,15 +64,17 @@ def main() -> None:
     from music_model.roles.editor import DiffusersEditor
     from music_model.roles.vlm import TransformersVLM
     from music_model.training import PlannerTrainer, RendererTrainer, set_cuda_attention
+    from music_model.zoo.arch import TINY_SUFFIX
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    sizes = REAL if args.scale == "real" else TINY
+    suffix = "" if args.scale == "real" else TINY_SUFFIX
     cuda = device.type == "cuda"
     spec = parse_train_spec({
         "name": "gpu-step", "dataset": None, "gradient_checkpointing": not args.no_checkpointing,
-        "planner": {"backend": "transformers", "model": "zoo:qwen2_5_vl", "device": args.device, "options": {"max_pixels": 512 * 512}},
-        "renderer": {"backend": "diffusers", "model": "zoo:flux_kontext", "device": args.device},
+        "planner": {"backend": "transformers", "model": f"arch:qwen2_5_vl_7b{suffix}", "device": args.device,
+                    "options": {"max_pixels": 512 * 512}},
+        "renderer": {"backend": "diffusers", "model": f"arch:flux_kontext_dev{suffix}", "device": args.device},
         "render": {"width": args.resolution, "height": args.resolution},
         "plan": {"max_seq_len": 8192}, "cudnn_attention": args.cudnn_attention,
     })
@@ -157,14 +91,10 @@ def main() -> None:
     started = time.perf_counter()
     trainers = {}
     if "planner" in parts:
-        vlm = TransformersVLM(spec.planner)
-        vlm.model = planner_model(sizes, vlm.model.config, device, dtype)
-        trainers["planner"] = PlannerTrainer(spec, vlm)
+        trainers["planner"] = PlannerTrainer(spec, TransformersVLM(spec.planner))
         result["planner_parameters_billion"] = round(sum(p.numel() for p in trainers["planner"].model.parameters()) / 1e9, 3)
     if "renderer" in parts:
         editor = DiffusersEditor(spec.renderer)
-        for name, component in renderer_components(sizes, device, dtype).items():
-            setattr(editor.pipeline, name, component)
         trainers["renderer"] = RendererTrainer(spec, editor)
         result["renderer_parameters_billion"] = {
             name: round(sum(p.numel() for p in getattr(editor.pipeline, name).parameters()) / 1e9, 3)
