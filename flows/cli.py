@@ -23,6 +23,8 @@ from flows.model_cli import generate_app, pipeline_command, train_command
 app.command("train")(train_command)
 app.command("pipeline")(pipeline_command)
 app.add_typer(generate_app, name="generate")
+from flows.plan_cli import plan_command
+app.command("plan")(plan_command)
 
 
 def quiet_model_progress_bars() -> None:

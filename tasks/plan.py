@@ -1,0 +1,325 @@
+"""Plan a build before spending GPU-hours: shards and task runs, the samples the spec's funnel can
+yield, the models and memory each stage needs and, from a `benchmarks/gpu_pipeline.py` result, the
+projected GPU-hours. Nothing here loads a model or imports Prefect.
+
+Model sizes: a hub ID with an `arch` entry (`music_model.zoo.arch`) or an `arch:` model is counted
+on the `meta` device (no memory), a zoo or local folder from its safetensors headers (or a
+memory-mapped `.pth`); the bytes are at the role's dtype (`auto`: bfloat16, as on a GPU). A stage's
+peak is the sum of its roles' weights (activations come on top: the benchmark measures them).
+
+The funnel: sampled subject counts follow `subject_counts`; a source with n subjects after
+detect / verify / rerender yields the decimated samples n, n-1, ..., `decimate.min_subjects`
+within the filter's bounds, and publish caps at `max_samples`. Without measurements nothing drops
+(an upper bound). With a benchmark result, rows drop at the measured keep rate of each stage and
+each subject survives detect, verify and rerender independently at that stage's measured rate
+(binomial thinning), a source falling out when fewer than `verify.min_subjects` remain.
+
+The benchmark result (JSON) this reads: `{"device": str, "stages": [{"stage", "unit", "units",
+"rows_in", "rows_out", "subject_keep", "seconds", "load_seconds"}, ...], "publish": {"rows_in",
+"near_duplicate"}}`, one stage record per model stage and decimate.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_specs.build import STAGE_ROLES, BuildSpec
+from data_specs.roles import RoleSpec, model_kind
+from music_model.paths import zoo_dir
+from music_model.zoo.arch import ARCH_BY_HUB_ID, param_bytes, param_count
+from tasks.engine import num_shards
+
+# What a stage's work is proportional to: a row (one caption, image, detection or annotation), a
+# subject (one verification, re-render or mask) or a distinct source image (filter's CLIP embedding).
+STAGE_UNITS = {"compose": "rows", "synthesize": "rows", "detect": "rows", "verify": "subjects", "rerender": "subjects",
+               "annotate": "rows", "layout": "subjects", "decimate": "rows", "filter": "sources"}
+BUILD_STAGES = list(STAGE_UNITS)  # the stages in order (publish follows)
+SUBJECT_STAGES = ("detect", "verify", "rerender")  # remove subjects; a source below verify.min_subjects drops
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_VARIANT = re.compile(r"\.(fp16|bf16|fp32)\.safetensors$")
+
+
+class PlanError(ValueError):
+    """A benchmark result that cannot be read; the message names the file and the problem."""
+
+
+# --- models and memory ---
+
+@dataclass(frozen=True)
+class ModelSize:
+    role: str
+    model: str
+    dtype: str
+    parameters: int | None
+    bytes: int | None
+    source: str  # how the size was found, or why it is unknown
+
+
+def planned_dtype(spec: RoleSpec) -> torch.dtype:
+    """The dtype the role will run in on the machine the plan is for: `auto` is bfloat16 unless the
+    role is pinned to the CPU (`roles.base.resolve_dtype` on a GPU machine)."""
+    if spec.dtype == "auto":
+        return torch.float32 if spec.device == "cpu" else torch.bfloat16
+    return _DTYPES[spec.dtype]
+
+
+def _safetensors_parameters(path: Path) -> int:
+    """Parameters in a safetensors file, from its header (8-byte length, then JSON): no tensor is read."""
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return sum(math.prod(entry["shape"]) for key, entry in header.items() if key != "__metadata__")
+
+
+def folder_parameters(path: Path) -> int | None:
+    """Parameters stored under `path` (a folder or one file): safetensors headers, else
+    memory-mapped PyTorch checkpoints (tensor data is never read); None when it holds no weights."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    tensors = [p for p in files if p.suffix == ".safetensors"]
+    # A folder holding a checkpoint in two precisions (`model.fp16.safetensors`) counts one of them.
+    plain = {p.parent for p in tensors if not _VARIANT.search(p.name)}
+    tensors = [p for p in tensors if not (_VARIANT.search(p.name) and p.parent in plain)]
+    if tensors:
+        return sum(_safetensors_parameters(p) for p in tensors)
+    pickled = [p for p in files if p.suffix in (".pth", ".pt", ".bin")]
+    if not pickled:
+        return None
+    total = 0
+    for checkpoint in pickled:
+        state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)
+        total += sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+    return total
+
+
+def model_size(spec: RoleSpec) -> ModelSize:
+    """The parameters and weight bytes of a role's model, without loading it."""
+    dtype = planned_dtype(spec)
+    row = dict(role=spec.role, model=spec.model, dtype=str(dtype).removeprefix("torch."))
+    kind = model_kind(spec.model)
+    arch = spec.model.removeprefix("arch:") if kind == "arch" else ARCH_BY_HUB_ID.get(spec.model) if kind == "hub" else None
+    if arch:
+        how = "arch on meta" if kind == "arch" else f"published config (arch:{arch}) on meta"
+        return ModelSize(**row, parameters=param_count(arch), bytes=param_bytes(arch, dtype), source=how)
+    if kind == "hub":
+        return ModelSize(**row, parameters=None, bytes=None, source="hub model with no arch entry: size unknown")
+    path = zoo_dir() / spec.model.removeprefix("zoo:") if kind == "zoo" else Path(spec.model).expanduser()
+    if kind == "zoo" and not (path / "zoo_entry.json").exists():
+        return ModelSize(**row, parameters=None, bytes=None, source="zoo entry not built (music zoo build): size unknown")
+    count = folder_parameters(path)
+    if count is None:
+        return ModelSize(**row, parameters=None, bytes=None, source=f"no weight files under {path}")
+    return ModelSize(**row, parameters=count, bytes=count * dtype.itemsize, source="weight file headers")
+
+
+def stage_models(spec: BuildSpec) -> list[dict[str, Any]]:
+    """Per stage: its roles' sizes and its peak, the sum of its roles' weights (None if one is unknown)."""
+    sizes = {name: model_size(role) for name, role in spec.roles.items()}
+    rows = []
+    for stage in BUILD_STAGES:
+        models = [sizes[name] for name in STAGE_ROLES[stage]]
+        known = all(m.bytes is not None for m in models)
+        rows.append({"stage": stage, "models": [asdict(m) for m in models],
+                     "peak_bytes": sum(m.bytes for m in models) if known else None})
+    return rows
+
+
+# --- the funnel ---
+
+@dataclass(frozen=True)
+class Rates:
+    """Measured keep rates: `row_keep[stage]` = rows out / rows in for drops that do not depend on
+    the subject count; `subject_keep[stage]` = a subject's survival of detect / verify / rerender;
+    `near_duplicate_keep` = rows publish keeps from near-duplicate removal."""
+
+    row_keep: dict[str, float]
+    subject_keep: dict[str, float]
+    near_duplicate_keep: float = 1.0
+
+
+NO_DROPS = Rates({}, {})
+
+
+def decimation_counts(n: int, spec: BuildSpec) -> list[int]:
+    """Subject counts of the samples decimate makes from one with n subjects (`music_model.decimate`)."""
+    low = spec.decimate.min_subjects
+    return [n] if n <= low else list(range(n, low - 1, -1))
+
+
+def _thin(dist: dict[int, float], keep: float) -> dict[int, float]:
+    """Row counts by subject count after each subject survives with probability `keep`."""
+    out: dict[int, float] = defaultdict(float)
+    for n, rows in dist.items():
+        for k in range(n + 1):
+            out[k] += rows * math.comb(n, k) * keep**k * (1 - keep) ** (n - k)
+    return out
+
+
+def funnel(spec: BuildSpec, rates: Rates = NO_DROPS) -> dict[str, Any]:
+    """Expected rows, subjects and work units entering each stage, samples and published samples."""
+    total = sum(spec.subject_counts.values())
+    dist = {n: spec.num_source_images * w / total for n, w in spec.subject_counts.items()}
+    stages = []
+
+    def record(stage: str, dist_in: dict[int, float], rows_out: float, units: float | None = None) -> None:
+        rows_in, subjects_in = sum(dist_in.values()), sum(n * r for n, r in dist_in.items())
+        unit = STAGE_UNITS[stage]
+        if units is None:
+            units = subjects_in if unit == "subjects" else rows_in
+        stages.append({"stage": stage, "unit": unit, "units": units, "rows_in": rows_in, "subjects_in": subjects_in, "rows_out": rows_out})
+
+    for stage in BUILD_STAGES[:BUILD_STAGES.index("decimate")]:
+        entering = dist
+        if stage in SUBJECT_STAGES:
+            dist = {n: r for n, r in _thin(dist, rates.subject_keep.get(stage, 1.0)).items() if n >= spec.verify.min_subjects}
+        dist = {n: r * rates.row_keep.get(stage, 1.0) for n, r in dist.items()}
+        record(stage, entering, sum(dist.values()))
+    sources = sum(dist.values())
+    decimated: dict[int, float] = defaultdict(float)
+    for n, rows in dist.items():
+        for k in decimation_counts(n, spec):
+            decimated[k] += rows
+    record("decimate", dist, sum(decimated.values()))
+    kept = sum(r for k, r in decimated.items() if spec.filter.min_subjects <= k <= spec.filter.max_subjects)
+    record("filter", decimated, kept, units=sources)
+    samples = kept * rates.near_duplicate_keep
+    cap = spec.publish.max_samples
+    published = min(samples, cap) if cap is not None else samples
+    per_source = samples / spec.num_source_images
+    return {"stages": stages, "samples": samples, "published": published, "max_samples": cap, "per_source": per_source,
+            "sources_for_cap": math.ceil(cap / per_source) if cap and per_source else None}
+
+
+# --- a benchmark result ---
+
+def read_bench(path: str | Path) -> dict[str, Any]:
+    """A `benchmarks/gpu_pipeline.py` result, checked for what the plan reads."""
+    path = Path(path)
+    try:
+        bench = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PlanError(f"{path}: benchmark result not found") from None
+    except json.JSONDecodeError as error:
+        raise PlanError(f"{path}: not JSON: {error}") from None
+    stages = {s.get("stage"): s for s in bench.get("stages", []) if isinstance(s, dict)}
+    for stage in BUILD_STAGES:
+        if stage not in stages:
+            raise PlanError(f"{path}: no record of stage {stage!r} (a gpu_pipeline.py result has every stage)")
+        missing = [k for k in ("unit", "units", "rows_in", "rows_out", "seconds", "load_seconds") if k not in stages[stage]]
+        if missing:
+            raise PlanError(f"{path}: stage {stage!r} lacks {', '.join(missing)}")
+        if stages[stage]["unit"] != STAGE_UNITS[stage]:
+            raise PlanError(f"{path}: stage {stage!r} counts {stages[stage]['unit']}, the plan counts {STAGE_UNITS[stage]}")
+    return {**bench, "stages": stages}
+
+
+def measured_rates(bench: dict[str, Any]) -> Rates:
+    """Keep rates from a benchmark result (`read_bench`); a stage that saw no rows keeps everything."""
+    stages = bench["stages"]
+    row_keep, subject_keep = {}, {}
+    for stage in BUILD_STAGES[:BUILD_STAGES.index("decimate")]:
+        record = stages[stage]
+        if stage in SUBJECT_STAGES:
+            subject_keep[stage] = record.get("subject_keep") or 1.0
+        elif record["rows_in"]:
+            row_keep[stage] = record["rows_out"] / record["rows_in"]
+    publish = bench.get("publish") or {}
+    near = publish.get("near_duplicate", 0) / publish["rows_in"] if publish.get("rows_in") else 0.0
+    return Rates(row_keep, subject_keep, 1.0 - near)
+
+
+def project_hours(expected: dict[str, Any], bench: dict[str, Any]) -> list[dict[str, Any]]:
+    """GPU-hours per model stage: the expected units at the measured seconds per unit (model loads
+    excluded), plus one load of the stage's models."""
+    rows = []
+    for stage in expected["stages"]:
+        if not STAGE_ROLES[stage["stage"]]:
+            continue  # CPU only (decimate)
+        record = bench["stages"][stage["stage"]]
+        compute = max(0.0, record["seconds"] - record["load_seconds"])
+        per_unit = compute / record["units"] if record["units"] else None
+        seconds = (stage["units"] * per_unit if per_unit is not None else 0.0) + record["load_seconds"]
+        rows.append({"stage": stage["stage"], "unit": stage["unit"], "units": stage["units"],
+                     "seconds_per_unit": per_unit, "load_seconds": record["load_seconds"], "hours": seconds / 3600})
+    return rows
+
+
+# --- the plan ---
+
+def plan(spec: BuildSpec, bench: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything `music plan` prints, as data. `bench`: a result read with `read_bench`."""
+    shards = num_shards(spec)
+    result: dict[str, Any] = {
+        "name": spec.name, "sources": spec.num_source_images, "shard_size": spec.shard_size, "shards": shards,
+        "task_runs": len(BUILD_STAGES) * shards + 1,  # every stage x shard, then publish
+        "models": stage_models(spec), "upper_bound": funnel(spec),
+    }
+    if bench is not None:
+        expected = funnel(spec, measured_rates(bench))
+        hours = project_hours(expected, bench)
+        result |= {"device": bench.get("device", "?"), "expected": expected, "hours": hours,
+                   "gpu_hours": sum(row["hours"] for row in hours)}
+    return result
+
+
+def _gib(value: int | None) -> str:
+    if value is None:
+        return "?"
+    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.1f} MiB"
+
+
+def _params(value: int | None) -> str:
+    if value is None:
+        return "?"
+    return f"{value / 1e9:.2f} B" if value >= 1e8 else f"{value / 1e6:.2f} M"
+
+
+def format_plan(result: dict[str, Any]) -> str:
+    """The plan as the terminal shows it."""
+    upper = result["upper_bound"]
+    lines = [f"plan: {result['name']}",
+             f"  sources {result['sources']} in {result['shards']} shards of {result['shard_size']}; "
+             f"task runs {result['task_runs']} ({len(BUILD_STAGES)} stages x {result['shards']} shards + publish)", "",
+             "models and weight memory by stage (dtype auto = bfloat16 on a GPU; activations come on top):"]
+    for row in result["models"]:
+        if not row["models"]:
+            lines.append(f"  {row['stage']:10s} CPU only")
+            continue
+        lines.append(f"  {row['stage']:10s} peak {_gib(row['peak_bytes'])}")
+        for m in row["models"]:
+            lines.append(f"    {m['role']:9s} {m['model']:40s} {m['dtype']:8s} {_params(m['parameters']):>9s} "
+                         f"{_gib(m['bytes']):>10s}  ({m['source']})")
+    peaks = [row["peak_bytes"] for row in result["models"] if row["models"]]
+    if all(p is not None for p in peaks):
+        lines.append(f"  largest stage: {_gib(max(peaks))} of weights resident at once")
+    lines += ["", "funnel (upper bound: nothing dropped):"]
+    lines += _funnel_lines(upper)
+    if "expected" in result:
+        lines += ["", f"funnel with the keep rates measured on {result['device']}:"]
+        lines += _funnel_lines(result["expected"])
+        lines += ["", f"projected GPU-hours on {result['device']} (measured seconds per unit; one model load per stage):"]
+        for row in result["hours"]:
+            rate = "-" if row["seconds_per_unit"] is None else f"{row['seconds_per_unit']:.3f} s/{row['unit'].rstrip('s')}"
+            lines.append(f"  {row['stage']:10s} {row['units']:10.0f} {row['unit']:9s} {rate:>16s}  load {row['load_seconds']:6.1f} s"
+                         f"  {row['hours']:8.2f} h")
+        lines.append(f"  total {result['gpu_hours']:.1f} GPU-hours")
+    return "\n".join(lines)
+
+
+def _funnel_lines(expected: dict[str, Any]) -> list[str]:
+    lines = [f"  {s['stage']:10s} in {s['rows_in']:10.0f} rows {s['subjects_in']:10.0f} subjects -> out {s['rows_out']:10.0f}"
+             for s in expected["stages"]]
+    cap = expected["max_samples"]
+    capped = f", capped at {cap}" if cap is not None and expected["samples"] > cap else ""
+    lines.append(f"  samples {expected['samples']:.0f} ({expected['per_source']:.2f} per source){capped}: "
+                 f"{expected['published']:.0f} published")
+    if cap is not None and expected["samples"] < cap:
+        lines.append(f"  below max_samples {cap}: about {expected['sources_for_cap']} sources would reach it")
+    return lines
