@@ -15,8 +15,9 @@ each subject survives detect, verify and rerender independently at that stage's 
 (binomial thinning), a source falling out when fewer than `verify.min_subjects` remain.
 
 The benchmark result (JSON) this reads: `{"device": str, "stages": [{"stage", "unit", "units",
-"rows_in", "rows_out", "subject_keep", "seconds", "load_seconds"}, ...], "publish": {"rows_in",
-"near_duplicate"}}`, one stage record per model stage and decimate.
+"rows_in", "rows_out", "seconds", "load_seconds"; subject stages also "subject_keep",
+"subject_counts_in", "min_subjects"}, ...], "publish": {"rows_in", "near_duplicate"}}`, one
+record per stage from compose to filter.
 """
 from __future__ import annotations
 
@@ -220,16 +221,35 @@ def read_bench(path: str | Path) -> dict[str, Any]:
     return {**bench, "stages": stages}
 
 
+def _survival(counts: dict[int, float], keep: float, minimum: int) -> float:
+    """The fraction of rows (by subject count) left with at least `minimum` subjects when each
+    subject survives with probability `keep`."""
+    kept = sum(rows * sum(math.comb(n, k) * keep**k * (1 - keep) ** (n - k) for k in range(minimum, n + 1))
+               for n, rows in counts.items())
+    return kept / sum(counts.values())
+
+
 def measured_rates(bench: dict[str, Any]) -> Rates:
-    """Keep rates from a benchmark result (`read_bench`); a stage that saw no rows keeps everything."""
+    """Keep rates from a benchmark result (`read_bench`); a stage that saw no rows keeps everything.
+
+    A subject stage's survival is measured on the rows it kept, which overstates it (a dropped
+    row's survivors are not counted): when the record has its input's subject counts, the rows the
+    thinning model predicts to keep are scaled to the rows the stage really kept."""
     stages = bench["stages"]
     row_keep, subject_keep = {}, {}
     for stage in BUILD_STAGES[:BUILD_STAGES.index("decimate")]:
         record = stages[stage]
-        if stage in SUBJECT_STAGES:
-            subject_keep[stage] = record.get("subject_keep") or 1.0
-        elif record["rows_in"]:
-            row_keep[stage] = record["rows_out"] / record["rows_in"]
+        if not record["rows_in"]:
+            continue
+        measured = record["rows_out"] / record["rows_in"]
+        if stage not in SUBJECT_STAGES:
+            row_keep[stage] = measured
+            continue
+        subject_keep[stage] = record.get("subject_keep") or 1.0
+        counts = {int(n): rows for n, rows in (record.get("subject_counts_in") or {}).items()}
+        predicted = _survival(counts, subject_keep[stage], record.get("min_subjects", 1)) if counts else 0.0
+        if predicted:
+            row_keep[stage] = min(1.0, measured / predicted)
     publish = bench.get("publish") or {}
     near = publish.get("near_duplicate", 0) / publish["rows_in"] if publish.get("rows_in") else 0.0
     return Rates(row_keep, subject_keep, 1.0 - near)

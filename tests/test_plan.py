@@ -121,6 +121,7 @@ def test_bench_result_gives_keep_rates_and_gpu_hours(tmp_path):
     bench = read_bench(bench_result(tmp_path / "bench.json", compose={"rows_out": 3}, verify={"subject_keep": 0.75}))
     rates = measured_rates(bench)
     assert rates.row_keep["compose"] == 0.75 and rates.subject_keep["verify"] == 0.75 and rates.near_duplicate_keep == 0.75
+    assert "verify" not in rates.row_keep  # without its input's subject counts, drops follow the thinning model alone
     spec = spec_with(num_source_images=6000, subject_counts={2: 1})
     expected = funnel(spec, rates)
     hours = {row["stage"]: row for row in project_hours(expected, bench)}
@@ -143,3 +144,13 @@ def test_bad_bench_result_names_the_problem(tmp_path):
     done = subprocess.run([sys.executable, "-m", "flows.cli", "plan", "tiny.yaml", "--bench", str(tmp_path / "missing.json")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "missing.json: benchmark result not found" in done.stderr
+
+
+def test_subject_stage_drops_the_thinning_model_misses_are_scaled_in(tmp_path):
+    """detect kept both subjects of the 2 rows it kept, but dropped 2 of 4 rows: survival measured on
+    kept rows says 1.0, so the stage's row keep carries the measured loss."""
+    detect = {"rows_out": 2, "subject_keep": 1.0, "subject_counts_in": {"2": 4}, "min_subjects": 2}
+    rates = measured_rates(read_bench(bench_result(tmp_path / "bench.json", detect=detect)))
+    assert rates.subject_keep["detect"] == 1.0 and rates.row_keep["detect"] == 0.5
+    expected = funnel(spec_with(num_source_images=100, subject_counts={2: 1}), rates)
+    assert next(s for s in expected["stages"] if s["stage"] == "detect")["rows_out"] == 50
