@@ -1,13 +1,19 @@
 """compose: sample categories per source image; the LLM keeps plausible combinations and writes
-the scene caption."""
+the scene caption.
+
+A category is named everywhere (FLUX caption prompt, GroundingDINO phrase, CLIP texts, published
+`categories`) by its display name: the curated table `data_specs/data/objects365_display_names.tsv`
+for Objects365 (one name per category, the list's typos and synonym slashes resolved); a name the
+table does not hold (a custom category file's) is used as written."""
 from __future__ import annotations
 
-from functools import lru_cache
-
+import csv
 import random
+from functools import lru_cache
 
 from pydantic import BaseModel
 
+from data_specs import shipped
 from music_model.structured import bounded_text
 from tasks.engine import Stage, StageContext, sample_id
 
@@ -18,9 +24,16 @@ PROMPT = (
 )
 
 
+@lru_cache(maxsize=1)
+def display_names() -> dict[str, str]:
+    """Objects365 category -> display name, from the shipped table."""
+    with shipped("data/objects365_display_names.tsv").open(newline="") as table:
+        return {row["original"]: row["display"] for row in csv.DictReader(table, delimiter="\t", quoting=csv.QUOTE_NONE)}
+
+
 def display_name(category: str) -> str:
-    """Objects365 lists synonyms as `a/b`; the first one names the subject in prompts."""
-    return category.split("/")[0].strip().lower()
+    """The name a subject of `category` goes by in prompts, detection phrases and CLIP texts."""
+    return display_names().get(category, category.strip())
 
 
 @lru_cache(maxsize=None)  # one class per bound, so its compiled grammar is cached
@@ -57,4 +70,5 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     return kept
 
 
-STAGE = Stage("compose", 1, process)
+# Version 2: display names from the curated table (edit the table: bump the version).
+STAGE = Stage("compose", 2, process)
