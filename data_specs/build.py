@@ -59,7 +59,9 @@ class VerifyParams(_Section):
 
 class RerenderParams(_Section):
     prompt: str = "Show this {category} from a different viewpoint and in a different pose, on a plain background."
-    size: int = Field(512, ge=16, description="reference images are rendered at size x size")
+    size: int = Field(512, ge=16, description="a reference's longer side in pixels (its aspect is its crop's)")
+    render_size: int = Field(1024, ge=16, description="Kontext renders at its preferred ~1 MP resolutions scaled by "
+                                                       "render_size / 1024 (1024: as trained; tiny specs: small)")
     min_dino: float = Field(0.4, ge=-1, le=1, description="below: identity lost")
     max_dino: float = Field(0.95, ge=-1, le=1, description="above: a copy of the crop, not a new view")
     crop_margin: float = Field(0.05, ge=0, le=1)

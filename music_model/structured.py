@@ -6,27 +6,45 @@ A row that still fails is retried with a seed derived from `(seed, attempt)` and
 `max_attempts`, returned with `value=None` and the reason: a bad generation never raises and never
 costs the other rows of its batch.
 
-Sampling draws Gumbel noise from one `torch.Generator` per row and then decodes greedily
-(`argmax(logits / T + Gumbel)` is a sample of `softmax(logits / T)`), so a row's sample depends on
-its own seed only, not on which rows share its batch.
+Sampling is explicit and never inherited from a checkpoint's `generation_config`: the decoder
+replaces it by one holding only the special token IDs, and every call passes the spec's settings.
+The defaults are Qwen3's recommendation for non-thinking mode (temperature 0.7, top-k 20, top-p
+0.8) with repetition penalty 1.0 (a penalty would also punish the repeated digits of layout grids
+and the repeated `<sN>` tags). After the repetition penalty and the grammar mask, the logits are
+divided by the temperature, cut to the top-k and then to the top-p nucleus, and sampled with
+Gumbel noise from one `torch.Generator` per row (`argmax(logits / T + Gumbel)` is a sample of
+`softmax(logits / T)`), so a row's sample depends on its own seed only, not on its batch.
+
+Token budget: `schema_token_budget` bounds the longest JSON text a schema admits (every string,
+list and integer is bounded) in UTF-8 bytes, and a generated token is at least one byte, so a
+budget of that many tokens (+1 for the end token) never cuts a valid answer, whatever the
+tokenizer. A spec's `max_new_tokens` can raise the budget, never lower it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Annotated, Any, Mapping
 
 import torch
 import xgrammar as xgr
 from pydantic import BaseModel, Field, StringConstraints, ValidationError
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_K = 20
+DEFAULT_TOP_P = 0.8
+DEFAULT_REPETITION_PENALTY = 1.0
 DEFAULT_MAX_ATTEMPTS = 3
+# xgrammar's default for compact JSON (any_whitespace=False), spelled out so the budget counts them.
+SEPARATORS = (", ", ": ")
+_MAX_UTF8_BYTES = 4  # per character of a bounded_text string (no escapes: quotes and backslashes are excluded)
+_MAX_ESCAPED_BYTES = 12  # per character of a plain maxLength string: a surrogate pair `\uXXXX\uXXXX`
 
 # Everything except `"`, `\`, control characters and DEL: the JSON text of such a string is the
 # string itself, so the regex bounds the value exactly (xgrammar's `maxLength` alone lets raw control
@@ -43,6 +61,10 @@ def bounded_text(max_length: int, min_length: int = 1) -> Any:
         raise ValueError(f"bounded_text needs 1 <= min_length <= max_length, got {min_length}, {max_length}")
     pattern = f"^{_SAFE_FIRST_CHAR}{_SAFE_CHAR}{{{min_length - 1},{max_length - 1}}}$"
     return Annotated[str, StringConstraints(pattern=pattern)]
+
+
+# The pattern bounded_text writes, read back by the token budget: group 1 is max_length - 1.
+_BOUNDED_PATTERN = re.compile(re.escape(f"^{_SAFE_FIRST_CHAR}{_SAFE_CHAR}{{") + r"\d+,(\d+)\}\$")
 
 
 def bounded_int(ge: int, le: int) -> Any:
@@ -70,31 +92,119 @@ class StructuredResult:
         return self.value is not None
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and value >= 1
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float))
+
+
+# Each decoding option: (valid?, what a valid value is); booleans are never valid.
+_OPTION_CHECKS = {
+    "max_new_tokens": (lambda v: v is None or _count(v), "a positive integer"),
+    "max_attempts": (_count, "a positive integer"),
+    "top_k": (lambda v: v is None or _count(v), "a positive integer"),
+    "temperature": (lambda v: _number(v) and v >= 0, "a number >= 0 (0 is greedy)"),
+    "top_p": (lambda v: v is None or (_number(v) and 0 < v <= 1), "a number in (0, 1]"),
+    "repetition_penalty": (lambda v: _number(v) and v > 0, "a number > 0 (1.0 is none)"),
+}
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    """Decoding settings of a role. `max_new_tokens` None: each schema's own budget."""
+
+    max_new_tokens: int | None = None
     temperature: float = DEFAULT_TEMPERATURE
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    top_k: int | None = DEFAULT_TOP_K
+    top_p: float | None = DEFAULT_TOP_P
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY
+
+    KEYS = ("max_new_tokens", "temperature", "max_attempts", "top_k", "top_p", "repetition_penalty")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], other_keys: Sequence[str] = ()) -> "DecodeOptions":
         """Read and check the decoding keys of a role spec's `options`; `other_keys` are the role's own."""
-        known = {"max_new_tokens", "temperature", "max_attempts", *other_keys}
+        known = {*cls.KEYS, *other_keys}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"options.{unknown[0]}: unknown option; known: {', '.join(sorted(known))}")
-        decoded = cls(
-            max_new_tokens=options.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
-            temperature=options.get("temperature", DEFAULT_TEMPERATURE),
-            max_attempts=options.get("max_attempts", DEFAULT_MAX_ATTEMPTS),
-        )
-        for key in ("max_new_tokens", "max_attempts"):
+        decoded = cls(**{key: options[key] for key in cls.KEYS if key in options})
+        for key, (ok, what) in _OPTION_CHECKS.items():
             value = getattr(decoded, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"options.{key}: must be a positive integer, got {value!r}")
-        if isinstance(decoded.temperature, bool) or not isinstance(decoded.temperature, (int, float)) or decoded.temperature < 0:
-            raise ValueError(f"options.temperature: must be a number >= 0, got {decoded.temperature!r}")
+            if isinstance(value, bool) or not ok(value):
+                raise ValueError(f"options.{key}: must be {what}, got {value!r}")
         return decoded
+
+    def budget(self, schema: type[BaseModel]) -> int:
+        """The max_new_tokens of one generation of `schema`: its own bound, or the spec's when larger."""
+        return max(schema_token_budget(schema), self.max_new_tokens or 0)
+
+    def record(self) -> dict[str, Any]:
+        """The settings as cards and reports show them."""
+        return {
+            "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
+            "repetition_penalty": self.repetition_penalty, "max_attempts": self.max_attempts,
+            "max_new_tokens": self.max_new_tokens or "derived from each schema's bounds",
+        }
+
+
+def decode_settings(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The decoding settings an `llm` or `vlm` role spec with these `options` uses, without loading it."""
+    return DecodeOptions.from_options(options, other_keys=[k for k in options if k not in DecodeOptions.KEYS]).record()
+
+
+# --- token budgets --------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def schema_token_budget(schema: type[BaseModel]) -> int:
+    """Tokens that always hold the longest JSON text of `schema`, plus the end token (module doc)."""
+    return max_json_bytes(schema.model_json_schema()) + 1
+
+
+def max_json_bytes(node: Mapping[str, Any], defs: Mapping[str, Any] | None = None, where: str = "") -> int:
+    """UTF-8 bytes of the longest JSON value of a JSON schema node, written with `SEPARATORS`;
+    a ValueError names a field that has no bound."""
+    defs = node.get("$defs", {}) if defs is None else defs
+    comma, colon = (len(sep) for sep in SEPARATORS)
+    if "$ref" in node:
+        return max_json_bytes(defs[node["$ref"].rsplit("/", 1)[-1]], defs, where)
+    if "const" in node or "enum" in node:
+        values = [node["const"]] if "const" in node else node["enum"]
+        return max(len(json.dumps(v, ensure_ascii=False).encode()) for v in values)
+    if "anyOf" in node:
+        return max(max_json_bytes(option, defs, where) for option in node["anyOf"])
+    kind = node.get("type")
+    if kind == "object":
+        properties = node.get("properties", {})
+        if not properties:
+            raise ValueError(f"{where or 'schema'}: an object without declared properties has no length bound")
+        fields = [len(json.dumps(name, ensure_ascii=False).encode()) + colon + max_json_bytes(value, defs, f"{where}.{name}".lstrip("."))
+                  for name, value in properties.items()]
+        return 2 + sum(fields) + comma * (len(fields) - 1)
+    if kind == "array":
+        if "maxItems" not in node:
+            raise ValueError(f"{where or 'schema'}: a list without max_length has no length bound")
+        count = node["maxItems"]
+        return 2 + count * max_json_bytes(node.get("items", {}), defs, f"{where}[]") + comma * max(count - 1, 0)
+    if kind == "string":
+        if "pattern" in node and (match := _BOUNDED_PATTERN.fullmatch(node["pattern"])):
+            return 2 + _MAX_UTF8_BYTES * (int(match.group(1)) + 1)
+        if "maxLength" in node:
+            return 2 + _MAX_ESCAPED_BYTES * node["maxLength"]
+        raise ValueError(f"{where or 'schema'}: a string without a length bound (use bounded_text)")
+    if kind == "integer":
+        if "minimum" not in node or "maximum" not in node:
+            raise ValueError(f"{where or 'schema'}: an integer without both bounds (use bounded_int)")
+        return max(len(str(node["minimum"])), len(str(node["maximum"])))
+    if kind == "boolean":
+        return len("false")
+    if kind == "null":
+        return len("null")
+    raise ValueError(f"{where or 'schema'}: type {kind!r} has no length bound")
 
 
 def attempt_seed(seed: int, attempt: int) -> int:
@@ -104,14 +214,14 @@ def attempt_seed(seed: int, attempt: int) -> int:
 
 
 class _ConstrainedSampler(LogitsProcessor):
-    """Grammar mask, banned tokens and per-row Gumbel noise, for one `generate` call (its matchers
-    carry the rows' grammar state across steps)."""
+    """Grammar mask, banned tokens, temperature, top-k, top-p and per-row Gumbel noise, for one
+    `generate` call (its matchers carry the rows' grammar state across steps)."""
 
-    def __init__(self, grammar: xgr.CompiledGrammar, seeds: Sequence[int], temperature: float, banned: torch.Tensor):
+    def __init__(self, grammar: xgr.CompiledGrammar, seeds: Sequence[int], options: "DecodeOptions", banned: torch.Tensor):
         self.matchers = [xgr.GrammarMatcher(grammar) for _ in seeds]
         self.bitmask = xgr.allocate_token_bitmask(len(seeds), grammar.tokenizer_info.vocab_size)
         self.seeds = list(seeds)
-        self.temperature = temperature
+        self.options = options
         self.banned = banned
         self.generators: list[torch.Generator] | None = None
 
@@ -133,12 +243,29 @@ class _ConstrainedSampler(LogitsProcessor):
         scores = masked.to(scores.device)
         # The grammar takes a special token's text literally (`<|image_pad|>` fits inside a string).
         scores[:, self.banned] = float("-inf")
-        if self.temperature > 0:
-            scores = scores / self.temperature
+        options = self.options
+        if options.temperature > 0:
+            scores = truncate(scores / options.temperature, options.top_k, options.top_p)
             for row, generator in enumerate(self.generators):
                 exponential = torch.empty(scores.shape[1], device=scores.device).exponential_(generator=generator)
                 scores[row] -= exponential.clamp_min_(_TINY).log_()  # -log(Exp(1)) is Gumbel(0, 1)
         return scores
+
+
+def truncate(scores: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """`scores` (rows x vocab) with every token outside the `top_k` best and then outside the
+    smallest set holding `top_p` of the probability set to -inf, as transformers' TopK and TopP
+    warpers do (the best token always stays)."""
+    if top_k is not None and top_k < scores.shape[1]:
+        kth = torch.topk(scores, top_k, dim=1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        ordered, order = torch.sort(scores, dim=1, descending=True)
+        probabilities = ordered.softmax(dim=1)
+        outside = probabilities.cumsum(dim=1) - probabilities >= top_p  # the mass before it already reaches top_p
+        outside[:, 0] = False
+        scores = scores.scatter(1, order, ordered.masked_fill(outside, float("-inf")))
+    return scores
 
 
 class StructuredDecoder:
@@ -154,6 +281,11 @@ class StructuredDecoder:
         self.stop_ids = [eos] if isinstance(eos, int) else list(eos)
         pad = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.stop_ids[0]
+        # generate() fills every setting a call leaves unset from the model's generation_config (a
+        # checkpoint's repetition_penalty, top-k, suppressed tokens...): only the token IDs are kept.
+        self.checkpoint_generation_config = config
+        model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=self.stop_ids,
+                                                   pad_token_id=self.pad_id)
         # The output layer can be wider than the tokenizer (padded vocabularies); those ids never decode.
         vocab_size = model.get_output_embeddings().weight.shape[0]
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=self.stop_ids)
@@ -190,6 +322,7 @@ class StructuredDecoder:
         if len(seeds) != n:
             raise ValueError(f"got {len(seeds)} seeds for {n} inputs")
         grammar = self.grammar(schema)
+        budget = options.budget(schema)
         results: list[StructuredResult | None] = [None] * n
         # With temperature 0 a retry would repeat the same text.
         attempts = options.max_attempts if options.temperature > 0 else 1
@@ -200,8 +333,8 @@ class StructuredDecoder:
                 if not rows:
                     continue
                 row_seeds = [attempt_seed(seeds[i], attempt) for i in rows]
-                for i, (text, finished) in zip(rows, self.decode(inputs, grammar, row_seeds, options)):
-                    value, error = _validate(schema, text, finished, options.max_new_tokens)
+                for i, (text, finished) in zip(rows, self.decode(inputs, grammar, row_seeds, options, budget)):
+                    value, error = _validate(schema, text, finished, budget)
                     results[i] = StructuredResult(value, text, error, attempt + 1)
             pending = [i for i in pending if not results[i].ok and results[i].attempts == attempt + 1]
             if not pending:
@@ -225,18 +358,22 @@ class StructuredDecoder:
         return (good, encode(good)) if good else ([], None)
 
     @torch.inference_mode()
-    def decode(self, inputs, grammar, seeds: list[int], options: DecodeOptions) -> list[tuple[str, bool]]:
+    def decode(self, inputs, grammar, seeds: list[int], options: DecodeOptions,
+               max_new_tokens: int | None = None) -> list[tuple[str, bool]]:
         """One constrained generation over encoded `inputs`: (text, finished) per row, no validation
-        or retry (the planner uses it with grammars of its own)."""
-        sampler = _ConstrainedSampler(grammar, seeds, options.temperature, self.banned)
+        or retry (the planner uses it with grammars of its own). `max_new_tokens` defaults to the
+        options' own, which must then be set."""
+        max_new_tokens = max_new_tokens or options.max_new_tokens
+        if max_new_tokens is None:
+            raise ValueError("decode needs max_new_tokens: the grammar's longest output in tokens")
+        sampler = _ConstrainedSampler(grammar, seeds, options, self.banned)
         output = self.model.generate(
             **inputs,
             logits_processor=LogitsProcessorList([sampler]),
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            max_new_tokens=options.max_new_tokens,
+            do_sample=False,  # the sampler samples: generate only takes its argmax
+            num_beams=1,
+            repetition_penalty=options.repetition_penalty,
+            max_new_tokens=max_new_tokens,
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
         )

@@ -15,12 +15,13 @@ from typing import Annotated
 from pydantic import BaseModel, Field
 
 from music_model.decimate import mentioned, token
-from music_model.images import draw_labelled_boxes, from_struct
+from music_model.images import draw_labelled_boxes, from_struct, pixel_box
 from music_model.structured import bounded_text
 from tasks.engine import Stage, StageContext
 
 PROMPT = (
-    "The image shows these subjects, each outlined and labelled: {subjects}.\n"
+    "The image ({width}x{height} pixels) shows these subjects, each outlined in its own colour and labelled with "
+    "its tag; the box of each is given as [left, top, right, bottom] in pixels: {subjects}.\n"
     "Write an instruction that asks an image generator to create this image from reference images of the "
     "subjects, naming each subject only by its tag (<s1>, <s2>, ...). Then, for each subject, state its role in "
     "the scene and where it is placed, and list the relations between subjects."
@@ -40,6 +41,13 @@ def annotation_schema(max_instruction: int, max_relations: int) -> type[BaseMode
         relations: Annotated[list[bounded_text(100)], Field(max_length=max_relations)]
 
     return Annotation
+
+
+def prompt(subjects: list[dict], width: int, height: int) -> str:
+    """The annotate prompt: each subject's tag, category and pixel box, as drawn on the image."""
+    listed = "; ".join(f"{token(s['id'])} {s['category']} [{', '.join(str(v) for v in pixel_box(s['box'], width, height))}]"
+                       for s in subjects)
+    return PROMPT.format(width=width, height=height, subjects=listed)
 
 
 def placement_words(box) -> str:
@@ -76,9 +84,10 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     schema = annotation_schema(params.max_instruction_chars, params.max_relations)
     images, prompts = [], []
     for row in rows:
+        image = from_struct(row["image"])
         labels = [token(s["id"]) for s in row["subjects"]]
-        images.append([draw_labelled_boxes(from_struct(row["image"]), [s["box"] for s in row["subjects"]], labels)])
-        prompts.append(PROMPT.format(subjects=", ".join(f"{token(s['id'])} {s['category']}" for s in row["subjects"])))
+        images.append([draw_labelled_boxes(image, [s["box"] for s in row["subjects"]], labels)])
+        prompts.append(prompt(row["subjects"], *image.size))
     results = ctx.timed(vlm.generate, images, prompts, schema, [ctx.seed(r["index"]) for r in rows])
     kept = []
     for row, result in zip(rows, results):
@@ -94,4 +103,5 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     return kept
 
 
-STAGE = Stage("annotate", 1, process)
+# Version 2: legible colour tags, pixel boxes in the prompt, schema-derived token budget, explicit sampling.
+STAGE = Stage("annotate", 2, process)

@@ -1,34 +1,71 @@
 """rerender: each subject's crop is re-rendered by the editor in a new view or pose and becomes its
 reference image, so references are not copies of the target. A reference whose DINO similarity to
 the crop is above `max_dino` (a copy) or below `min_dino` (identity lost) is rejected and its
-subject removed; a sample with fewer than `verify.min_subjects` left is dropped."""
+subject removed; a sample with fewer than `verify.min_subjects` left is dropped.
+
+Geometry (never a stretch): the crop is letterboxed on a neutral background into the FLUX Kontext
+preferred resolution whose aspect is nearest its own (diffusers' `PREFERRED_KONTEXT_RESOLUTIONS`,
+the ~1 MP sizes Kontext was trained at, scaled by `render_size / 1024` so tiny specs stay small);
+the edited image is cut back to the crop's box and scaled so its longer side is `size`: the
+reference keeps the crop's aspect. DINO compares the crop and the reference each padded to a
+square, so its centre crop sees both whole and undistorted."""
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
-from music_model.images import crop, from_struct, to_struct
+from music_model.images import crop, from_struct, letterbox, square, to_struct
 from tasks.engine import Stage, StageContext
 from tasks.verify import renumber
+
+KONTEXT_SIDE = 1024  # the side of Kontext's square preferred resolution, which render_size scales
+
+
+def render_resolution(aspect: float, render_size: int, multiple: int) -> tuple[int, int]:
+    """The (width, height) Kontext renders a crop of `aspect` (width / height) at: the preferred
+    resolution of nearest aspect (ties: the smaller), scaled by `render_size / 1024` and rounded to
+    `multiple` (at least one)."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    _, width, height = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    scale = render_size / KONTEXT_SIDE
+    return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (width, height))
+
+
+def reference_size(aspect: float, longest: int) -> tuple[int, int]:
+    """(width, height) of a reference of `aspect` whose longer side is `longest` pixels."""
+    if aspect >= 1:
+        return longest, max(1, round(longest / aspect))
+    return max(1, round(longest * aspect)), longest
 
 
 def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     params = ctx.spec.rerender
     editor, dino = ctx.role("editor"), ctx.role("dino")
-    jobs = []
+    jobs = []  # (row number, subject, crop, letterboxed editor input, the crop's box in it)
     for number, row in enumerate(rows):
         image = from_struct(row["image"])
         for subject in row["subjects"]:
-            square = crop(image, subject["box"], params.crop_margin).resize((params.size, params.size))
-            jobs.append((number, subject, square))
-    crops = [c for _, _, c in jobs]
-    references = ctx.timed(
-        editor.edit, crops, [params.prompt.format(category=s["category"]) for _, s, _ in jobs],
-        [ctx.seed(rows[n]["index"], str(s["id"])) for n, s, _ in jobs], width=params.size, height=params.size,
+            cut = crop(image, subject["box"], params.crop_margin)
+            size = render_resolution(cut.width / cut.height, params.render_size, editor.size_multiple)
+            jobs.append((number, subject, cut, *letterbox(cut, size)))
+    # The editor batches inputs of one size together and renders each at its input's size.
+    edited = ctx.timed(
+        editor.edit, [job[3] for job in jobs], [params.prompt.format(category=s["category"]) for _, s, *_ in jobs],
+        [ctx.seed(rows[n]["index"], str(s["id"])) for n, s, *_ in jobs],
     )
-    similarity = (ctx.timed(dino.embed_images, crops) * ctx.timed(dino.embed_images, references)).sum(1) if jobs else np.zeros(0)
+    references = [
+        output.crop(box).resize(reference_size(cut.width / cut.height, params.size), Image.Resampling.BICUBIC)
+        for (_, _, cut, _, box), output in zip(jobs, edited)
+    ]
+    if jobs:
+        crops = ctx.timed(dino.embed_images, [square(job[2]) for job in jobs])
+        similarity = (crops * ctx.timed(dino.embed_images, [square(r) for r in references])).sum(1)
+    else:
+        similarity = np.zeros(0)
     kept_subjects: dict[int, list[dict]] = {n: [] for n in range(len(rows))}
     rejected: dict[int, list[str]] = {n: [] for n in range(len(rows))}
-    for (number, subject, _), reference, score in zip(jobs, references, similarity):
+    for (number, subject, *_), reference, score in zip(jobs, references, similarity):
         if score > params.max_dino:
             rejected[number].append(f"{subject['category']}: copy ({score:.3f})")
         elif score < params.min_dino:
@@ -45,4 +82,5 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     return kept
 
 
-STAGE = Stage("rerender", 1, process)
+# Version 2: letterboxed crops at Kontext's preferred resolutions, references in the crop's aspect.
+STAGE = Stage("rerender", 2, process)

@@ -13,7 +13,10 @@ from music_model.structured import DecodeOptions, StructuredDecoder, StructuredR
 class TransformersLLM(Role):
     """A chat LLM (default Qwen3) with schema-constrained decoding.
 
-    Options: `max_new_tokens` (256), `temperature` (0.7; 0 is greedy), `max_attempts` (3).
+    Options (`structured.DecodeOptions`; defaults: Qwen3's non-thinking recommendation):
+    `temperature` (0.7; 0 is greedy), `top_k` (20), `top_p` (0.8), `repetition_penalty` (1.0),
+    `max_attempts` (3), `max_new_tokens` (default: each schema's bound; a value only raises it).
+    `options.record()` is what was used.
     """
 
     def __init__(self, spec: RoleSpec):

@@ -15,7 +15,9 @@ from music_model.structured import DecodeOptions, StructuredDecoder, StructuredR
 class TransformersVLM(Role):
     """A chat VLM with schema-constrained decoding; each sample has one or more images.
 
-    Options: `max_new_tokens` (256), `temperature` (0.7; 0 is greedy), `max_attempts` (3) and
+    Options: the llm role's decoding options with the same defaults (Qwen3's non-thinking
+    recommendation: Qwen2.5-VL's model card gives none for sampling, and its generation_config is
+    near-greedy with repetition_penalty 1.05, which leaves no retry a different answer), and
     `max_pixels`: the most pixels an image is resized to before patching, which bounds its tokens
     (Qwen-VL processors; default: the processor's own).
     """
