@@ -1,15 +1,19 @@
 """Subject-count decimation: from a sample with n subjects derive the samples with n-1, ..., 2
-subjects by dropping the smallest subject one at a time, renumbering the IDs 1..k everywhere.
+subjects by dropping the smallest subject (by box area, as the paper) one at a time, renumbering
+the IDs 1..k everywhere.
 
 Subjects are named in text by `<sN>` tokens. When a subject is dropped it stops being a reference:
 its mentions in the instruction become its category name (the target image still shows it), its
-CoT entry and every CoT relation that mentions it are removed, and its layout cells become
-background. Kept subjects keep their order and are renumbered 1..k.
+CoT entry and every CoT relation that mentions it are removed, and the layout is computed afresh
+for the subjects that remain (the threshold tau and the cells a dropped subject held both depend
+on who is left), by the `relayout` function the caller gives. Kept subjects keep their order and
+are renumbered 1..k.
 """
 from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from typing import Any
 
 SUBJECT_TOKEN = re.compile(r"<s(\d+)>")
@@ -35,8 +39,19 @@ def rewrite(text: str, new_ids: dict[int, int], dropped_names: dict[int, str]) -
     return SUBJECT_TOKEN.sub(replace, text)
 
 
-def drop_subject(sample: dict[str, Any], drop_id: int) -> dict[str, Any]:
-    """`sample` without subject `drop_id`, IDs renumbered 1..k in subjects, texts and layout."""
+# The layout (grid cells of subject IDs) of a list of subjects, IDs already renumbered.
+Relayout = Callable[[list[dict[str, Any]]], list[int]]
+
+
+def box_area(box) -> float:
+    """Area of a normalised xyxy box."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return max(0.0, x1 - x0) * max(0.0, y1 - y0)
+
+
+def drop_subject(sample: dict[str, Any], drop_id: int, relayout: Relayout) -> dict[str, Any]:
+    """`sample` without subject `drop_id`, IDs renumbered 1..k in subjects and texts, and the
+    layout of the remaining subjects."""
     subjects = sample["subjects"]
     kept = [s for s in subjects if s["id"] != drop_id]
     new_ids = {s["id"]: i for i, s in enumerate(kept, 1)}
@@ -54,18 +69,20 @@ def drop_subject(sample: dict[str, Any], drop_id: int) -> dict[str, Any]:
         ],
         "relations": [rewrite(r, new_ids, names) for r in cot["relations"] if drop_id not in mentioned(r)],
     }
-    out["layout"] = [new_ids.get(cell, 0) for cell in sample["layout"]]
+    out["layout"] = [int(cell) for cell in relayout(out["subjects"])]
     return out
 
 
-def decimate(sample: dict[str, Any], min_subjects: int = 2) -> list[dict[str, Any]]:
-    """The sample itself followed by each decimation step down to `min_subjects` subjects.
+def smallest(subjects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The subject decimation drops next: the smallest box (on a tie, the higher ID)."""
+    return min(subjects, key=lambda s: (box_area(s["box"]), -s["id"]))
 
-    The smallest subject (by `area`; on a tie the higher ID) is dropped at each step."""
+
+def decimate(sample: dict[str, Any], relayout: Relayout, min_subjects: int = 2) -> list[dict[str, Any]]:
+    """The sample itself followed by each decimation step down to `min_subjects` subjects."""
     steps = [sample]
     current = sample
     while len(current["subjects"]) > min_subjects:
-        smallest = min(current["subjects"], key=lambda s: (s["area"], -s["id"]))
-        current = drop_subject(current, smallest["id"])
+        current = drop_subject(current, smallest(current["subjects"])["id"], relayout)
         steps.append(current)
     return steps

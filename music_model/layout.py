@@ -13,6 +13,8 @@ import re
 
 import numpy as np
 
+from music_model import masks as rle
+
 GRID = 8
 
 
@@ -70,6 +72,14 @@ def layout_grid(masks: np.ndarray, subject_ids: list[int], lam: float = 0.05, gr
                 layout[cell] = subject
                 break
     return layout
+
+
+def subject_regions(subjects: list[dict], height: int, width: int) -> np.ndarray:
+    """The (n, height, width) regions the layout stage chose: each subject's mask (RLE) where its
+    `region` is "mask", else its box."""
+    regions = [rle.decode(s["mask"]) if s.get("region") == "mask" else box_to_mask(np.asarray(s["box"], float), height, width)
+               for s in subjects]
+    return np.stack(regions) if regions else np.zeros((0, height, width), bool)
 
 
 def layout_to_text(layout: np.ndarray, grid: int = GRID) -> str:

@@ -1,20 +1,26 @@
 """decimate: each sample with n subjects also yields the samples with n-1, ..., `min_subjects`
-subjects (smallest subject dropped first, IDs renumbered everywhere), linked by `source_id`."""
+subjects (the smallest box dropped first, IDs renumbered everywhere, the layout recomputed for the
+subjects left), linked by `source_id`."""
 from __future__ import annotations
 
 import json
 
 from music_model.decimate import decimate
-from music_model.layout import layout_to_text
+from music_model.layout import layout_grid, layout_to_text, subject_regions
 from tasks.engine import Stage, StageContext
 
 
 def process(rows: list[dict], ctx: StageContext) -> list[dict]:
-    grid = ctx.spec.layout.grid
+    params = ctx.spec.layout
     out = []
     for row in rows:
         sample = {**row, "cot": json.loads(row["cot"])}
-        for step in decimate(sample, ctx.spec.decimate.min_subjects):
+
+        def relayout(subjects: list[dict], height=row["height"], width=row["width"]) -> list[int]:
+            regions = subject_regions(subjects, height, width)
+            return layout_grid(regions, [s["id"] for s in subjects], lam=params.lam, grid=params.grid).tolist()
+
+        for step in decimate(sample, relayout, ctx.spec.decimate.min_subjects):
             count = len(step["subjects"])
             out.append({
                 **step,
@@ -22,9 +28,10 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
                 "source_id": row["id"],
                 "num_subjects": count,
                 "cot": json.dumps(step["cot"], sort_keys=True),
-                "layout_text": layout_to_text(step["layout"], grid),
+                "layout_text": layout_to_text(step["layout"], params.grid),
             })
     return out
 
 
-STAGE = Stage("decimate", 1, process)
+# Version 2: the smallest box (not mask) dropped first; the layout recomputed, not blanked.
+STAGE = Stage("decimate", 2, process)

@@ -4,8 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from music_model import masks as rle
-from music_model.decimate import decimate, mentioned, token
-from music_model.layout import GRID, box_to_mask, cell_ious, layout_grid, layout_to_text, text_to_layout
+from music_model.decimate import box_area, decimate, mentioned, token
+from music_model.layout import GRID, box_to_mask, cell_ious, layout_grid, layout_to_text, subject_regions, text_to_layout
 
 boxes = st.tuples(
     st.floats(0, 0.9), st.floats(0, 0.9), st.floats(0.02, 1.0), st.floats(0.02, 1.0)
@@ -60,25 +60,31 @@ def test_rle_round_trip(box_list, size):
         assert rle.area(encoded) == mask.sum()
 
 
+def box_relayout(height=64, width=64):
+    """Layouts of box-region subjects, as the decimate stage computes them."""
+    return lambda subjects: layout_grid(subject_regions(subjects, height, width), [s["id"] for s in subjects]).tolist()
+
+
 def sample_with(areas):
+    """Subjects whose boxes have `areas` (in 1/10,000 of the image), laid out left to right."""
     n = len(areas)
-    subjects = [{"id": i, "category": f"cat{i}", "area": a} for i, a in enumerate(areas, 1)]
+    subjects = [{"id": i, "category": f"cat{i}", "box": [(i - 1) / n, 0.0, (i - 1) / n + a / 10_000, 1.0], "region": "box"}
+                for i, a in enumerate(areas, 1)]
     instruction = "Put " + ", ".join(token(i) for i in range(1, n + 1)) + " together."
     cot = {
         "subjects": [{"id": i, "role": f"{token(i)} is here", "placement": "left"} for i in range(1, n + 1)],
         "relations": [f"{token(i)} near {token(i % n + 1)}" for i in range(1, n + 1)],
     }
-    layout = [(c % (n + 1)) for c in range(64)]
-    return {"subjects": subjects, "instruction": instruction, "cot": cot, "layout": layout}
+    return {"subjects": subjects, "instruction": instruction, "cot": cot, "layout": box_relayout()(subjects)}
 
 
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.integers(1, 10_000), min_size=2, max_size=12))
 def test_decimation_renumbers_consistently(areas):
-    steps = decimate(sample_with(areas))
+    steps = decimate(sample_with(areas), box_relayout())
     assert [len(s["subjects"]) for s in steps] == list(range(len(areas), 1, -1))
     for before, after in zip(steps, steps[1:]):
-        dropped = min(before["subjects"], key=lambda s: (s["area"], -s["id"]))
+        dropped = min(before["subjects"], key=lambda s: (box_area(s["box"]), -s["id"]))
         kept_categories = [s["category"] for s in before["subjects"] if s is not dropped]
         assert [s["category"] for s in after["subjects"]] == kept_categories  # order kept
         assert dropped["category"] in after["instruction"]
@@ -92,3 +98,4 @@ def test_decimation_renumbers_consistently(areas):
         for relation in step["cot"]["relations"]:
             assert mentioned(relation) <= set(ids)
         assert set(step["layout"]) <= {0, *ids}
+        assert step["layout"] == box_relayout()(step["subjects"])  # a fresh layout of who is left
