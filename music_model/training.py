@@ -306,7 +306,11 @@ class RendererTrainer:
     def save_adapter(self, folder: Path) -> None:
         from peft import get_peft_model_state_dict
 
-        type(self.pipeline).save_lora_weights(str(folder), transformer_lora_layers=get_peft_model_state_dict(self.pipeline.transformer))
+        transformer = self.pipeline.transformer
+        # The LoRA config (rank, alpha, targets) goes into the file's metadata, as diffusers' training
+        # scripts save it: without it, loading assumes alpha = rank and any other alpha loads at the wrong strength.
+        type(self.pipeline).save_lora_weights(str(folder), transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                              transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------
