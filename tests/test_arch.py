@@ -109,3 +109,28 @@ def test_every_role_loads_and_runs_a_tiny_arch():
     rows = check_roles(specs)
     assert [row["name"] for row in rows if not row["ok"]] == [], rows
     assert all(load_role(spec).random_weights for spec in specs.values())
+
+
+def test_real_size_forwards_hold_together_on_meta():
+    """Shapes through the real architectures' forwards on `meta` (no compute, no memory): the
+    published values are mutually consistent (heads, rope sections, FLUX's packed latents, Hiera windows)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskGeneration, CLIPModel
+
+    meta = {"device": "meta", "dtype": torch.bfloat16}
+    llm = random_model(AutoModelForCausalLM, ensure_arch("qwen3_8b"), torch.bfloat16, "meta")
+    assert llm(input_ids=torch.zeros(2, 64, dtype=torch.long, device="meta")).logits.shape == (2, 64, 151936)
+    flux = random_pipeline(ensure_arch("flux_dev"), torch.bfloat16, "meta")
+    # 1024 px: a 128x128x16 latent packed 2x2 into 4096 tokens of 64 channels, 512 T5 tokens
+    sample = flux.transformer(
+        hidden_states=torch.zeros(1, 4096, 64, **meta), encoder_hidden_states=torch.zeros(1, 512, 4096, **meta),
+        pooled_projections=torch.zeros(1, 768, **meta), timestep=torch.ones(1, device="meta"),
+        guidance=torch.ones(1, device="meta"), img_ids=torch.zeros(4096, 3, device="meta"),
+        txt_ids=torch.zeros(512, 3, device="meta")).sample
+    assert sample.shape == (1, 4096, 64)
+    assert flux.vae.decode(torch.zeros(1, 16, 128, 128, **meta)).sample.shape == (1, 3, 1024, 1024)
+    sam = random_model(AutoModelForMaskGeneration, ensure_arch("sam2_1_large"), torch.bfloat16, "meta")
+    masks = sam(pixel_values=torch.zeros(1, 3, 1024, 1024, **meta), input_boxes=torch.zeros(1, 2, 4, **meta),
+                multimask_output=False).pred_masks
+    assert masks.shape == (1, 2, 1, 256, 256)
+    clip = random_model(CLIPModel, ensure_arch("clip_l14"), torch.bfloat16, "meta")
+    assert clip.get_image_features(pixel_values=torch.zeros(2, 3, 224, 224, **meta)).pooler_output.shape == (2, 768)
