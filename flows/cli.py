@@ -131,11 +131,24 @@ def build(
 
 @server_app.callback()
 def server(ctx: typer.Context) -> None:
-    """Start (or reuse) the local Prefect server and print its UI address."""
+    """Start (or reuse) the local Prefect server, print its UI address and save a `music` Prefect profile naming it."""
     if ctx.invoked_subcommand is None:
-        from flows.server import ensure_server, ui_url
+        import os
 
-        typer.echo(f"Prefect UI: {ui_url(ensure_server())}")
+        from flows.server import PROFILE, ensure_server, save_profile, ui_url
+
+        external = os.environ.get("PREFECT_API_URL")
+        api = ensure_server()
+        typer.echo(f"Prefect UI: {ui_url(api)}")
+        if external:
+            typer.echo("PREFECT_API_URL is set: the prefect CLI in this shell already uses that server")
+            return
+        path, active = save_profile(api)
+        typer.echo(f"Prefect profile '{PROFILE}': PREFECT_API_URL={api} (saved in {path})")
+        if active == PROFILE:
+            typer.echo(f"The prefect CLI uses it: '{PROFILE}' is the active profile")
+        else:
+            typer.echo(f"The prefect CLI uses the '{active}' profile; to point it at this server: prefect profile use {PROFILE}")
 
 
 @server_app.command("stop")

@@ -1,5 +1,9 @@
 """The local Prefect server the CLI starts or reuses (never Prefect's ephemeral mode, which loses
-task-run records): 127.0.0.1, SQLite in the project's state folder, analytics off."""
+task-run records): 127.0.0.1, SQLite in the project's state folder, analytics off.
+
+The plain `prefect` CLI in a new shell knows nothing of it (its default profile runs a temporary
+server of its own): `save_profile` writes a `music` Prefect profile naming this server's API URL,
+which `prefect profile use music` makes the CLI's default."""
 from __future__ import annotations
 
 import json
@@ -15,6 +19,7 @@ from pathlib import Path
 from music_model.paths import state_dir
 
 DEFAULT_PORT = 4200
+PROFILE = "music"
 
 
 def prefect_home() -> Path:
@@ -74,10 +79,21 @@ def spawn_server(port: int = DEFAULT_PORT) -> tuple[subprocess.Popen, str]:
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
     record = {"pid": process.pid, "port": port, "api_url": api_url, "ui_url": ui_url(api_url)}
-    tmp = _record().with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, _record())
+    _write_text_atomic(_record(), json.dumps(record))
     return process, api_url
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """tasks.engine.write_atomic's temp-then-rename, without its imports (torch): the server
+    commands stay fast. Owner-only permissions, as Prefect gives its profiles file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def wait_healthy(process: subprocess.Popen, api_url: str, timeout: float = 90.0) -> None:
@@ -129,6 +145,24 @@ def stop_server(timeout: float = 30.0) -> bool:
         time.sleep(0.2)
     _record().unlink(missing_ok=True)
     return True
+
+
+def save_profile(api_url: str) -> tuple[Path, str | None]:
+    """Create or update the `music` profile (PREFECT_API_URL = `api_url`) in the profiles file the
+    `prefect` CLI reads ($PREFECT_PROFILES_PATH, default ~/.prefect/profiles.toml), as `prefect
+    profile create` + `prefect config set` would. The active profile is left alone: switching the
+    user's Prefect to our server is their call (`prefect profile use music`). Returns the file and
+    the active profile's name."""
+    import toml
+    from prefect.settings import PREFECT_API_URL, get_current_settings, load_profiles
+    from prefect.settings.profiles import DEFAULT_PROFILES_PATH
+
+    profiles = load_profiles()
+    profiles.update_profile(PROFILE, {PREFECT_API_URL: api_url})
+    path = get_current_settings().profiles_path
+    # What prefect.settings.save_profiles writes (the user's profiles, not Prefect's built-in ones), atomically.
+    _write_text_atomic(path, toml.dumps(profiles.without_profile_source(DEFAULT_PROFILES_PATH).to_dict()))
+    return path, os.environ.get("PREFECT_PROFILE") or profiles.active_name
 
 
 def ui_url(api_url: str) -> str:

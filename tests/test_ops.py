@@ -203,3 +203,22 @@ def test_bad_runner_choices_fail_before_any_work(tmp_path):
         done = music("build", str(spec), *args)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
     assert not (tmp_path / "out").exists()
+
+
+def test_server_profile_names_the_server_and_keeps_the_users_profiles(tmp_path):
+    """`music server`'s `music` profile: created, then updated in place (a new port), beside the
+    user's own profiles and their active choice, owner-only like Prefect's own file."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_PROFILES_PATH, load_profiles, temporary_settings
+
+    from flows.server import save_profile
+
+    path = tmp_path / "profiles.toml"
+    path.write_text('active = "mine"\n\n[profiles.mine]\nPREFECT_API_URL = "http://10.0.0.1:4200/api"\n')
+    with temporary_settings({PREFECT_PROFILES_PATH: path}):
+        assert save_profile("http://127.0.0.1:4200/api") == (path, "mine")
+        assert save_profile("http://127.0.0.1:4301/api") == (path, "mine")
+        profiles = load_profiles()
+    assert profiles.active_name == "mine"
+    assert profiles["music"].settings[PREFECT_API_URL] == "http://127.0.0.1:4301/api"
+    assert profiles["mine"].settings[PREFECT_API_URL] == "http://10.0.0.1:4200/api"
+    assert path.stat().st_mode & 0o777 == 0o600
