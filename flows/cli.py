@@ -27,13 +27,29 @@ from flows.plan_cli import plan_command
 app.command("plan")(plan_command)
 
 
-def quiet_model_progress_bars() -> None:
-    """Per-file weight-loading bars drown the run's own progress lines."""
-    import diffusers
-    import transformers
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", help="Show the library messages filtered as known and harmless "
+                                      "(warnings, progress bars, Prefect's hook lines); set for every process it starts.")) -> None:
+    import logging
+    import os
 
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.disable_progress_bar()
+    from music_model.noise import VERBOSE_ENV, drop_log, quiet_progress_bars
+
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    quiet_progress_bars()
+    # Prefect logs two INFO lines around our on_running hook (flows/monitor.py) in every flow run: nothing to act on.
+    drop_log("prefect.engine", "'on_flow_running'", logging.INFO)
+
+
+def quiet_model_progress_bars() -> None:
+    """Per-file weight-loading bars drown the run's own progress lines (music_model.noise)."""
+    import diffusers  # noqa: F401  imported here so that their switches are turned off now
+    import transformers  # noqa: F401
+
+    from music_model.noise import quiet_progress_bars
+
+    quiet_progress_bars()
 
 
 def _size(folder: Path) -> int:

@@ -399,6 +399,14 @@ def planner_prompt(instruction: str, categories: Sequence[str | None], grid: int
     return PROMPT.format(subjects=subjects, instruction=instruction, grid=grid)
 
 
+def drop_peft_checkpointing_warning() -> None:
+    """peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model
+    (a FutureWarning per wrap); nothing of ours uses it, and the fix is peft's."""
+    from music_model.noise import drop_warning
+
+    drop_warning("`is_gradient_checkpointing` is deprecated", FutureWarning)
+
+
 class Planner:
     """The planner model: a loaded `vlm` role (processor, model, structured decoder) that writes
     plans under the plan grammar."""
@@ -424,6 +432,7 @@ class Planner:
         from music_model.structured import StructuredDecoder
 
         vlm = TransformersVLM(spec)
+        drop_peft_checkpointing_warning()
         model = PeftModel.from_pretrained(vlm.model, str(adapter))
         vlm.model = (model.merge_and_unload() if merge else model).eval()
         vlm.decoder = StructuredDecoder(vlm.model, vlm.processor.tokenizer)

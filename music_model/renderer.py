@@ -84,10 +84,40 @@ def render_prompt(instruction: str, plan: Plan, categories: Sequence[str | None]
 def quiet_prompt_truncation(pipeline) -> None:
     """The CoT-enriched prompt is longer than CLIP's 77 tokens by design: CLIP (the pooled embedding)
     reads its first 77 tokens, the instruction; T5 reads all of it. The pipeline would warn on every
-    call, so its module's logger shows errors only."""
+    call, so its module's logger shows errors only, and transformers' "Token indices sequence length
+    is longer ... will result in indexing errors" (the pipeline truncates: no such error) is dropped.
+    `note_clip_cut` says it once, in our words."""
     import logging
 
-    logging.getLogger(type(pipeline).__module__).setLevel(logging.ERROR)
+    from music_model.noise import drop_log, verbose
+
+    if not verbose():
+        logging.getLogger(type(pipeline).__module__).setLevel(logging.ERROR)
+    drop_log("transformers.tokenization_utils_base", "Token indices sequence length is longer than the specified maximum")
+
+
+_noted_cuts: set[str] = set()
+
+
+def note_clip_cut(pipeline, prompts: Sequence[str], stage: str) -> None:
+    """One line per process and `stage`, the first time prompts run past CLIP's window: how many,
+    and the start of what CLIP does not see."""
+    import logging
+
+    tokenizer = getattr(pipeline, "tokenizer", None)
+    if stage in _noted_cuts or tokenizer is None:
+        return
+    limit = tokenizer.model_max_length
+    ids = tokenizer(list(prompts), verbose=False)["input_ids"]
+    cut = [row for row in ids if len(row) > limit]
+    if not cut:
+        return
+    _noted_cuts.add(stage)
+    unseen = tokenizer.decode(cut[0][limit - 1:], skip_special_tokens=True)
+    logging.getLogger(__name__).warning(
+        f"{stage}: renderer prompts run past CLIP's {limit} tokens ({len(cut)} of the first {len(ids)}, up to "
+        f"{max(map(len, cut))}); T5 reads them whole, CLIP misses e.g. \"{unseen[:60]}{'...' if len(unseen) > 60 else ''}\" "
+        "(said once)")
 
 
 class Renderer:
@@ -104,12 +134,15 @@ class Renderer:
         """The renderer of an `editor` role spec. With `adapter` (a LoRA folder in diffusers' format,
         as training saves it) the pipeline is a private copy, not the cached role's, with the adapter
         loaded and, with `fuse`, merged into the transformer's weights."""
+        from music_model.noise import drop_log
         from music_model.roles import load_role
         from music_model.roles.editor import DiffusersEditor
 
         if adapter is None:
             return cls(load_role(spec), background)
         editor = DiffusersEditor(spec)
+        # Training adapts the transformer only: no text-encoder keys is the expected case, not a problem.
+        drop_log("diffusers.loaders.lora_base", "No LoRA keys associated to CLIPTextModel")
         editor.pipeline.load_lora_weights(str(adapter), adapter_name="music")
         if fuse:
             editor.pipeline.fuse_lora(adapter_names=["music"])
@@ -126,6 +159,7 @@ class Renderer:
         width, height = self.editor.check_size(width, height)
         canvases = [layout_canvas(refs, plan, width, height, self.background) for refs, plan in zip(references, plans)]
         prompts = [render_prompt(i, p, c) for i, p, c in zip(instructions, plans, categories)]
+        note_clip_cut(self.editor.pipeline, prompts, "generate")
         with self.editor.lock:
             return self.editor.edit(canvases, prompts, [int(s) for s in seeds], width=width, height=height)
 

@@ -51,8 +51,8 @@ from PIL import Image, ImageOps
 
 from data_specs.train import RESUMABLE_CHANGES, TrainSpec
 from music_model.images import from_struct
-from music_model.planner import Plan, PlanBounds, PlanError, Planner, format_plan, plan_from_sample
-from music_model.renderer import flow_matching_loss, layout_canvas, quiet_prompt_truncation, render_prompt
+from music_model.planner import Plan, PlanBounds, PlanError, Planner, drop_peft_checkpointing_warning, format_plan, plan_from_sample
+from music_model.renderer import flow_matching_loss, layout_canvas, note_clip_cut, quiet_prompt_truncation, render_prompt
 
 COLUMNS = ["id", "num_subjects", "image", "instruction", "cot", "layout", "categories", "references"]
 IGNORE_INDEX = -100
@@ -162,6 +162,7 @@ class PlannerTrainer:
         vlm.model.requires_grad_(False)
         config = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                             target_modules=spec.lora.planner_targets)
+        drop_peft_checkpointing_warning()
         self.model = get_peft_model(vlm.model, config)
         if spec.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -285,6 +286,7 @@ class RendererTrainer:
     def loss(self, samples: list[Sample], generator: torch.Generator) -> torch.Tensor:
         canvases = [layout_canvas(s.references, s.plan, self.width, self.height, self.background) for s in samples]
         prompts = [render_prompt(s.instruction, s.plan, s.categories) for s in samples]
+        note_clip_cut(self.pipeline, prompts, "train")
         p = self.params
         with _autocast(self.device, self.dtype):
             return flow_matching_loss(self.pipeline, self.images([s.image for s in samples]), self.images(canvases), prompts,

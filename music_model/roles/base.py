@@ -129,6 +129,9 @@ class Role:
         else:
             from diffusers import DiffusionPipeline
 
+            from music_model.noise import quiet_progress_bars
+
+            quiet_progress_bars()  # diffusers' "Loading pipeline components" bar
             # diffusers takes a device type here ("cuda"), which means the current device: _on_device sets it.
             direct = self.device.type == "cuda" and self.spec.offload == "none"
             with self._on_device():
