@@ -189,7 +189,8 @@ def test_a_tiny_vlm_with_a_small_spec_budget_still_finishes_every_annotation(tmp
     schema = annotate.annotation_schema(80, 2)
     images = [[Image.new("RGB", (64, 64), (k * 40, 80, 120))] for k in range(2)]
     results = vlm.generate(images, ["Describe <s1>."] * 2, schema, [0, 1])
-    assert all(r.ok and r.attempts == 1 for r in results), [r.error for r in results]
+    # (A random model's text can still fail validation: it may emit byte tokens that decode to U+FFFD.)
+    assert all(r.ok or "unfinished" not in r.error for r in results), [r.error for r in results]
 
 
 # --- 4. explicit, recorded sampling
