@@ -14,11 +14,12 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.futures import as_completed
 
 from data_specs.build import BuildSpec, canonical_json, load_build_spec
-from flows.monitor import on_flow_running
-from flows.runners import ShardPlacement, default_task_runner
-from music_model.roles import total_model_loads
+from flows.monitor import on_flow_running, stop_promptly
+from flows.run_names import run_name
+from flows.runners import default_task_runner, shard_placement
+from music_model.roles import release_roles
 from tasks.engine import build_dir, done_marker, fingerprint, num_shards, root_fingerprint, stage_dir, write_atomic
-from tasks.pipeline import GPU_STAGES, STAGES, publish_dataset, stage_shard
+from tasks.pipeline import STAGES, enter_stage, publish_dataset, stage_shard
 from tasks.publish import published_stats
 
 
@@ -42,7 +43,15 @@ def stage_table(stage: str, results: list[dict], wall: float) -> dict:
         "task_seconds": round(seconds, 2), "model_seconds": round(sum(r["model_seconds"] for r in worked), 2),
         "wall_seconds": round(wall, 2), "samples_per_s": round(sum(r["rows_in"] for r in worked) / wall, 2) if wall else 0.0,
         "model_loads": sum(r["model_loads"] for r in worked),
+        "load_seconds": round(sum(r.get("load_seconds", 0.0) for r in worked), 2),
+        "peak_device_gib": peak_gib(worked), "oom_retries": sum(r.get("oom_retries", 0) for r in worked),
     }
+
+
+def peak_gib(results: list[dict]) -> float | None:
+    """The largest accelerator memory peak of the shards, GiB; None when no shard ran on one."""
+    peaks = [r["peak_device_bytes"] for r in results if r.get("peak_device_bytes") is not None]
+    return round(max(peaks) / 2**30, 2) if peaks else None
 
 
 def report(spec: BuildSpec, tables: list[dict], stats: dict, wall: float, out: Path) -> str:
@@ -50,13 +59,14 @@ def report(spec: BuildSpec, tables: list[dict], stats: dict, wall: float, out: P
         f"# Build report: {spec.name}", "",
         f"- published samples: {stats['samples']} (from {stats['sources']} source images)",
         f"- subject counts: {stats['subject_counts']}", f"- wall time: {wall:.1f} s", f"- output: {out}", "",
-        "| stage | shards (skipped) | in | kept | dropped by reason | task s | model s | samples/s | loads |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| stage | shards (skipped) | in | kept | dropped by reason | task s | model s | samples/s | loads | load s | peak GiB | OOM halvings |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in tables:
         lines.append(
             f"| {t['stage']} | {t['shards']} ({t['shards_skipped']}) | {t['rows_in']} | {t['kept']} | {t['dropped_by_reason']} "
-            f"| {t['task_seconds']} | {t['model_seconds']} | {t['samples_per_s']} | {t['model_loads']} |"
+            f"| {t['task_seconds']} | {t['model_seconds']} | {t['samples_per_s']} | {t['model_loads']} | {t['load_seconds']} "
+            f"| {'-' if t['peak_device_gib'] is None else t['peak_device_gib']} | {t['oom_retries']} |"
         )
     publish_row = stats["funnel"][-1]
     lines += ["", f"publish: {publish_row['rows_in']} in, {publish_row['rows_out']} published, dropped {publish_row['dropped'] or '-'}",
@@ -86,46 +96,48 @@ def run_stages(spec: BuildSpec) -> StagesRun:
     shards, spec_json = num_shards(spec), spec.model_dump_json()
     upstream, upstream_dir = root_fingerprint(spec), None
     run = StagesRun(spec_json, shards, upstream, out)
-    placement = ShardPlacement.for_this_run()
-    for stage in STAGES:
-        fp = fingerprint(stage, spec, upstream)
-        stage_start = time.perf_counter()
-        progress = create_progress_artifact(0.0, key=artifact_key(spec.name, stage.name, "progress"),
-                                            description=f"{stage.name}: shards done of {shards}")
-        # Completed shards are read from their markers: a rerun submits task runs only for work.
-        results = [m for k in range(shards) if (m := done_marker(spec, stage.name, fp, k))]
-        todo = [k for k in range(shards) if k not in {r["shard"] for r in results}]
-        gpu_stage = stage.name in GPU_STAGES
-        with placement.submitting(gpu_stage):
-            futures = stage_shard.with_options(tags=[f"stage:{stage.name}"]).map(
-                stage_name=unmapped(stage.name), spec_json=unmapped(spec_json), shard=todo,
-                fingerprint=unmapped(fp), upstream_dir=unmapped(str(upstream_dir) if upstream_dir else None),
-                gpu_limit=unmapped(placement.task_limit(gpu_stage)),
-            ) if todo else []
-        for future in as_completed(futures):
-            results.append(future.result())
-            update_progress_artifact(progress, 100.0 * len(results) / shards)
-        update_progress_artifact(progress, 100.0)
-        run.task_runs += len(todo)
-        results.sort(key=lambda r: r["shard"])
-        table = stage_table(stage.name, results, time.perf_counter() - stage_start)
-        run.tables.append(table)
-        run.summaries.extend(results)
-        create_table_artifact([table], key=artifact_key(spec.name, stage.name),
-                              description=f"{stage.name}: kept, dropped by reason, time, throughput")
-        logger.info("%-10s kept %d of %d (%s) in %.1f s", stage.name, table["kept"], table["rows_in"],
-                    table["dropped_by_reason"], table["wall_seconds"])
-        upstream, upstream_dir = fp, stage_dir(spec, stage.name, fp)
+    with stop_promptly(), shard_placement() as placement:
+        for stage in STAGES:
+            enter_stage(spec, stage.name)  # the registry frees the models this stage does not use
+            fp = fingerprint(stage, spec, upstream)
+            stage_start = time.perf_counter()
+            progress = create_progress_artifact(0.0, key=artifact_key(spec.name, stage.name, "progress"),
+                                                description=f"{stage.name}: shards done of {shards}")
+            # Completed shards are read from their markers: a rerun submits task runs only for work.
+            results = [m for k in range(shards) if (m := done_marker(spec, stage.name, fp, k))]
+            todo = [k for k in range(shards) if k not in {r["shard"] for r in results}]
+            task_placement, submitting = placement.for_stage(stage.name, len(todo))
+            with submitting:
+                futures = stage_shard.with_options(tags=[f"stage:{stage.name}"]).map(
+                    stage_name=unmapped(stage.name), spec_json=unmapped(spec_json), shard=todo,
+                    fingerprint=unmapped(fp), upstream_dir=unmapped(str(upstream_dir) if upstream_dir else None),
+                    placement=unmapped(task_placement),
+                ) if todo else []
+            for future in as_completed(futures):
+                results.append(future.result())
+                update_progress_artifact(progress, 100.0 * len(results) / shards)
+            update_progress_artifact(progress, 100.0)
+            run.task_runs += len(todo)
+            results.sort(key=lambda r: r["shard"])
+            table = stage_table(stage.name, results, time.perf_counter() - stage_start)
+            run.tables.append(table)
+            run.summaries.extend(results)
+            create_table_artifact([table], key=artifact_key(spec.name, stage.name),
+                                  description=f"{stage.name}: kept, dropped by reason, time, throughput")
+            logger.info("%-10s kept %d of %d (%s) in %.1f s", stage.name, table["kept"], table["rows_in"],
+                        table["dropped_by_reason"], table["wall_seconds"])
+            upstream, upstream_dir = fp, stage_dir(spec, stage.name, fp)
+    release_roles()
     run.upstream, run.upstream_dir = upstream, upstream_dir
     return run
 
 
-@flow(name="build-training-set", flow_run_name="build-{spec_path}", log_prints=True,
+@flow(name="build-training-set", flow_run_name=run_name("build"), log_prints=True,
       task_runner=default_task_runner(), on_running=[on_flow_running])
 def build_training_set(spec_path: str) -> dict:
     """Run every stage over every shard of the spec, then publish the dataset."""
     logger = get_run_logger()
-    started, loads_before = time.perf_counter(), total_model_loads()
+    started = time.perf_counter()
     spec = load_build_spec(spec_path)
     run = run_stages(spec)
     publish_fp = hashlib.sha256(canonical_json({"publish": spec.publish.model_dump(), "near_duplicate": spec.filter.near_duplicate_clip,
@@ -141,4 +153,4 @@ def build_training_set(spec_path: str) -> dict:
     create_markdown_artifact(text, key=artifact_key(spec.name, "report"), description=f"build report of {spec.name}")
     logger.info("published %d samples to %s", stats["samples"], dataset)
     return {"dataset": str(dataset), "samples": stats["samples"], "task_runs": run.task_runs, "wall_seconds": round(wall, 2),
-            "model_loads": total_model_loads() - loads_before, "stages": run.tables, "funnel": stats["funnel"]}
+            "model_loads": sum(t["model_loads"] for t in run.tables), "stages": run.tables, "funnel": stats["funnel"]}

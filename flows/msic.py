@@ -10,8 +10,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from data_specs.build import BuildSpec, load_build_spec
 from flows.build import artifact_key, run_stages
 from flows.monitor import on_flow_running
+from flows.run_names import run_name
 from flows.runners import default_task_runner
-from music_model.roles import total_model_loads
 from tasks.msic import publish_msic
 
 
@@ -22,12 +22,12 @@ def publish_msic_task(spec_json: str, filter_dir: str, shards: int, version: str
     return publish_msic(BuildSpec.model_validate_json(spec_json), Path(filter_dir), shards)
 
 
-@flow(name="build-msic", flow_run_name="msic-{spec_path}", log_prints=True, task_runner=default_task_runner(),
+@flow(name="build-msic", flow_run_name=run_name("msic"), log_prints=True, task_runner=default_task_runner(),
       on_running=[on_flow_running])
 def build_msic(spec_path: str) -> dict:
     """Regenerate the MSIC benchmark from a spec with an `msic` section."""
     logger = get_run_logger()
-    started, loads_before = time.perf_counter(), total_model_loads()
+    started = time.perf_counter()
     spec = load_build_spec(spec_path)
     if spec.msic is None:
         raise ValueError(f"{spec_path}: not a benchmark spec (it has no `msic` section)")
@@ -40,4 +40,4 @@ def build_msic(spec_path: str) -> dict:
         f"- per subject count: {result['counts']}\n", key=artifact_key(spec.name, "msic-report"))
     logger.info("published %d MSIC cases to %s", result["cases"], result["msic"])
     return {**result, "task_runs": run.task_runs + 1, "stages": run.tables, "wall_seconds": round(time.perf_counter() - started, 2),
-            "model_loads": total_model_loads() - loads_before}
+            "model_loads": sum(t["model_loads"] for t in run.tables)}

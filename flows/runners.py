@@ -1,11 +1,13 @@
 """Where a flow's shard tasks run.
 
-- `local` (the default): a bounded thread pool in the flow's process; GPU stages also hold a slot
-  of a Prefect global concurrency limit named after this host and its visible GPUs, so flows that
-  share a machine never put more models on its GPUs than it has GPUs.
+- `local` (the default): a bounded thread pool in the flow's process; a shard of a stage that
+  runs models holds one of this machine's device slots (one per GPU, see
+  `music_model.roles.slots`) and its models load on that GPU, so N GPUs run N shards at once and
+  flows that share a machine never put more shards on a GPU than one.
 - `ray`: prefect-ray's RayTaskRunner on an existing cluster, named by its GCS address
-  (`127.0.0.1:6379`). GPU stages ask Ray for GPUs; CPU stages don't. prefect-ray treats "auto" as
-  "start a new local Ray", and `ray://` clients break with Ray's token auth, so both are refused.
+  (`127.0.0.1:6379`). A model stage runs on actors that ask Ray for GPUs and keep their models
+  for the stage; CPU stages run as plain tasks. prefect-ray treats "auto" as "start a new local
+  Ray", and `ray://` clients break with Ray's token auth, so both are refused.
 
 Deployment runs pick the runner from `MUSIC_RUNNER` / `MUSIC_RAY_ADDRESS` (set them as job
 variables); the CLI passes `--runner` / `--ray-address`. Prefect is imported lazily: the CLI checks
@@ -13,19 +15,22 @@ the choice before it starts the server, and Prefect must be imported after that.
 from __future__ import annotations
 
 import os
-import re
-import socket
 import sys
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+import uuid
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from prefect.task_runners import TaskRunner
 
+    from tasks.pipeline import Placement
+
 RUNNERS = ("local", "ray")
 LOCAL_WORKERS = 2
+RAY_RETRIES = 2
 # Environment the Ray workers need to find the zoo, the Prefect server and relative output roots.
 FORWARDED_ENV_PREFIXES = ("MUSIC_", "PREFECT_", "HF_", "TRANSFORMERS_")
 DRIVER_DIR_ENV = "MUSIC_DRIVER_DIR"
@@ -90,67 +95,80 @@ def _is_ray(runner: TaskRunner) -> bool:
     return ray_runners is not None and isinstance(runner, ray_runners.RayTaskRunner)
 
 
-def visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def gpu_limit_name() -> str:
-    """One limit per machine and set of visible GPUs: one worker per GPU gets a limit per GPU."""
-    devices = os.environ.get("CUDA_VISIBLE_DEVICES", "all") or "none"
-    return re.sub(r"[^a-z0-9-]+", "-", f"gpu-slots-{socket.gethostname()}-{devices}".lower()).strip("-")
-
-
-@dataclass(frozen=True)
+@dataclass
 class ShardPlacement:
-    """How a flow run places its stages' shard tasks: on the local pool GPU stages take a slot of
-    `gpu_limit`; on Ray they ask for `ray_gpus` GPUs each."""
+    """How a flow run places its stages' shards. Local: model stages hold one of this machine's
+    device slots per shard (`cpu_slots` of them on a machine without GPUs). Ray: model stages run
+    on `ray_actors` actors asking for `ray_gpus` GPUs each, started at the first model stage and
+    kept for the run; each keeps a stage's models for all the shards it serves and frees them when
+    it moves to the next stage (loads = actors x model stages)."""
     runner: str
-    gpu_limit: str | None = None
-    gpu_slots: int = 0
+    cpu_slots: int = LOCAL_WORKERS
     ray_gpus: float = 0.0
+    ray_actors: int = 0
+    actors: list = field(default_factory=list)
+    actor_names: tuple[str, ...] = ()
 
-    @classmethod
-    def for_this_run(cls) -> "ShardPlacement":
-        """For the running flow's task runner; call inside a flow (the runner has started)."""
-        from prefect import get_run_logger
-        from prefect.context import FlowRunContext
+    def for_stage(self, stage_name: str, shards: int) -> tuple[Placement, AbstractContextManager]:
+        """Where a stage's tasks run, and a context to submit them in."""
+        from tasks.pipeline import MODEL_STAGES, Placement
 
-        runner = FlowRunContext.get().task_runner
-        if _is_ray(runner):
+        if self.runner == "local" or stage_name not in MODEL_STAGES or not shards:
+            return Placement(cpu_slots=self.cpu_slots), nullcontext()
+        from prefect_ray.context import remote_options
+
+        if not self.actors:
+            self._start_actors()
+        # The tasks only wait for an actor: they take no CPU the actors need.
+        return Placement(actors=self.actor_names), remote_options(num_cpus=0)
+
+    def _start_actors(self) -> None:
+        import ray
+
+        from tasks.pipeline import RAY_NAMESPACE, ShardWorker
+
+        # A worker process that dies (killed, OOM) is restarted and its shard retried; the shard is
+        # written atomically and marked last, so a retry makes the same bytes. The actors reserve no
+        # CPU: they live for the run, and the CPU stages' tasks between model stages need the CPUs.
+        worker = ray.remote(num_cpus=0, num_gpus=self.ray_gpus, max_restarts=RAY_RETRIES, max_task_retries=RAY_RETRIES)(ShardWorker)
+        self.actor_names = tuple(f"music-shard-worker-{uuid.uuid4().hex[:12]}-{i}" for i in range(self.ray_actors))
+        self.actors = [worker.options(name=name, namespace=RAY_NAMESPACE).remote() for name in self.actor_names]
+
+    def close(self) -> None:
+        """Stop the run's actors (their models go with them)."""
+        if self.actors:
             import ray
 
-            cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
-            wanted = float(os.environ.get("MUSIC_RAY_GPUS_PER_SHARD", "1"))
-            if not cluster_gpus:
-                get_run_logger().warning("the Ray cluster has no GPUs: GPU stages run on its CPUs")
-            return cls("ray", ray_gpus=min(wanted, cluster_gpus))
-        # Without GPUs the pool's bound is the only limit; the slots then keep the same code path.
-        slots = visible_gpus() or getattr(runner, "_max_workers", None) or LOCAL_WORKERS
-        name = gpu_limit_name()
-        ensure_concurrency_limit(name, slots)
-        return cls("local", gpu_limit=name, gpu_slots=slots)
-
-    def task_limit(self, gpu_stage: bool) -> str | None:
-        """The concurrency limit a stage's task holds a slot of while it runs."""
-        return self.gpu_limit if gpu_stage else None
-
-    def submitting(self, gpu_stage: bool) -> AbstractContextManager:
-        """Wrap a stage's `map` in it: on Ray, GPU stages' tasks ask for GPUs."""
-        if self.runner == "ray" and gpu_stage and self.ray_gpus:
-            from prefect_ray.context import remote_options
-
-            return remote_options(num_gpus=self.ray_gpus)
-        return nullcontext()
+            for actor in self.actors:
+                ray.kill(actor)
+            self.actors = []
 
 
-def ensure_concurrency_limit(name: str, slots: int) -> None:
-    """Create the global concurrency limit, or set its size (tasks acquire it with strict=True)."""
-    from prefect import get_client
+@contextmanager
+def shard_placement() -> Iterator[ShardPlacement]:
+    """The placement for the running flow's task runner; call inside a flow (the runner has started)."""
+    from prefect import get_run_logger
+    from prefect.context import FlowRunContext
 
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, slots)
+    runner = FlowRunContext.get().task_runner
+    if not _is_ray(runner):
+        yield ShardPlacement("local", cpu_slots=getattr(runner, "_max_workers", None) or LOCAL_WORKERS)
+        return
+    import ray
+
+    resources = ray.cluster_resources()
+    cluster_gpus = resources.get("GPU", 0.0)
+    wanted = float(os.environ.get("MUSIC_RAY_GPUS_PER_SHARD", "1"))
+    if cluster_gpus:
+        gpus = min(wanted, cluster_gpus)
+        placement = ShardPlacement("ray", ray_gpus=gpus, ray_actors=max(1, int(cluster_gpus // gpus)))
+    else:
+        get_run_logger().warning("the Ray cluster has no GPUs: model stages run on its CPUs")
+        placement = ShardPlacement("ray", ray_actors=max(1, int(resources.get("CPU", 1))))
+    try:
+        yield placement
+    finally:
+        placement.close()
 
 
 def project_root() -> Path:

@@ -21,7 +21,9 @@ import pyarrow.parquet as pq
 
 from data_specs.build import STAGE_ROLES, BuildSpec, canonical_json
 from data_specs.schemas import DROPPED, WORK
-from music_model.roles import load_role, thread_model_loads
+from music_model.roles import (load_role, peak_memory_bytes, reset_peak_memory, thread_load_seconds, thread_model_loads,
+                               thread_oom_retries)
+from music_model.roles.slots import current_device
 
 
 def stable_int(*parts: Any) -> int:
@@ -144,7 +146,12 @@ def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: 
         return done
     out_dir = stage_dir(spec, stage.name, fp)
     marker = out_dir / f"{shard_name(shard)}.done.json"
-    start, loads_before = time.perf_counter(), thread_model_loads()
+    # Temporary files of a process killed mid-write: the shard is redone from scratch.
+    for stale in out_dir.glob(f".{shard_name(shard)}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    start, loads_before, load_seconds_before, oom_before = time.perf_counter(), thread_model_loads(), thread_load_seconds(), thread_oom_retries()
+    device = current_device()
+    reset_peak_memory(device)
     if upstream_dir is None:
         rows = [{"index": i} for i in range(shard * spec.shard_size, min((shard + 1) * spec.shard_size, spec.num_source_images))]
     else:
@@ -167,6 +174,10 @@ def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: 
         "seconds": round(time.perf_counter() - start, 4),
         "model_seconds": round(context.model_seconds, 4),
         "model_loads": thread_model_loads() - loads_before,
+        "load_seconds": round(thread_load_seconds() - load_seconds_before, 4),
+        "oom_retries": thread_oom_retries() - oom_before,
+        "device": device,
+        "peak_device_bytes": peak_memory_bytes(device),
     }
     write_atomic(marker, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
     return {**summary, "skipped": False}

@@ -1,39 +1,87 @@
 """The training-set stages in order, and their Prefect task wrappers (one task run per stage and
-shard; results are small dicts, never images)."""
+shard; results are small dicts, never images).
+
+Where a shard's models run:
+- in the flow's process (the local runner): a stage with roles holds a device slot of this
+  machine while it runs (`music_model.roles.slots`), and its roles load on that slot's device;
+- on a Ray cluster: the task hands the shard to one of the stage's `ShardWorker` actors, which keep
+  their models for the whole stage (loads = actors x model stages, not shards) and are restarted,
+  with the shard retried, when their process dies.
+"""
 from __future__ import annotations
 
-from contextlib import nullcontext
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import task
-from prefect.concurrency.sync import concurrency
+from prefect import get_run_logger, runtime, task
 
-from data_specs.build import BuildSpec
-from tasks import annotate, compose, decimate, detect, filter, layout, publish, rerender, synthesize, verify
+from data_specs.build import STAGE_ROLES, BuildSpec
+from music_model.roles import release_roles
+from music_model.roles.slots import Slot, device_slot, machine_slots
+from tasks import annotate, compose, decimate, detect, layout, publish, rerender, synthesize, verify
+from tasks import filter as filter_stage
 from tasks.engine import Stage, run_shard
 
 STAGES: list[Stage] = [
     compose.STAGE, synthesize.STAGE, detect.STAGE, verify.STAGE, rerender.STAGE,
-    annotate.STAGE, layout.STAGE, decimate.STAGE, filter.STAGE,
+    annotate.STAGE, layout.STAGE, decimate.STAGE, filter_stage.STAGE,
 ]
 BY_NAME = {stage.name: stage for stage in STAGES}
-GPU_STAGES = {"compose", "synthesize", "detect", "verify", "rerender", "annotate", "layout", "filter"}
-# A killed process's GPU slots come back when their lease runs out (the default 300 s would stall
-# the next run that long); a late renewal must not fail a long shard, so it does not raise.
-GPU_SLOT_LEASE_SECONDS = 60
+# Stages that run models take a device slot (locally) or run on actors (Ray); decimate runs none.
+MODEL_STAGES = {stage.name for stage in STAGES if STAGE_ROLES[stage.name]}
+RAY_NAMESPACE = "music"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a stage's shards run: `slots` = this machine's device slots with `cpu_slots` on a
+    machine without GPUs; `actors` = the names of the stage's Ray actors (shard k goes to k mod n)."""
+    cpu_slots: int = 0
+    actors: tuple[str, ...] = ()
+
+
+@functools.cache
+def _machine_slots(cpu_slots: int) -> list[Slot]:
+    return machine_slots(cpu_slots)
+
+
+def enter_stage(spec: BuildSpec, stage_name: str) -> None:
+    """Free every model this stage does not use. A stage without models frees nothing: the next
+    model stage may share them (layout and filter both use clip, decimate runs between them)."""
+    if stage_name in MODEL_STAGES:
+        release_roles(keep=[spec.roles[name] for name in STAGE_ROLES[stage_name]])
+
+
+def run_stage_shard(stage_name: str, spec_json: str, shard: int, fingerprint: str, upstream_dir: str | None) -> dict:
+    """One shard in this process, with only its stage's models resident (a Ray actor or worker
+    process that served an earlier stage frees that stage's models first)."""
+    spec = BuildSpec.model_validate_json(spec_json)
+    enter_stage(spec, stage_name)
+    return run_shard(BY_NAME[stage_name], spec, shard, fingerprint, Path(upstream_dir) if upstream_dir else None)
+
+
+class ShardWorker:
+    """A Ray actor that runs one stage's shards and keeps that stage's models between them."""
+
+    def run(self, stage_name: str, spec_json: str, shard: int, fingerprint: str, upstream_dir: str | None) -> dict:
+        return run_stage_shard(stage_name, spec_json, shard, fingerprint, upstream_dir)
 
 
 @task(name="stage-shard", task_run_name="{stage_name}-shard-{shard:05d}")
 def stage_shard(stage_name: str, spec_json: str, shard: int, fingerprint: str, upstream_dir: str | None,
-                gpu_limit: str | None = None) -> dict:
-    """`gpu_limit`: a global concurrency limit to hold a slot of while the shard runs (GPU stages on
-    the local runner; the flow creates the limit, strict so a missing one fails loudly)."""
-    spec = BuildSpec.model_validate_json(spec_json)
-    upstream = Path(upstream_dir) if upstream_dir else None
-    slot = concurrency(gpu_limit, occupy=1, strict=True, lease_duration=GPU_SLOT_LEASE_SECONDS,
-                       raise_on_lease_renewal_failure=False) if gpu_limit else nullcontext()
-    with slot:
-        return run_shard(BY_NAME[stage_name], spec, shard, fingerprint, upstream)
+                placement: Placement = Placement()) -> dict:
+    args = (stage_name, spec_json, shard, fingerprint, upstream_dir)
+    if placement.actors:
+        import ray
+
+        actor = ray.get_actor(placement.actors[shard % len(placement.actors)], namespace=RAY_NAMESPACE)
+        return ray.get(actor.run.remote(*args))
+    if stage_name not in MODEL_STAGES:
+        return run_stage_shard(*args)
+    holder = {"what": f"{stage_name}-shard-{shard:05d}", "flow_run": f"{runtime.flow_run.name} ({runtime.flow_run.id})"}
+    with device_slot(_machine_slots(placement.cpu_slots), holder, log=get_run_logger().warning):
+        return run_stage_shard(*args)
 
 
 @task(name="publish", task_run_name="publish-{fingerprint}")

@@ -13,12 +13,17 @@ from __future__ import annotations
 import gc
 import importlib
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from data_specs.roles import RoleSpec, parse_role_spec
-from music_model.roles.base import Role, resolve_device
+from music_model.roles.base import Role, peak_memory_bytes, reset_peak_memory, resolve_device, thread_oom_retries
+
+__all__ = ["BACKENDS", "cached", "clear_cache", "free_accelerator_memory", "load_role", "model_loads", "peak_memory_bytes",
+           "release_roles", "reset_peak_memory", "resident_roles", "role_class", "thread_load_seconds", "thread_model_loads",
+           "thread_oom_retries", "total_model_loads"]
 
 # (role, backend) -> "module:Class"; imported lazily so a CPU-only stage never imports diffusers.
 BACKENDS: dict[tuple[str, str], str] = {
@@ -56,9 +61,11 @@ def cached(key: str, device: str, factory: Callable[[], Any]) -> Any:
         lock = _locks.setdefault(slot, threading.Lock())
     with lock:  # two threads asking for the same model load it once
         if slot not in _cache:
+            started = time.perf_counter()
             _cache[slot] = factory()
             _loads[key] += 1
             _thread.loads = getattr(_thread, "loads", 0) + 1
+            _thread.load_seconds = thread_load_seconds() + time.perf_counter() - started
     return _cache[slot]
 
 
@@ -111,6 +118,11 @@ def total_model_loads() -> int:
 def thread_model_loads() -> int:
     """Loads made by the calling thread since the process started."""
     return getattr(_thread, "loads", 0)
+
+
+def thread_load_seconds() -> float:
+    """Seconds the calling thread spent loading models since the process started."""
+    return getattr(_thread, "load_seconds", 0.0)
 
 
 def clear_cache() -> None:

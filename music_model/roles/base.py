@@ -74,6 +74,18 @@ def device_memory(device: torch.device) -> str:
             f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
 
 
+def reset_peak_memory(device: str | None) -> None:
+    if device and device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: str | None) -> int | None:
+    """The most accelerator memory allocated on `device` since `reset_peak_memory`; None off CUDA."""
+    if device and device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
 class Role:
     """A loaded model behind a small batched interface. Subclasses load in `__init__`, through
     `load_pretrained` / `load_pipeline`, which put the weights straight on the role's device."""
