@@ -105,6 +105,9 @@ class MsicParams(_Section):
     strata: list[int] = Field(default_factory=lambda: list(range(1, 13)))
     cases_per_stratum: int = Field(20, ge=1)
     training_dataset: str | None = Field(None, description="published training set checked for overlap")
+    # A near-duplicate needs both: CLIP alone matches look-alikes of one category, DINO is instance-level.
+    overlap_clip: float = Field(0.95, ge=-1, le=1.0001, description="centred CLIP cosine at or above: near-duplicate (with DINO)")
+    overlap_dino: float = Field(0.9, ge=-1, le=1.0001, description="centred DINO cosine at or above: near-duplicate (with CLIP)")
 
     @field_validator("strata")
     @classmethod
@@ -167,10 +170,11 @@ class BuildSpec(_Section):
 
     def spec_hash(self) -> str:
         """Hash of what decides the content: not where it is written, nor which training set the
-        benchmark is checked against."""
+        benchmark is checked against and how."""
         content = self.model_dump(mode="json", exclude={"output_root"})
         if content.get("msic"):
-            content["msic"].pop("training_dataset")
+            for key in ("training_dataset", "overlap_clip", "overlap_dino"):
+                content["msic"].pop(key)
         return hashlib.sha256(canonical_json(content).encode()).hexdigest()[:16]
 
     def categories_path(self) -> Path:

@@ -25,6 +25,8 @@ app.command("pipeline")(pipeline_command)
 app.add_typer(generate_app, name="generate")
 from flows.plan_cli import plan_command
 app.command("plan")(plan_command)
+from flows.show_cli import show
+app.command("show")(show)
 
 
 @app.callback()

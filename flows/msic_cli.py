@@ -1,4 +1,5 @@
-"""`music msic`: regenerate the MSIC benchmark, diff two regenerations, check for overlap."""
+"""`music msic`: regenerate the MSIC benchmark, diff two regenerations, check it for contamination
+(exact and near-duplicate overlap with a training set)."""
 from __future__ import annotations
 
 import json
@@ -64,16 +65,47 @@ def diff(a: Path = typer.Argument(..., help="An MSIC folder or its manifest.json
 
 
 @msic_app.command("check-overlap")
-def check_overlap_cmd(msic: Path = typer.Argument(..., help="An MSIC folder."), training: Path = typer.Argument(..., help="A published training dataset folder.")) -> None:
-    """Fail (exit 1) naming every benchmark item whose content hash is in the training set."""
-    import pyarrow.parquet as pq
+def check_overlap_cmd(
+    msic: Path = typer.Argument(..., help="An MSIC folder."),
+    training: Path = typer.Argument(..., help="A published training dataset folder."),
+    spec: Optional[Path] = typer.Option(None, help="Benchmark spec whose clip and dino roles and msic.overlap_clip / "
+                                                   "overlap_dino the near-duplicate check uses (default: the spec.yaml "
+                                                   "of the MSIC's build folder)."),
+    exact_only: bool = typer.Option(False, "--exact-only", help="Compare content hashes only (no model loads)."),
+) -> None:
+    """Fail (exit 1) naming every benchmark item that is in the training set: the same content hash,
+    or a target or reference whose CLIP and DINO embeddings nearly duplicate a training image's."""
+    from data_specs.build import load_build_spec
+    from data_specs.roles import SpecError
+    from tasks.msic import OverlapError, check_overlap, embedders, read_cases
 
-    from tasks.msic import OverlapError, check_overlap
-
-    cases = [r for p in sorted((msic / "data").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
     try:
-        check_overlap(cases, training)
+        cases = read_cases(msic)
+        built = None
+        if not exact_only:
+            spec = spec or msic / ".." / "spec.yaml"
+            if not spec.exists():
+                raise FileNotFoundError(f"no spec at {spec}: pass --spec (the benchmark's spec) or --exact-only")
+            built = load_build_spec(spec)
+            if built.msic is None:
+                raise SpecError(f"{spec}: not a benchmark spec (no `msic` section)")
+    except (SpecError, FileNotFoundError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2)
+    if built is not None:
+        from flows.cli import quiet_model_progress_bars
+
+        quiet_model_progress_bars()
+    try:
+        report = check_overlap(cases, training, embedders(built) if built else None, built.msic if built else None)
     except OverlapError as error:
         typer.echo(str(error), err=True)
         raise typer.Exit(1)
-    typer.echo(f"no overlap: {len(cases)} cases against {training}")
+    except FileNotFoundError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"no overlap: {len(cases)} cases against {training} (content hashes"
+               + (")" if built is None else
+                  f"; near-duplicates: centred CLIP >= {built.msic.overlap_clip} and DINO >= {built.msic.overlap_dino}, "
+                  + "; ".join(f"{kind}s {s['benchmark_images']} x {s['training_images']}, highest CLIP {s['max_clip']} "
+                              f"DINO {s['max_dino']}" for kind, s in report["compared"].items()) + ")"))

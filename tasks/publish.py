@@ -1,10 +1,16 @@
 """publish: drop near-duplicate sources across the build, then write the dataset in the Hugging
-Face layout (`data/train-0000k-of-0000n.parquet`), its card, stats.json, report.md and plots.
+Face layout (`data/train-0000k-of-0000n.parquet`), its card, stats.json, report.md, plots and
+`preview/<id>.png`: a sheet per sample of a fixed seeded subset (music_model.preview), so a person
+judges a build's quality in a minute.
 
-The data files, card and stats depend only on the spec and the code version, so two builds of one
-spec give the same bytes; timings go to report.md alone."""
+The data files, card, stats and previews depend only on the spec and the code version, so two
+builds of one spec give the same bytes; timings go to report.md alone. Rows dropped here
+(near_duplicate, over_max_samples) are kept with their reason in `stages/publish/<fingerprint>/dropped.parquet`,
+as every stage keeps its dropped table."""
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import shutil
@@ -17,11 +23,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from PIL import Image
 
 from data_specs.build import BuildSpec
-from data_specs.schemas import PUBLISHED, PUBLISHED_FEATURES
-from tasks.engine import build_dir, read_rows, shard_name, write_atomic
+from data_specs.schemas import DROPPED, PUBLISHED, PUBLISHED_FEATURES
+from music_model.preview import from_published, render_sheet
+from tasks.engine import build_dir, read_rows, shard_name, stable_int, stage_dir, write_atomic, write_table
 
+PREVIEW_SAMPLES = 6
 STAGE_ORDER = ["compose", "synthesize", "detect", "verify", "rerender", "annotate", "layout", "decimate", "filter"]
 
 
@@ -36,8 +45,8 @@ def code_version() -> str:
     return f"{version}+{commit}" if commit else version
 
 
-def near_duplicate_sources(rows: list[dict], threshold: float) -> dict[str, str]:
-    """source_id -> the earlier kept source it nearly duplicates (CLIP cosine >= threshold)."""
+def near_duplicate_sources(rows: list[dict], threshold: float) -> dict[str, tuple[str, float]]:
+    """source_id -> (the earlier kept source it nearly duplicates, their CLIP cosine >= threshold)."""
     sources: dict[str, np.ndarray] = {}
     for row in sorted(rows, key=lambda r: r["source_id"]):
         sources.setdefault(row["source_id"], np.asarray(row["clip_embedding"], np.float32))
@@ -49,11 +58,49 @@ def near_duplicate_sources(rows: list[dict], threshold: float) -> dict[str, str]
             scores = np.stack(kept_vectors) @ vector
             best = int(np.argmax(scores))
             if scores[best] >= threshold:
-                duplicates[source] = kept_ids[best]
+                duplicates[source] = (kept_ids[best], float(scores[best]))
                 continue
         kept_ids.append(source)
         kept_vectors.append(vector)
     return duplicates
+
+
+def preview_ids(seed: int, ids: list[str], count: int = PREVIEW_SAMPLES) -> list[str]:
+    """A fixed random subset of `ids`: the same spec previews the same samples on every rebuild."""
+    return sorted(sorted(ids, key=lambda i: stable_int(seed, i, "preview"))[:count])
+
+
+def write_sheets(folder: Path, sheets: list[tuple[str, Image.Image]]) -> list[Path]:
+    """Each (id, sheet) written atomically as `<folder>/<id>.png`; the paths."""
+    paths = []
+    for sample_id, sheet in sheets:
+        path = folder / f"{sample_id}.png"
+        write_atomic(path, lambda tmp: sheet.save(tmp, format="PNG"))
+        paths.append(path)
+    return paths
+
+
+def preview_markdown(folder: Path, previews: list[str], inline: bool = False, width: int = 480) -> list[str]:
+    """Markdown lines showing the preview sheets: linked relative to `folder` (the card, report.md),
+    or inline as small JPEGs (a Prefect artifact: the UI cannot reach the build's folder)."""
+    if not previews:
+        return []
+    lines = ["## Preview", "", f"A sheet per sample of a fixed random subset ({len(previews)}): the target with its boxes and "
+             "`<sN>` tags as the annotating VLM saw them, the 8x8 layout, every reference, the instruction and the CoT.", ""]
+    for relative in previews:
+        if inline:
+            with Image.open(folder / relative) as sheet:
+                small = sheet.convert("RGB").resize((width, round(sheet.height * width / sheet.width)), Image.Resampling.LANCZOS)
+            buffer = io.BytesIO()
+            small.save(buffer, format="JPEG", quality=80)
+            lines.append(f"![{Path(relative).stem}](data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()})")
+        else:
+            lines.append(f"![{Path(relative).stem}]({relative})")
+    return lines + [""]
+
+
+def _dropped(row: dict, reason: str, detail: str) -> dict:
+    return {"id": row["id"], "index": row["index"], "stage": "publish", "reason": reason, "detail": detail}
 
 
 def published_row(row: dict) -> dict:
@@ -133,7 +180,9 @@ def card(spec: BuildSpec, stats: dict) -> str:
     return (
         f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n\n"
         f"# MUSIC training set: {spec.name}\n{warning}\n"
-        "Multi-subject in-context generation samples made by the MUSIC data pipeline (arXiv 2604.07422): "
+        "Multi-subject in-context generation samples made by an open implementation of the MUSIC data pipeline "
+        "(arXiv 2604.07422) by the paper's recipe, with the deviations `docs/FIDELITY.md` of the pipeline's repository "
+        "lists (e.g. FLUX.1 Kontext, not UNO-FLUX, re-renders the references): "
         "a target image, one re-rendered reference image per subject, an instruction naming subjects by `<sN>` "
         "tags, a vision chain of thought (JSON) and an 8x8 layout of subject IDs (0 = background).\n\n"
         f"- samples: {stats['samples']}\n- subject counts: {stats['subject_counts']}\n"
@@ -144,6 +193,7 @@ def card(spec: BuildSpec, stats: dict) -> str:
         "`caption`, `instruction`, `cot`, `layout` (64 ints), `layout_text`, and per subject: `subject_ids`, "
         "`categories`, `boxes` (normalised xyxy), `masks` (COCO RLE), `regions` (mask or box used for the layout), "
         "`references` (images).\n"
+        + ("\n" + "\n".join(preview_markdown(Path("."), stats.get("preview", []))) if stats.get("preview") else "")
     )
 
 
@@ -162,14 +212,20 @@ def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict
         return stats
     out = build_dir(spec) / "dataset"
     rows = [row for shard in range(shards) for row in read_rows(filter_dir / f"{shard_name(shard)}.parquet")]
-    drops: Counter = Counter()
     duplicates = near_duplicate_sources(rows, spec.filter.near_duplicate_clip)
-    drops["near_duplicate"] = sum(r["source_id"] in duplicates for r in rows)
+    dropped = []
+    for row in rows:
+        if row["source_id"] in duplicates:
+            kept, score = duplicates[row["source_id"]]
+            dropped.append(_dropped(row, "near_duplicate", f"CLIP cosine {score:.4f} >= {spec.filter.near_duplicate_clip} to source {kept}"))
     rows = sorted((r for r in rows if r["source_id"] not in duplicates), key=lambda r: r["id"])
-    if spec.publish.max_samples is not None and len(rows) > spec.publish.max_samples:
-        drops["over_max_samples"] = len(rows) - spec.publish.max_samples
-        rows = rows[: spec.publish.max_samples]
-    drops = Counter({k: v for k, v in drops.items() if v})
+    cap = spec.publish.max_samples
+    if cap is not None and len(rows) > cap:
+        dropped += [_dropped(r, "over_max_samples", f"sample {rank + 1} of {len(rows)} by id; max_samples {cap}")
+                    for rank, r in enumerate(rows) if rank >= cap]
+        rows = rows[:cap]
+    drops = Counter(d["reason"] for d in dropped)
+    write_table(dropped, DROPPED, stage_dir(spec, "publish", fingerprint) / "dropped.parquet")
     staging = build_dir(spec) / f".dataset-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     files = max(1, -(-len(rows) // spec.publish.rows_per_file))
@@ -183,6 +239,9 @@ def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict
         "funnel": funnel(summaries, drops, len(rows)), "spec_hash": spec.spec_hash(), "code_version": code_version(),
         "fingerprint": fingerprint,
     }
+    by_id = {r["id"]: r for r in rows}
+    sheets = [(i, render_sheet(from_published(published_row(by_id[i])))) for i in preview_ids(spec.seed, list(by_id))]
+    stats["preview"] = [p.relative_to(staging).as_posix() for p in write_sheets(staging / "preview", sheets)]
     (staging / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     (staging / "README.md").write_text(card(spec, stats))
     _plots(staging / "plots", stats["funnel"], counts)

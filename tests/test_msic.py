@@ -3,6 +3,7 @@ seed in the diff, the overlap check on a clean pair and on a planted overlap."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -84,3 +85,98 @@ def test_overlap_check_passes_clean_pair_and_catches_planted_overlap(builds):
     done = music("msic", "check-overlap", str(msic["a"]), str(planted))
     assert done.returncode == 1
     assert f"{case['case_id']}: reference" in done.stderr and rows[0]["id"] in done.stderr
+
+
+def _replace_reference(data_file: Path, row: int, reference: int, struct: dict) -> dict:
+    """Rewrite one image of a Parquet file in place; the row as it is now."""
+    table = pq.read_table(data_file)
+    rows = table.to_pylist()
+    rows[row]["references"][reference] = struct
+    pq.write_table(table.from_pylist(rows, schema=table.schema), data_file)
+    return rows[row]
+
+
+def test_near_duplicate_check_catches_a_reencoded_training_reference(builds, tmp_path):
+    """A benchmark reference that reached the training set re-encoded (JPEG q80) and resized has
+    other bytes, so only the embedding check finds it: named with its case, the training sample and
+    both similarities. The clean pair passes."""
+    import io
+
+    from PIL import Image
+
+    _, training, msic = builds
+    photo = Image.open(Path(__file__).parent / "data" / "dreambench" / "dog" / "00.jpg").convert("RGB")
+    png, jpeg = io.BytesIO(), io.BytesIO()
+    photo.save(png, format="PNG")
+    photo.resize((photo.width * 3 // 4, photo.height * 3 // 4), Image.Resampling.BICUBIC).save(jpeg, format="JPEG", quality=80)
+    # The benchmark with a real photo as a case's first reference (random zoo models cannot tell
+    # noise images apart once JPEG has smoothed them; a photo keeps its content).
+    bench = tmp_path / "bench" / "msic"
+    shutil.copytree(msic["a"], bench)
+    spec = str(msic["a"].parent / "spec.yaml")
+    case = _replace_reference(bench / "data" / "test-00000-of-00001.parquet", 0, 0, {"bytes": png.getvalue(), "path": None})
+    clean = run_ok("msic", "check-overlap", str(bench), str(training), "--spec", spec)
+    assert "no overlap" in clean and "near-duplicates: centred CLIP >= 0.99 and DINO >= 0.99" in clean
+    planted = tmp_path / "planted"
+    shutil.copytree(training, planted)
+    data_file = sorted((planted / "data").glob("*.parquet"))[0]
+    leaked = _replace_reference(data_file, 0, 0, {"bytes": jpeg.getvalue(), "path": None})
+    assert "no overlap" in run_ok("msic", "check-overlap", str(bench), str(planted), "--exact-only")  # other bytes
+    done = music("msic", "check-overlap", str(bench), str(planted), "--spec", spec)
+    assert done.returncode == 1, done.stdout + done.stderr
+    found = [line for line in done.stderr.splitlines() if "near-duplicates" in line]
+    assert found and found[0].startswith(f"{case['case_id']}: reference 1 near-duplicates training sample {leaked['id']} (reference 1): CLIP ")
+    clip, dino = (float(v) for v in re.findall(r"(?:CLIP|DINO) ([0-9.]+)", found[0]))
+    assert clip >= 0.99 and dino >= 0.99
+    assert "also in training" not in done.stderr
+
+
+def test_published_benchmark_records_its_checks_prompts_and_preview(builds):
+    """The build of a (checked against the training set): the card reports both checks with the
+    highest similarities of the clean pair; every CLIP-T prompt fits CLIP's context, cut only when
+    the full text does not, at a word boundary; the preview sheets exist."""
+    from data_specs.build import load_build_spec
+    from music_model.roles import load_role
+    from tasks.msic import clip_t_prompt, clip_text_budget
+
+    _, training, msic = builds
+    card = (msic["a"] / "README.md").read_text()
+    assert f"contamination check against `{training}`: no exact overlap" in card and "no near-duplicate" in card
+    assert "near-duplicate sources removed before selection" in card and "docs/FIDELITY.md" in card
+    previews = re.findall(r"\]\((preview/[^)]+\.png)\)", card)
+    assert previews and all((msic["a"] / p).exists() for p in previews)
+    count, limit = clip_text_budget(load_role(load_build_spec(msic["a"].parent / "spec.yaml").roles["clip"]))
+    assert limit == 77
+    cases = pq.read_table(msic["a"] / "data" / "test-00000-of-00001.parquet").to_pylist()
+    for case in cases:
+        full = clip_t_prompt(case["instruction"], case["categories"])
+        assert count(case["prompt"]) <= limit
+        assert case["prompt_cut"] == (count(full) > limit)
+        if case["prompt_cut"]:
+            words, kept = full.split(), case["prompt"].split()
+            assert words[: len(kept)] == kept and count(" ".join(words[: len(kept) + 1])) > limit
+        else:
+            assert case["prompt"] == full
+        assert len(case["boxes"]) == case["subject_count"]
+
+
+def test_near_duplicate_sources_are_removed_before_cases_are_selected(builds, tmp_path):
+    """msic.yaml's filter.near_duplicate_clip applies to the benchmark: at -1 every source but the
+    first nearly duplicates it, so every case comes from that one source."""
+    from data_specs.build import load_build_spec
+    from tasks.engine import num_shards
+    from tasks.msic import publish_msic
+
+    _, _, msic = builds
+    spec = load_build_spec(msic["a"].parent / "spec.yaml")
+    spec = spec.model_copy(update={"output_root": str(tmp_path), "filter": spec.filter.model_copy(update={"near_duplicate_clip": -1.0}),
+                                   "msic": spec.msic.model_copy(update={"training_dataset": None})})
+    (filter_dir,) = (msic["a"].parent / "stages" / "filter").iterdir()
+    rows = [r for p in sorted(filter_dir.glob("part-*[0-9].parquet")) for r in pq.read_table(p).to_pylist()]
+    sources = {r["source_id"] for r in rows}
+    result = publish_msic(spec, filter_dir, num_shards(spec))
+    assert result["near_duplicate_sources"] == len(sources) - 1 > 0
+    cases = pq.read_table(tmp_path / spec.name / "msic" / "data" / "test-00000-of-00001.parquet").to_pylist()
+    assert len({c["source_id"] for c in cases}) == 1
+    assert f"(CLIP >= -1.0): {len(sources) - 1}" in (tmp_path / spec.name / "msic" / "README.md").read_text()
+
