@@ -16,6 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from data_specs.eval import EvalSpec, load_eval_spec
 from flows.build import artifact_key
 from flows.monitor import on_flow_running
+from flows.run_names import run_name
 from music_model.dreambench import DreamBenchError, load_dreambench, scan_generated
 from music_model.multisubject import CasesError, read_cases
 from music_model.roles import total_model_loads
@@ -103,7 +104,7 @@ def _cases(spec: EvalSpec, cases: str) -> tuple[dict, int]:
     return finish_cases(spec, cases, work, len(ranges), len(table), {"shards": results}), len(todo)
 
 
-@flow(name="evaluate", flow_run_name="evaluate-{benchmark}", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2),
+@flow(name="evaluate", flow_run_name=run_name("evaluate", "benchmark"), log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2),
       on_running=[on_flow_running])
 def evaluate(spec_json: str, benchmark: str, images: str | None = None, cases: str | None = None, bench_root: str | None = None) -> dict:
     """Score DreamBench (a folder of generated images, optionally generated first by the spec's
@@ -127,7 +128,7 @@ def evaluate(spec_json: str, benchmark: str, images: str | None = None, cases: s
     return json_safe(summary)
 
 
-@flow(name="evaluate-from-file", flow_run_name="evaluate-{benchmark}-{spec_path}", on_running=[on_flow_running])
+@flow(name="evaluate-from-file", flow_run_name=run_name("evaluate", "benchmark"), on_running=[on_flow_running])
 def evaluate_from_file(spec_path: str, benchmark: str, images: str | None = None, cases: str | None = None,
                        bench_root: str | None = None) -> dict:
     """`evaluate` from a spec file: the deployment entry point."""

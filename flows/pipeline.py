@@ -28,6 +28,7 @@ from data_specs.eval import load_eval_spec, parse_eval_spec
 from data_specs.train import TrainSpec, load_train_spec, resolve_spec_path
 from flows.build import artifact_key
 from flows.monitor import on_flow_running
+from flows.run_names import run_name
 from music_model.music import msic_cases_file
 from tasks.engine import write_atomic
 from tasks.evaluate import chunks, files_digest, json_safe
@@ -51,14 +52,7 @@ def _eval_spec_json(spec: TrainSpec, benchmark: str) -> str:
     return parse_eval_spec(data, source=spec.evaluation.eval_spec).model_dump_json()
 
 
-def _run_name() -> str:
-    from prefect.runtime import flow_run
-
-    parameters = flow_run.parameters
-    return f"music-generate-{parameters['benchmark']}-{json.loads(parameters['spec_json'])['name']}"
-
-
-@flow(name="music-generate", flow_run_name=_run_name, log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="music-generate", flow_run_name=run_name("music-generate", "benchmark"), log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
 def music_generate(spec_json: str, benchmark: str, adapters: str | None = None, score: bool = True) -> dict:
     """Generate the spec's Pass@N candidates on a benchmark with the model (plus trained `adapters`),
     then (with `score`) run `evaluate` on them. Returns paths, generation counts and the scores summary."""
@@ -152,13 +146,7 @@ def pipeline_report(spec: TrainSpec, built: dict, msic: dict | None, trained: di
     return "\n".join(lines) + "\n"
 
 
-def _pipeline_name() -> str:
-    from prefect.runtime import flow_run
-
-    return "music-pipeline-" + json.loads(flow_run.parameters["spec_json"])["name"]
-
-
-@flow(name="music-pipeline", flow_run_name=_pipeline_name, log_prints=True, on_running=[on_flow_running])
+@flow(name="music-pipeline", flow_run_name=run_name("music-pipeline"), log_prints=True, on_running=[on_flow_running])
 def music_pipeline(spec_json: str) -> dict:
     """Rebuild the training set, regenerate MSIC, train, then generate and evaluate on MSIC and
     DreamBench; every step is a subflow (completed stages and shards are not redone)."""
@@ -195,7 +183,7 @@ def music_pipeline(spec_json: str) -> dict:
                       "wall_seconds": round(time.perf_counter() - started, 2)})
 
 
-@flow(name="music-pipeline-from-file", flow_run_name="music-pipeline-{spec_path}", on_running=[on_flow_running])
+@flow(name="music-pipeline-from-file", flow_run_name=run_name("music-pipeline"), on_running=[on_flow_running])
 def pipeline_from_file(spec_path: str) -> dict:
     """`music_pipeline` from a spec file: the deployment entry point for scheduled runs."""
     return music_pipeline(load_train_spec(spec_path).model_dump_json())

@@ -7,7 +7,6 @@ weighted total, learning rate) and a markdown report with the plot, also written
 from __future__ import annotations
 
 import base64
-import json
 import math
 from pathlib import Path
 
@@ -17,17 +16,12 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from data_specs.train import TrainSpec, load_train_spec
 from flows.build import artifact_key
 from flows.monitor import on_flow_running
+from flows.run_names import run_name
 from music_model import training
 from tasks.engine import write_atomic
 from tasks.train import train_task
 
 MAX_TABLE_ROWS = 500
-
-
-def _run_name() -> str:
-    from prefect.runtime import flow_run
-
-    return "train-" + json.loads(flow_run.parameters["spec_json"])["name"]
 
 
 def _fmt(value) -> str:
@@ -59,7 +53,7 @@ def report(summary: dict, plot: Path, inline_plot: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-@flow(name="train", flow_run_name=_run_name, log_prints=True, on_running=[on_flow_running])
+@flow(name="train", flow_run_name=run_name("train"), log_prints=True, on_running=[on_flow_running])
 def train(spec_json: str) -> dict:
     """Train the MUSIC model's LoRA adapters from a published training set; resumes from the run's
     newest checkpoint when there is one. Returns the run summary (adapters, steps, losses, plot)."""
@@ -84,7 +78,7 @@ def train(spec_json: str) -> dict:
     return summary
 
 
-@flow(name="train-from-file", flow_run_name="train-{spec_path}", on_running=[on_flow_running])
+@flow(name="train-from-file", flow_run_name=run_name("train"), on_running=[on_flow_running])
 def train_from_file(spec_path: str) -> dict:
     """`train` from a spec file: the deployment entry point (a YAML path is a readable parameter)."""
     return train(load_train_spec(spec_path).model_dump_json())
