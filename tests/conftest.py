@@ -82,3 +82,33 @@ def zoo_root(music_home) -> Path:
 @pytest.fixture(scope="session")
 def dreambench_dir() -> Path:
     return TESTS_DATA / "dreambench"
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory):
+    """Every training-set stage run on shard 0 of a 6-sample tiny spec, without Prefect (shared by
+    the tests that read stage outputs). Returns the spec and {stage: (summary, rows, dropped rows,
+    stage folder)}."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from data_specs import shipped
+    from data_specs.build import parse_build_spec
+    from data_specs.schemas import WORK
+    from tasks import annotate, compose, decimate, detect, filter, layout, rerender, synthesize, verify
+    from tasks.engine import fingerprint, read_rows, root_fingerprint, run_shard, stage_dir
+
+    data = yaml.safe_load(shipped("tiny.yaml").read_text())
+    data.update(name="stages", num_source_images=6, shard_size=6, output_root=str(tmp_path_factory.mktemp("stages")))
+    spec = parse_build_spec(data)
+    upstream, upstream_dir, out = root_fingerprint(spec), None, {}
+    # tasks.pipeline.STAGES, without importing Prefect (tests import it only after the server is up)
+    for stage in [m.STAGE for m in (compose, synthesize, detect, verify, rerender, annotate, layout, decimate, filter)]:
+        fp = fingerprint(stage, spec, upstream)
+        summary = run_shard(stage, spec, 0, fp, upstream_dir)
+        folder = stage_dir(spec, stage.name, fp)
+        assert pq.read_schema(folder / "part-00000.parquet").equals(WORK, check_metadata=False)
+        dropped = read_rows(folder / "part-00000.dropped.parquet")
+        out[stage.name] = (summary, read_rows(folder / "part-00000.parquet"), dropped, folder)
+        upstream, upstream_dir = fp, folder
+    return spec, out

@@ -1,46 +1,21 @@
-"""Each stage's plain function on a shard file, chained over a 6-sample tiny spec (no Prefect)."""
+"""Each stage's plain function on a shard file, chained over a 6-sample tiny spec (no Prefect; the
+shared `chain` fixture of conftest.py)."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
-import pytest
-import yaml
 
-from data_specs import shipped
-from data_specs.build import parse_build_spec
-from data_specs.schemas import WORK
 from music_model import masks as rle
 from music_model.decimate import mentioned
 from music_model.images import from_struct
-from tasks import annotate, compose, decimate, detect, filter, layout, rerender, synthesize, verify
+from tasks import compose, detect, rerender, synthesize
 from tasks.engine import fingerprint, read_rows, root_fingerprint, run_shard, stage_dir
-
-ORDER = [compose, synthesize, detect, verify, rerender, annotate, layout, decimate, filter]
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """Run every stage on shard 0; returns spec and {stage: (summary, rows, dropped rows)}."""
-    data = yaml.safe_load(shipped("tiny.yaml").read_text())
-    data.update(name="stages", num_source_images=6, shard_size=6, output_root=str(tmp_path_factory.mktemp("stages")))
-    spec = parse_build_spec(data)
-    upstream, upstream_dir, out = root_fingerprint(spec), None, {}
-    for module in ORDER:
-        fp = fingerprint(module.STAGE, spec, upstream)
-        summary = run_shard(module.STAGE, spec, 0, fp, upstream_dir)
-        folder = stage_dir(spec, module.STAGE.name, fp)
-        assert pq.read_schema(folder / "part-00000.parquet").equals(WORK, check_metadata=False)
-        dropped = read_rows(folder / "part-00000.dropped.parquet")
-        out[module.STAGE.name] = (summary, read_rows(folder / "part-00000.parquet"), dropped)
-        upstream, upstream_dir = fp, folder
-    return spec, out
 
 
 def test_every_row_is_kept_or_dropped_with_a_reason(chain):
     _, out = chain
-    for stage, (summary, rows, dropped) in out.items():
+    for stage, (summary, rows, dropped, _) in out.items():
         assert summary["rows_out"] == len(rows)
         assert all(d["reason"] and d["stage"] == stage for d in dropped)
         if stage != "decimate":
@@ -80,12 +55,32 @@ def test_synthesize_detect_verify(chain):
                 assert s["category"] in row["categories"]
 
 
-def test_rerender_references(chain):
+def test_rerender_keeps_exactly_the_references_within_the_dino_bounds(chain, tmp_path):
     spec, out = chain
+    # The chain's tiny bounds (-1, 1) keep every reference; a rerun has the same seeds, so the same scores.
+    scores = {(r["index"], s["category"]): s["reference_dino"] for r in out["rerender"][1] for s in r["subjects"]}
+    assert len(scores) == sum(len(r["subjects"]) for r in out["verify"][1]) >= 4
     for row in out["rerender"][1]:
         for s in row["subjects"]:
-            assert from_struct(s["reference"]).size == (spec.rerender.size, spec.rerender.size)
-            assert spec.rerender.min_dino <= s["reference_dino"] <= spec.rerender.max_dino
+            assert max(from_struct(s["reference"]).size) == spec.rerender.size  # the crop's aspect: test_data_quality
+    ordered = sorted(scores.values())
+    low, high = ordered[len(ordered) // 4], ordered[3 * len(ordered) // 4]
+    assert ordered[0] < low < high < ordered[-1], ordered
+    bounds = spec.rerender.model_copy(update={"min_dino": low, "max_dino": high})
+    strict = spec.model_copy(update={"output_root": str(tmp_path), "rerender": bounds})
+    fp = fingerprint(rerender.STAGE, strict, "strict")
+    run_shard(rerender.STAGE, strict, 0, fp, out["verify"][3])
+    kept = {r["index"]: r for r in read_rows(stage_dir(strict, "rerender", fp) / "part-00000.parquet")}
+    dropped = {d["index"]: d for d in read_rows(stage_dir(strict, "rerender", fp) / "part-00000.dropped.parquet")}
+    for row in out["verify"][1]:
+        inside = [s["category"] for s in row["subjects"] if low <= scores[(row["index"], s["category"])] <= high]
+        if len(inside) >= spec.verify.min_subjects:
+            subjects = kept[row["index"]]["subjects"]
+            assert [s["category"] for s in subjects] == inside and [s["id"] for s in subjects] == list(range(1, len(inside) + 1))
+            assert all(s["reference_dino"] == scores[(row["index"], s["category"])] for s in subjects)
+        else:
+            assert row["index"] not in kept and dropped[row["index"]]["reason"] == "too_few_references"
+    assert kept and dropped, "the bounds must keep some samples and drop others"
 
 
 def test_annotate_names_every_subject(chain):
