@@ -30,6 +30,7 @@ from flows.build import artifact_key
 from flows.monitor import on_flow_running
 from flows.run_names import run_name
 from music_model.music import msic_cases_file
+from music_model.roles import release_roles
 from tasks.engine import write_atomic
 from tasks.evaluate import chunks, files_digest, json_safe
 from tasks.train import generate_dreambench_task, generate_msic_task, merge_msic_parts
@@ -167,7 +168,9 @@ def music_pipeline(spec_json: str) -> dict:
         evaluation["msic"] = msic["msic"]
     trained_spec = TrainSpec.model_validate({**spec.model_dump(), "dataset": built["dataset"], "evaluation": evaluation})
     trained_json = trained_spec.model_dump_json()
+    release_roles()  # each phase loads its own models: none of the build's stay for training
     trained = train(trained_json)
+    release_roles()
     adapters = str(Path(trained["output"]) / "adapter")
     evaluated = {}
     if trained_spec.evaluation.msic:

@@ -18,6 +18,7 @@ from flows.build import artifact_key
 from flows.monitor import on_flow_running
 from flows.run_names import run_name
 from music_model import training
+from music_model.roles import resident_roles
 from tasks.engine import write_atomic
 from tasks.train import train_task
 
@@ -63,7 +64,9 @@ def train(spec_json: str) -> dict:
     steps = training.total_steps(spec, stream.size)
     progress = create_progress_artifact(0.0, key=artifact_key(spec.name, "train-progress"),
                                         description=f"{spec.name}: optimizer steps done of {steps}")
-    summary = train_task(spec_json, spec.name, progress, steps)
+    # What a memory-tight GPU must not hold while training starts (the pipeline frees the build's models).
+    resident = [f"{role} {model} on {device}" for role, model, device in resident_roles()]
+    summary = {**train_task(spec_json, spec.name, progress, steps), "models_resident_at_start": resident}
     history = training.read_history(summary["output"])
     stride = max(1, math.ceil(len(history) / MAX_TABLE_ROWS))
     table = [{k: r.get(k) for k in ("step", "epoch", "samples", "planner", "renderer", "loss", "lr")} for r in history[::stride]]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +110,11 @@ class MusicModel:
         renderer = Renderer.load(spec.renderer, renderer_adapter, fuse=merge, background=(spec.render.background,) * 3)
         return cls(planner, renderer, spec.render.width, spec.render.height)
 
+    def close(self) -> None:
+        """Free the planner's and the renderer's models (adapter-merged copies are this model's own)."""
+        self.planner.vlm.close()
+        self.renderer.editor.close()
+
     def generate(self, cases: Sequence[GenerationCase], candidates: int, seed: int) -> list[list[Candidate]]:
         """`candidates` images per case: plans for every (case, k) first, then renders, each in batches."""
         jobs = [(case, k) for case in cases for k in range(candidates)]
@@ -133,18 +137,15 @@ class MusicModel:
         return [made[c * candidates : (c + 1) * candidates] for c in range(len(cases))]
 
 
-_models: dict[str, MusicModel] = {}
-_models_lock = threading.Lock()
-
-
 def load_model(spec: TrainSpec, adapters: str | Path | None = None, merge: bool = True) -> MusicModel:
-    """The model of (spec, adapters), loaded once per process however many shards ask for it."""
-    key = json.dumps([spec.planner.cache_key(), spec.renderer.cache_key(), spec.plan.model_dump(), spec.render.model_dump(),
-                      str(Path(adapters).resolve()) if adapters else None, merge])
-    with _models_lock:
-        if key not in _models:
-            _models[key] = MusicModel.from_spec(spec, adapters, merge)
-        return _models[key]
+    """The model of (spec, adapters), loaded once per process however many shards ask for it; the
+    role registry holds it, so `release_roles` frees it with the other models."""
+    from music_model.roles import cached
+    from music_model.roles.base import resolve_device
+
+    key = json.dumps(["music-model", spec.planner.cache_key(), spec.renderer.cache_key(), spec.plan.model_dump(),
+                      spec.render.model_dump(), str(Path(adapters).resolve()) if adapters else None, merge])
+    return cached(key, str(resolve_device(spec.renderer.device)), lambda: MusicModel.from_spec(spec, adapters, merge))
 
 
 # --- Pass@N selection --------------------------------------------------------------------------------

@@ -314,11 +314,12 @@ class StructuredDecoder:
         n: int,
         schema: type[BaseModel],
         seeds: Sequence[int],
-        batch_size: int,
+        run_batched: Callable[[int, Callable[[range], list]], list],
         options: DecodeOptions,
     ) -> list[StructuredResult]:
         """Generate `n` schema objects. `encode(rows)` returns the model inputs (left-padded) of those
-        rows; it may raise ValueError for a bad input, which fails that row only."""
+        rows; it may raise ValueError for a bad input, which fails that row only. `run_batched` is the
+        role's batching (`Role.run_batched`: batch size, halving on out-of-memory)."""
         if len(seeds) != n:
             raise ValueError(f"got {len(seeds)} seeds for {n} inputs")
         grammar = self.grammar(schema)
@@ -328,14 +329,17 @@ class StructuredDecoder:
         attempts = options.max_attempts if options.temperature > 0 else 1
         pending = list(range(n))
         for attempt in range(attempts):
-            for start in range(0, len(pending), batch_size):
-                rows, inputs = self._encode(encode, pending[start : start + batch_size], results)
+
+            def run_batch(batch: range) -> list[tuple[int, str, bool]]:
+                rows, inputs = self._encode(encode, [pending[j] for j in batch], results)
                 if not rows:
-                    continue
+                    return []
                 row_seeds = [attempt_seed(seeds[i], attempt) for i in rows]
-                for i, (text, finished) in zip(rows, self.decode(inputs, grammar, row_seeds, options, budget)):
-                    value, error = _validate(schema, text, finished, budget)
-                    results[i] = StructuredResult(value, text, error, attempt + 1)
+                return [(i, *out) for i, out in zip(rows, self.decode(inputs, grammar, row_seeds, options, budget))]
+
+            for i, text, finished in run_batched(len(pending), run_batch):
+                value, error = _validate(schema, text, finished, budget)
+                results[i] = StructuredResult(value, text, error, attempt + 1)
             pending = [i for i in pending if not results[i].ok and results[i].attempts == attempt + 1]
             if not pending:
                 break

@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 
 from data_specs.build import STAGE_ROLES, BuildSpec, canonical_json
 from data_specs.schemas import DROPPED, WORK
-from music_model.roles import (load_role, peak_memory_bytes, reset_peak_memory, thread_load_seconds, thread_model_loads,
-                               thread_oom_retries)
+from music_model.roles import (load_role, peak_memory_bytes, reset_peak_memory, resident_roles, thread_load_seconds,
+                               thread_model_loads, thread_oom_retries)
+from music_model.roles.base import resolve_device
 from music_model.roles.slots import current_device
 
 
@@ -178,6 +179,8 @@ def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: 
         "oom_retries": thread_oom_retries() - oom_before,
         "device": device,
         "peak_device_bytes": peak_memory_bytes(device),
+        # The models on this shard's device as it ends: the stage's own, nothing left from earlier stages.
+        "resident": sorted({role for role, _, on in resident_roles() if on == str(resolve_device(device or "auto"))}),
     }
     write_atomic(marker, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
     return {**summary, "skipped": False}

@@ -54,4 +54,4 @@ class TransformersLLM(Role):
             batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             return batch.to(self.device)
 
-        return self.decoder.generate(encode, len(prompts), schema, seeds, self.batch_size, self.options)
+        return self.decoder.generate(encode, len(prompts), schema, seeds, self.run_batched, self.options)

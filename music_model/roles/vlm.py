@@ -76,4 +76,4 @@ class TransformersVLM(Role):
             batch = self.processor(text=texts, images=pixels, padding=True, return_tensors="pt", **self.images_kwargs)
             return batch.to(self.device)
 
-        return self.decoder.generate(encode, len(prompts), schema, seeds, self.batch_size, self.options)
+        return self.decoder.generate(encode, len(prompts), schema, seeds, self.run_batched, self.options)
