@@ -131,7 +131,10 @@ def test_the_planner_overfits_eight_samples(tmp_path, dataset, trained_like_plan
     halved = next((i + 1 for i, v in enumerate(curve) if v <= curve[0] / 2), None)
     print(f"first {curve[0]:.3f}, last {curve[-1]:.3f}, halved at step {halved}")
     assert len(curve) == 60 and summary["steps"] == 60 and summary["samples"] == 480
-    assert halved is not None and halved <= 200
+    # Measured here: CE 9.08 -> 4.32, halved at step 44; a slower learner (a fifth of the step size)
+    # does not halve it within the 60 steps.
+    assert halved is not None and halved <= 50
+    assert np.mean(curve[-10:]) < np.mean(curve[-20:-10]) < np.mean(curve[:10])  # still falling at the end
     assert summary["trainable_parameters"] == {"planner": 131072}  # LoRA rank 64 on 7 projections x 2 layers only
 
 
