@@ -1,7 +1,8 @@
 """The build spec: one YAML file that says what a training-set (or benchmark) build makes.
 
-Every stage parameter has the paper's default (DESIGN.md section 1); a bad spec fails in
-`load_build_spec` before any model loads, with one line that names the field.
+Every stage parameter has the paper's default (docs/FIDELITY.md lists where the project departs
+from the paper, and why); a bad spec fails in `load_build_spec` before any model loads, with one
+line that names the field.
 """
 from __future__ import annotations
 

@@ -160,9 +160,9 @@ def parse_generator(text: str) -> RoleSpec:
     return spec
 
 
-# The paper's headline results (DESIGN.md section 1), shown beside ours and always labelled as
-# published figures: they are not measured by this project.
-PUBLISHED_SOURCE = "published figure (arXiv 2604.07422), not measured here"
+# The paper's headline results (arXiv 2604.07422), shown in reports only as published figures: they
+# are the paper's own model on the paper's own MSIC set, not measured by this project (docs/FIDELITY.md).
+PUBLISHED_SOURCE = "published figure (arXiv 2604.07422, the paper's model), not measured here"
 PUBLISHED: list[dict[str, Any]] = [
     {"benchmark": "msic", "method": "MUSIC", "setting": "1 sample", "dino": 0.622, "clip_i": 0.812, "clip_t": 0.322},
     {"benchmark": "msic", "method": "MUSIC", "setting": "Pass@N", "dino": 0.631, "clip_i": 0.822, "clip_t": 0.330},

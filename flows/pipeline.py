@@ -134,7 +134,9 @@ def pipeline_report(spec: TrainSpec, built: dict, msic: dict | None, trained: di
              f"2. MSIC: {msic['cases']} cases in {msic['msic']}." if msic else "2. MSIC: not regenerated.",
              f"3. Training: {trained['steps']} steps; planner CE {fmt(first.get('planner'))} -> {fmt(last.get('planner'))}, "
              f"renderer {fmt(first.get('renderer'))} -> {fmt(last.get('renderer'))}; adapters in {Path(trained['output']) / 'adapter'}.",
-             f"4. Evaluation ({spec.generation.candidates} candidates per case, seed {spec.generation.seed}):", ""]
+             f"4. Evaluation ({spec.generation.candidates} candidates per case, seed {spec.generation.seed}): this project's "
+             "model (a Qwen2.5-VL planner + FLUX.1 Kontext renderer, not the paper's SEED-X-based one) on this project's "
+             "regeneration of MSIC, so no score below is one of the paper's (docs/FIDELITY.md).", ""]
     for benchmark, result in evaluated.items():
         scores = result["scores"]
         lines += [f"### {benchmark}", "", f"- report: {Path(scores['output']) / 'report.md'}"]

@@ -4,7 +4,7 @@ with categories, one or more generated candidates), read from a Parquet table wi
 
 Two scores per generated image:
 
-- **UNO-style** (for comparability with published numbers): each reference against the whole
+- **UNO-style** (the definition multi-subject papers report): each reference against the whole
   generated image (DINO, CLIP-I), mean over subjects; CLIP-T of the image against the text.
 - **Grounded**: the detector looks for each subject's category in the image; the boxes of a
   category are matched one-to-one to that category's subjects (greedily by DINO similarity, best

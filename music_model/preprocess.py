@@ -2,7 +2,7 @@
 
 The field scores DreamBench with torchvision's `Resize(short side, BICUBIC) -> CenterCrop ->
 ToTensor -> Normalize` on PIL images. Hugging Face's ViT processor instead squashes to 224x224
-without a crop, which gives different (non-comparable) DINO scores, so the roles use these
+without a crop, which gives different DINO scores, so the roles use these
 functions. They reproduce torchvision's composition exactly: PIL resampling with torchvision's
 output-size and crop-offset rounding, then float32 scaling and normalisation.
 """

@@ -80,7 +80,7 @@ def write_sheets(folder: Path, sheets: list[tuple[str, Image.Image]]) -> list[Pa
     return paths
 
 
-def preview_markdown(folder: Path, previews: list[str], inline: bool = False, width: int = 480) -> list[str]:
+def preview_markdown(folder: Path, previews: list[str], inline: bool = False, width: int = 400) -> list[str]:
     """Markdown lines showing the preview sheets: linked relative to `folder` (the card, report.md),
     or inline as small JPEGs (a Prefect artifact: the UI cannot reach the build's folder)."""
     if not previews:
