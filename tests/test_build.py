@@ -129,3 +129,23 @@ def test_kill_during_build_then_resume_is_byte_identical(first_build, tmp_path, 
     assert data_bytes(Path(resumed["dataset"])) == first_bytes
     ids = [i for p in sorted((Path(resumed["dataset"]) / "data").glob("*.parquet")) for i in pq.read_table(p).column("id").to_pylist()]
     assert len(ids) == len(set(ids)) == resumed["samples"] == first["samples"]
+
+
+def test_each_stage_holds_only_its_own_models(first_build):
+    """Residency is stage-scoped: while a model stage runs only its roles are loaded; a model the
+    next model stage shares (clip: layout, then filter) stays and is not loaded again."""
+    from data_specs.build import STAGE_ROLES
+
+    tmp_path, _, result, _ = first_build
+    stages = tmp_path / "out" / "tiny-e2e" / "stages"
+    for stage, roles in STAGE_ROLES.items():
+        if not roles or stage == "publish":
+            continue
+        markers = [json.loads(p.read_text()) for p in stages.glob(f"{stage}/*/*.done.json")]
+        assert markers and all(m["resident"] == sorted(roles) for m in markers), (stage, [m["resident"] for m in markers])
+    loads = {t["stage"]: t["model_loads"] for t in result["stages"]}
+    # One load per model a stage declares, except filter's clip (kept from layout); the vlm of
+    # verify is freed during rerender (the editor's stage) and loaded again for annotate.
+    assert loads == {"compose": 1, "synthesize": 1, "detect": 1, "verify": 1, "rerender": 2, "annotate": 1,
+                     "layout": 2, "decimate": 0, "filter": 0}
+    assert result["model_loads"] == 9
