@@ -64,6 +64,8 @@ def test_the_pipeline_rebuilds_trains_and_evaluates_with_pass_at_4(pipeline, pre
     assert Path(summary["dataset"]).name == "dataset" and sorted(Path(summary["dataset"]).glob("data/*.parquet"))
     train = summary["train"]
     assert train["steps"] == 3 and set(train["adapters"]) == {"planner", "renderer"} and Path(train["plot"]).stat().st_size > 1000
+    # The build's and the benchmark's models were freed before training loaded its own.
+    assert train["models_resident_at_start"] == []
 
     msic = summary["evaluation"]["msic"]
     cases = pq.read_table(msic["cases_file"]).to_pylist()
