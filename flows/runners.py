@@ -50,12 +50,19 @@ def check_runner(runner: str, ray_address: str | None) -> None:
                           "('auto' would start a new local Ray; ray:// clients fail with Ray's token auth)")
 
 
-def make_task_runner(runner: str = "local", ray_address: str | None = None, max_workers: int = LOCAL_WORKERS) -> TaskRunner:
+def local_workers() -> int:
+    """One pool thread per visible GPU (each shard holds one GPU's slot), at least `LOCAL_WORKERS`."""
+    import torch
+
+    return max(LOCAL_WORKERS, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def make_task_runner(runner: str = "local", ray_address: str | None = None, max_workers: int | None = None) -> TaskRunner:
     check_runner(runner, ray_address)
     if runner == "local":
         from prefect.task_runners import ThreadPoolTaskRunner
 
-        return ThreadPoolTaskRunner(max_workers=max_workers)
+        return ThreadPoolTaskRunner(max_workers=max_workers or local_workers())
     try:
         from prefect_ray.task_runners import RayTaskRunner
     except ImportError as error:
