@@ -464,7 +464,6 @@ class Planner:
         """One repaired plan per sample (`images[i]` are sample i's subjects, in ID order), each from
         its own seed; decoding is constrained to the plan grammar of the sample's subject count and
         bounded to the grammar's longest text, so it always finishes."""
-        from music_model.structured import DecodeOptions
 
         count = len(images)
         if not count == len(instructions) == len(categories) == len(seeds):
@@ -477,19 +476,23 @@ class Planner:
         by_count: dict[int, list[int]] = {}
         for i in range(count):
             by_count.setdefault(len(images[i]), []).append(i)
-        options = self.vlm.options
         for n, rows in sorted(by_count.items()):
-            limit = DecodeOptions(self.bounds.max_chars(n) + 1, options.temperature, options.max_attempts)
-            for start in range(0, len(rows), self.vlm.batch_size):
-                chosen = rows[start : start + self.vlm.batch_size]
+
+            def decode_batch(batch: range) -> list[tuple[int, str, bool]]:
+                chosen = [rows[j] for j in batch]
                 inputs = self.encode([images[i] for i in chosen], [instructions[i] for i in chosen],
                                      [categories[i] for i in chosen]).to(self.vlm.device)
-                with self.vlm.lock:
-                    decoded = self.vlm.decoder.decode(inputs, self.grammar(n), [int(seeds[i]) for i in chosen], limit)
-                for i, (text, finished) in zip(chosen, decoded):
-                    reading = read_plan(text, n, categories[i], self.bounds.grid)
-                    if not finished and reading.ok:
-                        reading.repairs.append("output ended without its end token")
-                    reading.seed = int(seeds[i])
-                    readings[i] = reading
+                # The role's sampling settings, with the plan grammar's own length bound.
+                decoded = self.vlm.decoder.decode(inputs, self.grammar(n), [int(seeds[i]) for i in chosen], self.vlm.options,
+                                                  max_new_tokens=self.bounds.max_chars(n) + 1)
+                return [(i, *out) for i, out in zip(chosen, decoded)]
+
+            with self.vlm.lock:
+                decoded = self.vlm.run_batched(len(rows), decode_batch)
+            for i, text, finished in decoded:
+                reading = read_plan(text, n, categories[i], self.bounds.grid)
+                if not finished and reading.ok:
+                    reading.repairs.append("output ended without its end token")
+                reading.seed = int(seeds[i])
+                readings[i] = reading
         return readings

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from music_model.decimate import box_area
 from music_model.images import from_struct
 from tasks.engine import Stage, StageContext
-
-
-def box_area(box) -> float:
-    x0, y0, x1, y1 = box
-    return max(0.0, x1 - x0) * max(0.0, y1 - y0)
 
 
 def process(rows: list[dict], ctx: StageContext) -> list[dict]:

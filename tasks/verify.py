@@ -45,4 +45,4 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     return kept
 
 
-STAGE = Stage("verify", 2, process)
+STAGE = Stage("verify", 3, process)  # 3: explicit sampling, schema-derived token budget
