@@ -20,7 +20,7 @@ from flows.runners import default_task_runner, shard_placement
 from music_model.roles import release_roles
 from tasks.engine import build_dir, done_marker, fingerprint, num_shards, root_fingerprint, stage_dir, write_atomic
 from tasks.pipeline import STAGES, enter_stage, publish_dataset, stage_shard
-from tasks.publish import published_stats
+from tasks.publish import preview_markdown, published_stats
 
 
 def artifact_key(*parts: str) -> str:
@@ -149,8 +149,10 @@ def build_training_set(spec_path: str) -> dict:
     wall = time.perf_counter() - started
     dataset = build_dir(spec).resolve() / "dataset"
     text = report(spec, run.tables, stats, wall, dataset)
-    write_atomic(dataset / "report.md", lambda tmp: tmp.write_text(text))
-    create_markdown_artifact(text, key=artifact_key(spec.name, "report"), description=f"build report of {spec.name}")
+    previews = stats.get("preview", [])
+    write_atomic(dataset / "report.md", lambda tmp: tmp.write_text("\n".join([text, *preview_markdown(dataset, previews)])))
+    create_markdown_artifact("\n".join([text, *preview_markdown(dataset, previews, inline=True)]),
+                             key=artifact_key(spec.name, "report"), description=f"build report of {spec.name}")
     logger.info("published %d samples to %s", stats["samples"], dataset)
     return {"dataset": str(dataset), "samples": stats["samples"], "task_runs": run.task_runs, "wall_seconds": round(wall, 2),
             "model_loads": sum(t["model_loads"] for t in run.tables), "stages": run.tables, "funnel": stats["funnel"]}

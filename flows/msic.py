@@ -3,6 +3,7 @@ the benchmark is selected, checked for overlap with a training set and published
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -13,12 +14,11 @@ from flows.monitor import on_flow_running
 from flows.run_names import run_name
 from flows.runners import default_task_runner
 from tasks.msic import publish_msic
+from tasks.publish import preview_markdown
 
 
 @task(name="publish-msic", task_run_name="publish-msic-{version}")
 def publish_msic_task(spec_json: str, filter_dir: str, shards: int, version: str) -> dict:
-    from pathlib import Path
-
     return publish_msic(BuildSpec.model_validate_json(spec_json), Path(filter_dir), shards)
 
 
@@ -35,9 +35,10 @@ def build_msic(spec_path: str) -> dict:
     result = publish_msic_task(run.spec_json, str(run.upstream_dir), run.shards, spec.msic.version)
     counts = [{"subjects": k, "cases": v} for k, v in result["counts"].items()]
     create_table_artifact(counts, key=artifact_key(spec.name, "msic-cases"), description="MSIC cases per subject count")
-    create_markdown_artifact(
+    create_markdown_artifact("\n".join([
         f"# MSIC {spec.msic.version}: {spec.name}\n\n- cases: {result['cases']}\n- output: {result['msic']}\n"
-        f"- per subject count: {result['counts']}\n", key=artifact_key(spec.name, "msic-report"))
+        f"- per subject count: {result['counts']}\n", *preview_markdown(Path(result["msic"]), result.get("preview", []), inline=True)]),
+        key=artifact_key(spec.name, "msic-report"))
     logger.info("published %d MSIC cases to %s", result["cases"], result["msic"])
     return {**result, "task_runs": run.task_runs + 1, "stages": run.tables, "wall_seconds": round(time.perf_counter() - started, 2),
             "model_loads": sum(t["model_loads"] for t in run.tables)}
