@@ -27,16 +27,27 @@ def mentioned(text: str) -> set[int]:
     return {int(m) for m in SUBJECT_TOKEN.findall(text)}
 
 
+# A token with the name annotate's repair puts after it: `<s3> (shrimp)`.
+_TOKEN_AND_NAME = re.compile(r"<s(\d+)>(?: \(([^()]*)\))?")
+
+
 def rewrite(text: str, new_ids: dict[int, int], dropped_names: dict[int, str]) -> str:
-    """Renumber `<sN>` tokens by `new_ids`; dropped subjects become their names."""
+    """Renumber `<sN>` tokens by `new_ids`; dropped subjects become their names (`<s3> (shrimp)`
+    becomes `shrimp`, not `shrimp (shrimp)`).
+
+    >>> rewrite("put <s1> (cup) by <s3> (shrimp)", {1: 1}, {3: "shrimp"})
+    'put <s1> (cup) by shrimp'
+    """
 
     def replace(match: re.Match) -> str:
-        old = int(match.group(1))
+        old, named = int(match.group(1)), match.group(2)
         if old in new_ids:
-            return token(new_ids[old])
-        return dropped_names.get(old, match.group(0))
+            return token(new_ids[old]) + (f" ({named})" if named is not None else "")
+        if old not in dropped_names:
+            return match.group(0)
+        return dropped_names[old] + (f" ({named})" if named is not None and named != dropped_names[old] else "")
 
-    return SUBJECT_TOKEN.sub(replace, text)
+    return _TOKEN_AND_NAME.sub(replace, text)
 
 
 # The layout (grid cells of subject IDs) of a list of subjects, IDs already renumbered.

@@ -34,4 +34,4 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
 
 
 # Version 2: the smallest box (not mask) dropped first; the layout recomputed, not blanked.
-STAGE = Stage("decimate", 2, process)
+STAGE = Stage("decimate", 3, process)  # 3: a dropped subject named once ("shrimp", not "shrimp (shrimp)")

@@ -99,3 +99,11 @@ def test_decimation_renumbers_consistently(areas):
             assert mentioned(relation) <= set(ids)
         assert set(step["layout"]) <= {0, *ids}
         assert step["layout"] == box_relayout()(step["subjects"])  # a fresh layout of who is left
+
+
+def test_a_dropped_subject_named_after_its_token_is_named_once():
+    from music_model.decimate import rewrite
+
+    text = "put <s1> (cup) beside <s3> (shrimp) and <s2>"
+    assert rewrite(text, {1: 1, 2: 2}, {3: "shrimp"}) == "put <s1> (cup) beside shrimp and <s2>"
+    assert rewrite(text, {3: 1}, {1: "cup", 2: "plate"}) == "put cup beside <s1> (shrimp) and plate"
