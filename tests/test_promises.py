@@ -1,8 +1,8 @@
 """Promises the README makes, asserted with real components: `ray://` addresses refused before any
-work, a failed shard failing its flow run while the other shards keep their markers, and safe
-loading (pickles only through `torch.load(weights_only=True)`, a checkpoint's own code never run
-unless its spec sets `trust_remote_code`). `msic build` failing on a leaky training set is in
-tests/test_msic.py, beside the builds it reuses.
+work, a failed shard failing its flow run while the other shards keep their markers, safe loading
+(pickles only through `torch.load(weights_only=True)`, a checkpoint's own code never run unless its
+spec sets `trust_remote_code`), and a test session that never touches the user's Prefect server.
+`msic build` failing on a leaky training set is in tests/test_msic.py, beside the builds it reuses.
 
 Prefect and the flows are imported inside the tests (conftest starts the server after collection)."""
 from __future__ import annotations
@@ -165,3 +165,33 @@ def test_a_checkpoints_own_code_runs_only_when_its_spec_trusts_it(tmp_path):
     subprocess.run([sys.executable, "-c", code, json.dumps(dino)], capture_output=True, text=True, timeout=300,
                    env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
     assert marker.read_text() == "remote code ran"
+
+
+# --- the test session's own server ---------------------------------------------------------------
+
+
+@pytest.mark.prefect
+def test_the_session_server_is_its_own_with_the_scheduler_off(prefect_api, music_home):
+    import httpx
+
+    assert os.environ["PREFECT_API_URL"] == prefect_api and prefect_api.startswith("http://127.0.0.1:")
+    record = json.loads((music_home / "prefect" / "server.json").read_text())
+    assert record["api_url"] == prefect_api  # the server conftest spawned in this session's MUSIC_HOME
+    assert Path(os.environ["PREFECT_HOME"]).is_relative_to(music_home)
+    settings = httpx.get(f"{prefect_api}/admin/settings", timeout=30).json()
+    assert settings["server"]["services"]["scheduler"]["enabled"] is False
+
+
+def test_a_session_ignores_the_prefect_server_and_profile_of_its_environment(tmp_path):
+    """The test above, in a session started from an environment pointing at someone's server (by
+    variable and by profile) with the scheduler on: it still runs on its own server."""
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text('active = "theirs"\n\n[profiles.theirs]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n')
+    theirs = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api", "PREFECT_PROFILES_PATH": str(profiles),
+              "PREFECT_HOME": str(tmp_path / "their-prefect"), "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "true",
+              "MUSIC_HOME": str(tmp_path / "their-home")}
+    test = f"{Path(__file__).name}::test_the_session_server_is_its_own_with_the_scheduler_off"
+    done = subprocess.run([sys.executable, "-m", "pytest", test, "-q", "-p", "no:cacheprovider"], cwd=Path(__file__).parent,
+                          env=theirs, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not (tmp_path / "their-prefect").exists() and not (tmp_path / "their-home").exists()
