@@ -12,10 +12,12 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+	@echo "music, prefect and ray are in $(BIN): run 'source $(BIN)/activate' in a shell to put them on PATH"
 
 demo: install
 	$(BIN)/music zoo build
 	$(BIN)/music pipeline data_specs/train_tiny.yaml
+	@echo "next: 'source $(BIN)/activate', then the README's Commands and Operations"
 
 test: install
 	$(BIN)/python -m pytest

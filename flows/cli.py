@@ -32,16 +32,13 @@ app.command("show")(show)
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", help="Show the library messages filtered as known and harmless "
                                       "(warnings, progress bars, Prefect's hook lines); set for every process it starts.")) -> None:
-    import logging
     import os
 
-    from music_model.noise import VERBOSE_ENV, drop_log, quiet_progress_bars
+    from music_model.noise import VERBOSE_ENV, quiet_progress_bars
 
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
     quiet_progress_bars()
-    # Prefect logs two INFO lines around our on_running hook (flows/monitor.py) in every flow run: nothing to act on.
-    drop_log("prefect.engine", "'on_flow_running'", logging.INFO)
 
 
 def quiet_model_progress_bars() -> None:
