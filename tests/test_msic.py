@@ -1,5 +1,6 @@
 """MSIC regeneration against a real Prefect server: identical manifests from one spec, a changed
-seed in the diff, the overlap check on a clean pair and on a planted overlap."""
+seed in the diff, the overlap check on a clean pair and on a planted overlap, and `msic build`
+failing on that overlap."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -54,9 +56,17 @@ def test_same_spec_gives_identical_manifests_and_cases(builds):
     _, _, msic = builds
     a, b = (json.loads((msic[k] / "manifest.json").read_text()) for k in "ab")
     assert a == b and a["cases"]
-    assert set(a["counts"]) == {str(k) for k in range(1, 13)}
-    assert sum(a["counts"].values()) == len(a["cases"])
     cases = pq.read_table(msic["a"] / "data" / "test-00000-of-00001.parquet").to_pylist()
+    from tasks.msic import case_hash
+
+    # The manifest describes the published file: its cases with their content hashes, its counts.
+    assert a["cases"] == {case["case_id"]: case_hash(case) for case in cases}
+    assert Counter(case["subject_count"] for case in cases) == {int(k): v for k, v in a["counts"].items() if v}
+    # msic_tiny: cases_per_stratum 2 in each stratum 1..12, or all the build made of that count
+    made = Counter(r["num_subjects"] for p in (msic["a"].parent / "stages" / "filter").glob("*/part-*[0-9].parquet")
+                   for r in pq.read_table(p, columns=["num_subjects"]).to_pylist())
+    assert a["counts"] == {str(k): min(2, made[k]) for k in range(1, 13)}
+    assert sum(a["counts"].values()) >= 20, a["counts"]
     for case in cases:
         assert len(case["references"]) == len(case["categories"]) == case["subject_count"]
         assert "<s" not in case["prompt"]  # CLIP-T prompt names categories, not tags
@@ -71,7 +81,7 @@ def test_changed_seed_shows_in_diff(builds):
     assert "added: 0" not in out
 
 
-def test_overlap_check_passes_clean_pair_and_catches_planted_overlap(builds):
+def test_overlap_check_and_msic_build_catch_a_planted_overlap(builds):
     tmp, training, msic = builds
     assert "no overlap" in run_ok("msic", "check-overlap", str(msic["a"]), str(training))
     planted = tmp / "planted"
@@ -85,6 +95,14 @@ def test_overlap_check_passes_clean_pair_and_catches_planted_overlap(builds):
     done = music("msic", "check-overlap", str(msic["a"]), str(planted))
     assert done.returncode == 1
     assert f"{case['case_id']}: reference" in done.stderr and rows[0]["id"] in done.stderr
+
+    # A rebuild checked against the leaky training set fails, naming the item, and publishes nothing.
+    manifest = (msic["a"] / "manifest.json").read_bytes()
+    leaky = spec_file(tmp, "msic_tiny.yaml", "a", msic={"training_dataset": str(planted)})
+    done = music("msic", "build", str(leaky))
+    assert done.returncode != 0 and "Published" not in done.stdout
+    assert "overlap the training set" in done.stderr and f"{case['case_id']}: reference" in done.stderr, done.stderr[-3000:]
+    assert (msic["a"] / "manifest.json").read_bytes() == manifest
 
 
 def _replace_reference(data_file: Path, row: int, reference: int, struct: dict) -> dict:
@@ -179,6 +197,7 @@ def test_near_duplicate_sources_are_removed_before_cases_are_selected(builds, tm
     cases = pq.read_table(tmp_path / spec.name / "msic" / "data" / "test-00000-of-00001.parquet").to_pylist()
     assert len({c["source_id"] for c in cases}) == 1
     assert f"(CLIP >= -1.0): {len(sources) - 1}" in (tmp_path / spec.name / "msic" / "README.md").read_text()
+
 
 def test_flow_runs_are_named_by_the_spec_name_with_the_path_a_parameter(builds, prefect_api):
     import httpx
