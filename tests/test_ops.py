@@ -195,6 +195,7 @@ def test_ray_run_keeps_models_on_gpu_actors_survives_a_killed_worker_and_is_byte
     assert len(alive) == 2 and all(a.required_resources.get("GPU") == 1 for a in alive), alive
     victim = alive[0]
     os.kill(victim.pid, signal.SIGKILL)
+    killed_at = sorted(p.parent.parent.name for p in stages.glob("*/*/*.done.json"))
     output, _ = build.communicate(timeout=900)
     assert build.returncode == 0, output[-3000:]
     result = json.loads(out.read_text())
@@ -204,6 +205,8 @@ def test_ray_run_keeps_models_on_gpu_actors_survives_a_killed_worker_and_is_byte
     assert restarted and restarted[0].num_restarts >= 1, restarted
     # 2 actors x the local run's 9 loads, plus the killed actor's reloads: never one load per shard per role.
     assert 18 <= result["model_loads"] < 18 + 9, result["model_loads"]
+    print(f"killed actor {victim.actor_id} (pid {victim.pid}) after {len(killed_at)} shard markers; restarts "
+          f"{restarted[0].num_restarts}; model loads {result['model_loads']}; wall {result['wall_seconds']} s")
 
     # The shard tasks only wait for an actor: no task asks for a GPU (the actors hold them).
     deadline = time.monotonic() + 60
