@@ -5,8 +5,8 @@
   start time) and beats a heartbeat label; the next run of that flow crashes every other RUNNING
   run whose process is gone (same host: the pid with that start time no longer exists) or whose
   heartbeat stopped (another host). Runs without these labels are not judged.
-- The server going away: a watchdog polls its health and, after `SERVER_DOWN_PROBES` failed probes
-  in a row, prints one line naming the API URL and what to do and exits with code 2, instead of
+- The server going away while a flow body runs inside `stop_promptly`: a watchdog polls its health
+  and, after `SERVER_DOWN_PROBES` failed probes in a row, prints one line naming the API URL and what to do and exits with code 2, instead of
   minutes of retry tracebacks. Finished shards stay finished (markers); a rerun resumes.
 - SIGTERM or Ctrl-C: `stop_promptly` marks the process's runs CANCELLED (when the server asked for
   the cancellation) or CRASHED, with their running task runs, and exits at once: a shard running
@@ -117,13 +117,23 @@ def _this_process_runs(client) -> list:
     return [run for run in _running_runs(client) if all((run.labels or {}).get(k) == v for k, v in mine.items())]
 
 
+_guarded = 0  # flow bodies inside `stop_promptly` in this process
+_guarded_lock = threading.Lock()
+
+
 @contextmanager
 def stop_promptly() -> Iterator[None]:
     """Around a flow body that waits on shard tasks: SIGTERM (Prefect raises TerminationSignal) or
     Ctrl-C ends the process within seconds instead of after the running shards, with its runs
-    CANCELLED when the server asked for it (UI cancel), else CRASHED."""
+    CANCELLED when the server asked for it (UI cancel), else CRASHED; and while inside, the server
+    watchdog exits when the server goes away (outside, a stopped server is no fault of ours: a
+    test session or a notebook that ran a flow stays up)."""
     from prefect.exceptions import TerminationSignal
 
+    global _guarded
+    start_server_watchdog()
+    with _guarded_lock:
+        _guarded += 1
     try:
         yield
     except (KeyboardInterrupt, TerminationSignal) as stop:
@@ -143,6 +153,9 @@ def stop_promptly() -> Iterator[None]:
         print(f"{reason}: flow runs ended: {ended}. Finished shards are kept; rerun the same command to resume.",
               file=sys.stderr, flush=True)
         os._exit(130 if name == "Ctrl-C" else 128 + signal.SIGTERM)
+    finally:
+        with _guarded_lock:
+            _guarded -= 1
 
 
 def _server_alive(api_url: str) -> bool:
@@ -161,7 +174,7 @@ def _watch_server(api_url: str) -> None:
     while True:
         time.sleep(SERVER_PROBE_SECONDS)
         failures = 0 if _server_alive(api_url) else failures + 1
-        if failures >= SERVER_DOWN_PROBES:
+        if failures >= SERVER_DOWN_PROBES and _guarded:
             print(f"error: the Prefect server at {api_url} stopped answering. Finished shards are kept: restart it "
                   "with `music server`, then rerun the same command to resume.", file=sys.stderr, flush=True)
             os._exit(EXIT_SERVER_GONE)
@@ -171,7 +184,8 @@ _watchdog_started = threading.Lock()
 
 
 def start_server_watchdog() -> None:
-    """Once per process: exit cleanly soon after the Prefect server goes away."""
+    """Once per process: a thread that exits cleanly soon after the Prefect server goes away while a
+    flow body is inside `stop_promptly`."""
     from prefect.settings import PREFECT_API_URL
 
     api_url = PREFECT_API_URL.value()
@@ -182,13 +196,16 @@ def start_server_watchdog() -> None:
 def _beat(flow_run_id: UUID, interval: float) -> None:
     from prefect import get_client
 
-    with get_client(sync_client=True) as client:
-        while True:
-            time.sleep(interval)
-            run = client.read_flow_run(flow_run_id)
-            if not (run.state and run.state.is_running()):
-                return
-            client.update_flow_run_labels(flow_run_id, {HEARTBEAT: f"{time.time():.0f}"})
+    try:
+        with get_client(sync_client=True) as client:
+            while True:
+                time.sleep(interval)
+                run = client.read_flow_run(flow_run_id)
+                if not (run.state and run.state.is_running()):
+                    return
+                client.update_flow_run_labels(flow_run_id, {HEARTBEAT: f"{time.time():.0f}"})
+    except Exception:  # the server is gone or restarting: the watchdog or the next run deals with it
+        return
 
 
 def on_flow_running(flow, flow_run, state) -> None:
@@ -202,4 +219,3 @@ def on_flow_running(flow, flow_run, state) -> None:
     with get_client(sync_client=True) as client:
         client.update_flow_run_labels(flow_run.id, {**this_process(), HEARTBEAT: f"{time.time():.0f}"})
     threading.Thread(target=_beat, args=(flow_run.id, HEARTBEAT_SECONDS), name="music-heartbeat", daemon=True).start()
-    start_server_watchdog()

@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
 from data_specs.train import TrainSpec, load_train_spec
 from flows.build import artifact_key
-from flows.monitor import on_flow_running
+from flows.monitor import on_flow_running, stop_promptly
 from flows.run_names import run_name
 from music_model import training
 from music_model.roles import resident_roles
@@ -66,7 +66,8 @@ def train(spec_json: str) -> dict:
                                         description=f"{spec.name}: optimizer steps done of {steps}")
     # What a memory-tight GPU must not hold while training starts (the pipeline frees the build's models).
     resident = [f"{role} {model} on {device}" for role, model, device in resident_roles()]
-    summary = {**train_task(spec_json, spec.name, progress, steps), "models_resident_at_start": resident}
+    with stop_promptly():
+        summary = {**train_task(spec_json, spec.name, progress, steps), "models_resident_at_start": resident}
     history = training.read_history(summary["output"])
     stride = max(1, math.ceil(len(history) / MAX_TABLE_ROWS))
     table = [{k: r.get(k) for k in ("step", "epoch", "samples", "planner", "renderer", "loss", "lr")} for r in history[::stride]]
