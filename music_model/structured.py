@@ -281,6 +281,10 @@ class StructuredDecoder:
         self.stop_ids = [eos] if isinstance(eos, int) else list(eos)
         pad = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.stop_ids[0]
+        if tokenizer.pad_token_id is None:
+            # Batches are left-padded under an attention mask, so the pad token is never read; without
+            # one (Llama-style chat models) the tokenizer would refuse to pad and every row would fail.
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(self.pad_id)
         # generate() fills every setting a call leaves unset from the model's generation_config (a
         # checkpoint's repetition_penalty, top-k, suppressed tokens...): only the token IDs are kept.
         self.checkpoint_generation_config = config

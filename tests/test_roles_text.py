@@ -201,3 +201,24 @@ def test_zoo_entry_is_deterministic_and_small(tmp_path, name):
     assert file_hashes(first) == file_hashes(second)
     assert sum(path.stat().st_size for path in first.rglob("*") if path.is_file()) < 2_000_000
     assert (first / "model.safetensors").exists() and not list(first.glob("*.bin"))
+
+
+def test_a_chat_model_without_a_pad_token_still_generates_batches(tmp_path, zoo_root):
+    """Llama-style chat checkpoints ship no pad token: the role pads with its end token instead of
+    failing every row of every batch."""
+    import json
+    import shutil
+
+    from music_model.zoo import ensure_entry
+
+    folder = tmp_path / "no-pad"
+    shutil.copytree(ensure_entry("qwen3"), folder)
+    for name in ("tokenizer_config.json", "config.json", "generation_config.json"):
+        data = json.loads((folder / name).read_text())
+        data.pop("pad_token_id", None)
+        if "pad_token" in data:
+            data["pad_token"] = None
+        (folder / name).write_text(json.dumps(data))
+    llm = load_role({**LLM_SPEC, "model": str(folder)})
+    results = llm.generate(["a cat", "a dog on a sofa"], Caption, seeds=[1, 2])
+    assert all(r.ok for r in results), [r.error for r in results]
