@@ -31,7 +31,9 @@ def test_music_10k_plan_loads_no_model(tmp_path):
     done = subprocess.run([sys.executable, "-c", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     peak_rss = int(done.stdout.split("max_rss_kib")[-1]) * 1024
-    assert peak_rss < 3 * 2**30, f"plan used {peak_rss / 2**30:.1f} GiB: weights were materialised"
+    # torch + transformers + diffusers imports take ~1-3.5 GiB; the smallest materialised stage (DINO
+    # aside) would add 15 GiB (Qwen3-8B in bf16), the whole spec ~65 GB.
+    assert peak_rss < 8 * 2**30, f"plan used {peak_rss / 2**30:.1f} GiB: weights were materialised"
     assert not (tmp_path / "home" / "zoo").exists()  # neither zoo entries nor arch folders were built
     result = json.loads(out.read_text())
     assert (result["shards"], result["task_runs"]) == (94, 9 * 94 + 1)

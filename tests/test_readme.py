@@ -244,7 +244,8 @@ class Shell:
                                      log.read_text(), "running in the background"))
 
     def kill(self, jobs: list[Job], readme: str, grace: float = 30.0) -> None:
-        """SIGTERM, as `kill %N` sends it; each job must be gone within `grace` seconds."""
+        """SIGTERM, as `kill %N` sends it; each job must be gone within `grace` seconds, after a
+        second SIGTERM at the most (the README says a Prefect worker busy shutting down needs one)."""
         started = time.monotonic()
         for job in jobs:
             if job.process.poll() is None:
@@ -253,8 +254,13 @@ class Shell:
             try:
                 job.process.wait(grace)
             except subprocess.TimeoutExpired:
-                force(job.process)
-                raise AssertionError(f"`{job.command}` still running {grace:.0f} s after SIGTERM") from None
+                if job.process.poll() is None:
+                    os.killpg(job.process.pid, signal.SIGTERM)
+                try:
+                    job.process.wait(grace)
+                except subprocess.TimeoutExpired:
+                    force(job.process)
+                    raise AssertionError(f"`{job.command}` still running {grace:.0f} s after a second SIGTERM") from None
             force(job.process)  # its children, if any outlived it
         output = "\n".join(f"{job.command}: exit {job.process.returncode}" for job in jobs)
         self.outcomes.append(Outcome(self.section, readme, f"(SIGTERM to {len(jobs)} background process(es))", 0,
