@@ -4,9 +4,9 @@ shard; results are small dicts, never images).
 Where a shard's models run:
 - in the flow's process (the local runner): a stage with roles holds a device slot of this
   machine while it runs (`music_model.roles.slots`), and its roles load on that slot's device;
-- on a Ray cluster: the task hands the shard to one of the stage's `ShardWorker` actors, which keep
-  their models for the whole stage (loads = actors x model stages, not shards) and are restarted,
-  with the shard retried, when their process dies.
+- on a Ray cluster: the task hands the shard to one of the run's `ShardWorker` actors, which keep a
+  stage's models for every shard of it they serve (loads = actors x model stages, not shards) and
+  are restarted, with the shard retried, when their process dies.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ RAY_NAMESPACE = "music"
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a stage's shards run: `slots` = this machine's device slots with `cpu_slots` on a
-    machine without GPUs; `actors` = the names of the stage's Ray actors (shard k goes to k mod n)."""
+    """Where a stage's shards run: this machine's device slots (`cpu_slots` of them on a machine
+    without GPUs), or, when `actors` names the run's Ray actors, actor k mod n for shard k."""
     cpu_slots: int = 0
     actors: tuple[str, ...] = ()
 
