@@ -3,7 +3,7 @@ scorer against a straightforward per-pair loop, in the same run, on the same mod
 
     python benchmarks/bench_scoring.py [--generated 200] [--models tiny|full] [--device cpu|cuda]
 
-- batched: `music_model.dreambench.score_generated`: every image decoded once and embedded once per
+- batched: `music_model.scoring.dreambench.score_generated`: every image decoded once and embedded once per
   model in batches, pair scores read off a cosine matrix.
 - per-pair loop (the baseline of the ratios), as research scripts do: for every generated x real
   pair, open both files, embed both images (batch of 1), take the cosine; CLIP-T embeds the prompt
@@ -33,8 +33,8 @@ from PIL import Image, ImageEnhance
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from music_model.dreambench import generated_path, load_dreambench, scan_generated, score_generated  # noqa: E402
-from music_model.metrics import Scorer  # noqa: E402
+from music_model.scoring.dreambench import generated_path, load_dreambench, scan_generated, score_generated  # noqa: E402
+from music_model.scoring.metrics import Scorer  # noqa: E402
 
 
 def make_generated(bench, folder: Path, count: int, seed: int = 0) -> None:

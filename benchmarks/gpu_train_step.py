@@ -26,8 +26,8 @@ import torch
 def sample(reference_size: int, target_size: int):
     from PIL import Image
 
-    from music_model.planner import Plan, SubjectNote
-    from music_model.training import Sample
+    from music_model.music.plan import Plan, SubjectNote
+    from music_model.music.training import Sample
 
     layout = [0] * 64
     for cell in (9, 10, 17, 18):
@@ -61,9 +61,9 @@ def main() -> None:
     from collections import Counter
 
     from data_specs.train import parse_train_spec
+    from music_model.music.training import PlannerTrainer, RendererTrainer, set_cuda_attention
     from music_model.roles.editor import DiffusersEditor
     from music_model.roles.vlm import TransformersVLM
-    from music_model.training import PlannerTrainer, RendererTrainer, set_cuda_attention
     from music_model.zoo.arch import TINY_SUFFIX
 
     device = torch.device(args.device)

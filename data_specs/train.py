@@ -62,7 +62,7 @@ class LossWeights(_Section):
 
 
 class PlanParams(_Section):
-    """The plan text's grid and the bounds of generated plan texts (music_model.planner.PlanBounds)."""
+    """The plan text's grid and the bounds of generated plan texts (music_model.music.plan.PlanBounds)."""
 
     grid: int = Field(8, ge=2, le=32)
     max_relations: int = Field(6, ge=0, le=32)

@@ -4,7 +4,7 @@ placed at random, and on the boxes of a published sample. docs/FIDELITY.md quote
 
 The paper labels a cell with a subject when their IoU exceeds tau = lambda * mean IoU, without
 saying what the mean runs over. Readings: (1) the (subject, cell) pairs that overlap (what
-music_model.layout does), (2) all (subject, cell) pairs, (3) each subject's own 64 cells (one tau
+music_model.subjects.layout does), (2) all (subject, cell) pairs, (3) each subject's own 64 cells (one tau
 per subject). Usage: python docs/tau_readings.py [a published dataset folder]
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from music_model.layout import GRID, box_to_mask, cell_ious
+from music_model.subjects.layout import GRID, box_to_mask, cell_ious
 
 LAMBDA = 0.05
 SIZE = 1024

@@ -96,7 +96,7 @@ def roles_check(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON here."),
 ) -> None:
     """Load every role x backend from the zoo and run a batch of 2 through it, with timings."""
-    from music_model.smoke import check_roles, zoo_role_specs
+    from music_model.roles.smoke import check_roles, zoo_role_specs
 
     rows = check_roles(zoo_role_specs(device, dtype))
     for row in rows:

@@ -60,7 +60,7 @@ def dreambench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON here."),
 ) -> None:
     """DreamBench: DINO and CLIP-I over every generated x real pair of a subject, CLIP-T with the class noun."""
-    from music_model.dreambench import DreamBenchError, load_dreambench, scan_generated
+    from music_model.scoring.dreambench import DreamBenchError, load_dreambench, scan_generated
 
     try:
         parsed = _spec(spec, output, name, generator)
@@ -91,7 +91,7 @@ def msic(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON here."),
 ) -> None:
     """Multi-subject cases: UNO-style and grounded scores, missing rate, worst subject, by subject count, Pass@N."""
-    from music_model.multisubject import CasesError, read_cases
+    from music_model.scoring.multisubject import CasesError, read_cases
 
     try:
         parsed = _spec(spec, output, name)

@@ -17,9 +17,9 @@ from data_specs.eval import EvalSpec, load_eval_spec
 from flows.build import artifact_key
 from flows.monitor import on_flow_running
 from flows.run_names import run_name
-from music_model.dreambench import DreamBenchError, load_dreambench, scan_generated
-from music_model.multisubject import CasesError, read_cases
 from music_model.roles import total_model_loads
+from music_model.scoring.dreambench import DreamBenchError, load_dreambench, scan_generated
+from music_model.scoring.multisubject import CasesError, read_cases
 from tasks.evaluate import (chunks, done_shard, files_digest, fingerprint, finish_cases, finish_dreambench, generate_task,
                             json_safe, score_cases_task, score_dreambench_task, write_json, write_plan)
 

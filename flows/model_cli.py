@@ -121,7 +121,7 @@ def _generate(benchmark: str, spec: Path, adapters: Optional[Path], candidates: 
         if adapters is not None and not any((adapters / part).is_dir() for part in ("planner", "renderer")):
             raise FileNotFoundError(f"--adapters {adapters}: no planner/ or renderer/ folder (a training run's adapter folder)")
         if benchmark == "msic":
-            from music_model.music import msic_cases_file
+            from music_model.music.model import msic_cases_file
 
             if not parsed.evaluation.msic:
                 raise SpecError("evaluation.msic: no MSIC benchmark (pass --msic)")
@@ -191,7 +191,7 @@ def generate_case(
     """One case without Prefect: N candidates, each selector's pick (scored by the spec's eval models), seeds."""
     from data_specs.eval import load_eval_spec
     from data_specs.train import resolve_spec_path
-    from music_model.metrics import UnreadableImage, decode_image
+    from music_model.scoring.metrics import UnreadableImage, decode_image
 
     try:
         parsed = _spec(spec, **{"generation.candidates": candidates, "generation.seed": seed})
@@ -202,8 +202,8 @@ def generate_case(
     except (SpecError, FileNotFoundError, ValueError, UnreadableImage) as error:
         _fail(error)
     from flows.cli import quiet_model_progress_bars
-    from music_model.music import GenerationCase, MusicModel, pick, save_image, selection_scores
-    from music_model.renderer import name_subjects
+    from music_model.music.model import GenerationCase, MusicModel, pick, save_image, selection_scores
+    from music_model.music.renderer import name_subjects
 
     quiet_model_progress_bars()
     names = list(categories) if categories else [None] * len(images)

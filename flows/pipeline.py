@@ -29,7 +29,7 @@ from data_specs.train import TrainSpec, load_train_spec, resolve_spec_path
 from flows.build import artifact_key
 from flows.monitor import on_flow_running
 from flows.run_names import run_name
-from music_model.music import msic_cases_file
+from music_model.music.model import msic_cases_file
 from music_model.roles import release_roles
 from tasks.engine import write_atomic
 from tasks.evaluate import chunks, files_digest, json_safe
@@ -78,7 +78,7 @@ def music_generate(spec_json: str, benchmark: str, adapters: str | None = None, 
         merged = merge_msic_parts(str(out), len(ranges))
         result = {"benchmark": "msic", "cases_file": merged["cases"], "generation_file": merged["generation"]}
     else:
-        from music_model.dreambench import load_dreambench
+        from music_model.scoring.dreambench import load_dreambench
 
         root = load_eval_spec(resolve_spec_path(spec.evaluation.eval_spec)).dreambench_root
         if not root:

@@ -36,7 +36,7 @@ def show(
     """Render a preview sheet per sample."""
     import pyarrow.parquet as pq
 
-    from music_model import preview
+    from music_model.subjects import preview
     from tasks.engine import read_rows
     from tasks.publish import preview_ids, write_sheets
 

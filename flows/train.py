@@ -17,7 +17,7 @@ from data_specs.train import TrainSpec, load_train_spec
 from flows.build import artifact_key
 from flows.monitor import on_flow_running, stop_promptly
 from flows.run_names import run_name
-from music_model import training
+from music_model.music import training
 from music_model.roles import resident_roles
 from tasks.engine import write_atomic
 from tasks.train import train_task

@@ -14,9 +14,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
-from music_model.decimate import mentioned, token
-from music_model.images import draw_labelled_boxes, from_struct, pixel_box
-from music_model.structured import bounded_text
+from music_model.media.images import draw_labelled_boxes, from_struct, pixel_box
+from music_model.roles.structured import bounded_text
+from music_model.subjects.decimate import mentioned, token
 from tasks.engine import Stage, StageContext
 
 PROMPT = (

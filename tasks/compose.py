@@ -14,7 +14,7 @@ from functools import lru_cache
 from pydantic import BaseModel
 
 from data_specs import shipped
-from music_model.structured import bounded_text
+from music_model.roles.structured import bounded_text
 from tasks.engine import Stage, StageContext, sample_id
 
 PROMPT = (

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from music_model.decimate import decimate
-from music_model.layout import layout_grid, layout_to_text, subject_regions
+from music_model.subjects.decimate import decimate
+from music_model.subjects.layout import layout_grid, layout_to_text, subject_regions
 from tasks.engine import Stage, StageContext
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from music_model.decimate import box_area
-from music_model.images import from_struct
+from music_model.media.images import from_struct
+from music_model.subjects.decimate import box_area
 from tasks.engine import Stage, StageContext
 
 

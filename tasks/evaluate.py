@@ -13,7 +13,7 @@ One evaluation writes to `<output_root>/<name>/`::
     dropped.parquet                                every input left out, with its reason
     summary.json, report.md, plots/*.png
 
-Scores are raw cosines (`music_model.metrics.SCALE`), stated in summary.json and report.md.
+Scores are raw cosines (`music_model.scoring.metrics.SCALE`), stated in summary.json and report.md.
 """
 from __future__ import annotations
 
@@ -31,11 +31,11 @@ from prefect import task
 
 from data_specs.eval import (CANDIDATE_SCORES, CASE_DROPS, DREAMBENCH_DROPS, DREAMBENCH_SCORES, PUBLISHED,
                              PUBLISHED_SOURCE, SUBJECT_SCORES, EvalSpec)
-from music_model.dreambench import DreamBench, GeneratedImage, Scan, coverage, generate_missing, load_dreambench, score_generated, summarise
-from music_model.metrics import METRICS, PROTOCOL, SCALE, Scorer
-from music_model.multisubject import CASE_METRICS, by_subject_count, decode_case, score_cases
-from music_model.passn import passn_curve
 from music_model.roles import load_role, thread_model_loads
+from music_model.scoring.dreambench import DreamBench, GeneratedImage, Scan, coverage, generate_missing, load_dreambench, score_generated, summarise
+from music_model.scoring.metrics import METRICS, PROTOCOL, SCALE, Scorer
+from music_model.scoring.multisubject import CASE_METRICS, by_subject_count, decode_case, score_cases
+from music_model.scoring.passn import passn_curve
 from tasks.engine import shard_name, write_atomic, write_table
 
 PLAN = pa.schema([("subject", pa.string()), ("prompt_index", pa.int32()), ("sample", pa.int32()), ("path", pa.string())])

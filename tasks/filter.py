@@ -2,7 +2,7 @@
 publish uses to drop near-duplicate sources across the whole build."""
 from __future__ import annotations
 
-from music_model.images import from_struct
+from music_model.media.images import from_struct
 from tasks.engine import Stage, StageContext
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from music_model import masks as rle
-from music_model.images import crop, from_struct, masked
-from music_model.layout import box_to_mask, layout_grid, layout_to_text
+from music_model.media import masks as rle
+from music_model.media.images import crop, from_struct, masked
+from music_model.subjects.layout import box_to_mask, layout_grid, layout_to_text
 from tasks.engine import Stage, StageContext
 
 

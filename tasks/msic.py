@@ -32,10 +32,10 @@ import yaml
 
 from data_specs.build import BuildSpec, MsicParams, canonical_json
 from data_specs.schemas import IMAGE
-from music_model.decimate import SUBJECT_TOKEN
-from music_model.images import from_struct
-from music_model.preview import from_case, render_sheet
+from music_model.media.images import from_struct
 from music_model.roles import load_role
+from music_model.subjects.decimate import SUBJECT_TOKEN
+from music_model.subjects.preview import from_case, render_sheet
 from tasks.engine import build_dir, read_rows, shard_name, stable_int, write_atomic
 from tasks.publish import code_version, near_duplicate_sources, preview_ids, preview_markdown, write_sheets
 

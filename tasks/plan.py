@@ -149,7 +149,7 @@ NO_DROPS = Rates({}, {})
 
 
 def decimation_counts(n: int, spec: BuildSpec) -> list[int]:
-    """Subject counts of the samples decimate makes from one with n subjects (`music_model.decimate`)."""
+    """Subject counts of the samples decimate makes from one with n subjects (`music_model.subjects.decimate`)."""
     low = spec.decimate.min_subjects
     return [n] if n <= low else list(range(n, low - 1, -1))
 

@@ -1,6 +1,6 @@
 """publish: drop near-duplicate sources across the build, then write the dataset in the Hugging
 Face layout (`data/train-0000k-of-0000n.parquet`), its card, stats.json, report.md, plots and
-`preview/<id>.png`: a sheet per sample of a fixed seeded subset (music_model.preview), so a person
+`preview/<id>.png`: a sheet per sample of a fixed seeded subset (music_model.subjects.preview), so a person
 judges a build's quality in a minute.
 
 The data files, card, stats and previews depend only on the spec and the code version, so two
@@ -27,7 +27,7 @@ from PIL import Image
 
 from data_specs.build import BuildSpec
 from data_specs.schemas import DROPPED, PUBLISHED, PUBLISHED_FEATURES
-from music_model.preview import from_published, render_sheet
+from music_model.subjects.preview import from_published, render_sheet
 from tasks.engine import build_dir, read_rows, shard_name, stable_int, stage_dir, write_atomic, write_table
 
 PREVIEW_SAMPLES = 6

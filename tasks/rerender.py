@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from music_model.images import crop, from_struct, letterbox, square, to_struct
+from music_model.media.images import crop, from_struct, letterbox, square, to_struct
 from tasks.engine import Stage, StageContext
 from tasks.verify import renumber
 

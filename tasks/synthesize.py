@@ -1,7 +1,7 @@
 """synthesize: the text-to-image target of each caption, seeded per sample."""
 from __future__ import annotations
 
-from music_model.images import to_struct
+from music_model.media.images import to_struct
 from tasks.engine import Stage, StageContext
 
 

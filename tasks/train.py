@@ -25,9 +25,9 @@ from prefect import task
 
 from data_specs.eval import CASES
 from data_specs.train import TrainSpec
-from music_model.music import GENERATION, generate_dreambench_shard, generate_msic_shard, load_model, read_msic_cases
+from music_model.music.model import GENERATION, generate_dreambench_shard, generate_msic_shard, load_model, read_msic_cases
+from music_model.music.training import read_history, train
 from music_model.roles import thread_model_loads
-from music_model.training import read_history, train
 from tasks.engine import shard_name, write_atomic, write_table
 
 MAX_PLOTTED = 2000
@@ -110,7 +110,7 @@ def merge_msic_parts(out_dir: str, shards: int) -> dict:
 def generate_dreambench_part(spec_json: str, adapters: str | None, bench_root: str, images_dir: str, subjects: list[str],
                              prompt_indices: list[int], shard: int, out_dir: str) -> dict:
     """The DreamBench grid cells of `subjects` that have no image yet, plus their generation records."""
-    from music_model.dreambench import load_dreambench
+    from music_model.scoring.dreambench import load_dreambench
 
     out = Path(out_dir)
     marker = out / "parts" / f"{shard_name(shard)}.done.json"

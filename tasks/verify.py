@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from music_model.images import crop, from_struct
-from music_model.structured import bounded_text
+from music_model.media.images import crop, from_struct
+from music_model.roles.structured import bounded_text
 from tasks.engine import Stage, StageContext
 
 PROMPT = "Is the main object in this image a {category}, shown whole and clearly? Answer and give a short reason."

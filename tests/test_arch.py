@@ -98,7 +98,7 @@ def test_every_role_loads_and_runs_a_tiny_arch():
     """Through the registry (`load_role`), with the role interfaces a stage uses."""
     from data_specs.roles import parse_role_spec
     from music_model.roles import load_role
-    from music_model.smoke import check_roles, zoo_role_specs
+    from music_model.roles.smoke import check_roles, zoo_role_specs
 
     by_zoo = {arch.zoo: name for name, arch in ARCHES.items()}
     specs = {

@@ -59,7 +59,7 @@ def test_zoo_build_then_list(zoo_root, tmp_path):
 
 def test_roles_check_loads_every_role_and_backend(tmp_path):
     from music_model.roles import BACKENDS
-    from music_model.smoke import zoo_role_specs
+    from music_model.roles.smoke import zoo_role_specs
 
     ok(music("roles", "check", "--device", "cpu", "--dtype", "float32", "--json", str(tmp_path / "roles.json")))
     rows = {row["name"]: row for row in json.loads((tmp_path / "roles.json").read_text())}
@@ -216,7 +216,7 @@ def test_every_shipped_spec_parses_and_says_what_it_claims():
     from data_specs.build import load_build_spec
     from data_specs.eval import load_eval_spec
     from data_specs.train import load_train_spec
-    from music_model.smoke import zoo_role_specs
+    from music_model.roles.smoke import zoo_role_specs
 
     loaders = {"tiny.yaml": load_build_spec, "msic_tiny.yaml": load_build_spec, "music_10k.yaml": load_build_spec,
                "msic.yaml": load_build_spec, "train_tiny.yaml": load_train_spec, "train_music.yaml": load_train_spec,

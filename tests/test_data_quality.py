@@ -16,10 +16,10 @@ from PIL import Image
 from data_specs import shipped
 from data_specs.build import parse_build_spec
 from data_specs.schemas import WORK
-from music_model import masks as rle
-from music_model.images import TAG_COLOURS, TAG_HEIGHT, draw_labelled_boxes, from_struct, square, to_struct
-from music_model.layout import box_to_mask, layout_grid
-from music_model.structured import DecodeOptions, decode_settings, max_json_bytes, schema_token_budget
+from music_model.media import masks as rle
+from music_model.media.images import TAG_COLOURS, TAG_HEIGHT, draw_labelled_boxes, from_struct, square, to_struct
+from music_model.roles.structured import DecodeOptions, decode_settings, max_json_bytes, schema_token_budget
+from music_model.subjects.layout import box_to_mask, layout_grid
 from tasks import annotate, compose, decimate, rerender
 from tasks.engine import StageContext, fingerprint, read_rows, run_shard, stage_dir, write_table
 
@@ -210,7 +210,7 @@ def test_sampling_settings_are_explicit_and_recorded():
 def test_truncation_matches_transformers_top_k_and_top_p_warpers():
     from transformers import TopKLogitsWarper, TopPLogitsWarper
 
-    from music_model.structured import truncate
+    from music_model.roles.structured import truncate
 
     scores = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     scores[1, :30] = float("-inf")  # a grammar mask
@@ -243,7 +243,7 @@ def test_a_checkpoints_generation_config_never_changes_what_is_sampled(checkpoin
     from pydantic import BaseModel
 
     from music_model.roles import load_role
-    from music_model.structured import bounded_text
+    from music_model.roles.structured import bounded_text
 
     class Caption(BaseModel):
         caption: bounded_text(60)
@@ -259,7 +259,7 @@ def test_top_k_one_is_greedy():
     from pydantic import BaseModel
 
     from music_model.roles import load_role
-    from music_model.structured import bounded_text
+    from music_model.roles.structured import bounded_text
 
     class Caption(BaseModel):
         caption: bounded_text(40)
@@ -340,8 +340,8 @@ def test_decimation_drops_the_smallest_box_and_lays_out_the_rest_afresh(tmp_path
 
 def test_a_renderer_adapter_with_alpha_unlike_its_rank_reloads_at_the_same_strength(tmp_path):
     from data_specs.train import load_train_spec, parse_train_spec
-    from music_model.renderer import Renderer
-    from music_model.training import RendererTrainer
+    from music_model.music.renderer import Renderer
+    from music_model.music.training import RendererTrainer
 
     data = load_train_spec("train_tiny.yaml").model_dump()
     data |= {"dataset": str(tmp_path), "output_root": str(tmp_path / "runs"), "pipeline": None,

@@ -12,9 +12,9 @@ from PIL import Image
 
 from data_specs.eval import load_eval_spec, parse_eval_spec, parse_generator
 from data_specs.roles import SpecError
-from music_model.dreambench import (DreamBenchError, coverage, generated_path, load_dreambench, parse_prompts_and_classes,
+from music_model.scoring.dreambench import (DreamBenchError, coverage, generated_path, load_dreambench, parse_prompts_and_classes,
                                     scan_generated, score_generated, summarise)
-from music_model.metrics import Scorer
+from music_model.scoring.metrics import Scorer
 
 COMMON = {"device": "cpu", "dtype": "float32", "batch_size": 8}
 LIVE = {"cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"}

@@ -19,7 +19,7 @@ from PIL import Image
 
 from data_specs.build import parse_build_spec
 from data_specs.schemas import DROPPED, WORK
-from music_model.images import to_struct
+from music_model.media.images import to_struct
 from tasks import annotate, compose, detect, filter, publish, rerender, verify
 from tasks.engine import fingerprint, read_rows, run_shard, shard_name, stage_dir, write_table
 

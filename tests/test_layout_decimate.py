@@ -3,9 +3,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from music_model import masks as rle
-from music_model.decimate import box_area, decimate, mentioned, token
-from music_model.layout import GRID, box_to_mask, cell_ious, layout_grid, layout_to_text, subject_regions, text_to_layout
+from music_model.media import masks as rle
+from music_model.subjects.decimate import box_area, decimate, mentioned, token
+from music_model.subjects.layout import GRID, box_to_mask, cell_ious, layout_grid, layout_to_text, subject_regions, text_to_layout
 
 boxes = st.tuples(
     st.floats(0, 0.9), st.floats(0, 0.9), st.floats(0.02, 1.0), st.floats(0.02, 1.0)
@@ -102,7 +102,7 @@ def test_decimation_renumbers_consistently(areas):
 
 
 def test_a_dropped_subject_named_after_its_token_is_named_once():
-    from music_model.decimate import rewrite
+    from music_model.subjects.decimate import rewrite
 
     text = "put <s1> (cup) beside <s3> (shrimp) and <s2>"
     assert rewrite(text, {1: 1, 2: 2}, {3: "shrimp"}) == "put <s1> (cup) beside shrimp and <s2>"

@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 
 from data_specs.eval import CASES, GroundingParams
-from music_model.metrics import (SCALE, Scorer, UnreadableImage, bootstrap_estimate, cosine_matrix, decode_image, pair_means,
-                                 rowwise_cosine)
-from music_model.multisubject import CasesError, _assign, by_subject_count, decode_case, read_cases, score_cases
-from music_model.passn import passn_curve, selection_weights
-from music_model.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from music_model.media.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from music_model.roles import load_role
+from music_model.scoring.metrics import (SCALE, Scorer, UnreadableImage, bootstrap_estimate, cosine_matrix, decode_image, pair_means,
+                                 rowwise_cosine)
+from music_model.scoring.multisubject import CasesError, _assign, by_subject_count, decode_case, read_cases, score_cases
+from music_model.scoring.passn import passn_curve, selection_weights
 
 COMMON = {"device": "cpu", "dtype": "float32", "batch_size": 4}
 DINO = {"role": "dino", "backend": "transformers", "model": "zoo:dino_vits16", **COMMON}

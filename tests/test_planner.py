@@ -8,8 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from music_model.planner import (PlanBounds, Plan, PlanError, Planner, SubjectNote, canonical_text, format_plan, parse_plan,
-                                 placement_point, plan_from_sample, plan_grammar, read_plan, repair_plan)
+from music_model.music.plan import (Plan, PlanBounds, PlanError, SubjectNote, canonical_text, format_plan, parse_plan,
+                                    placement_point, plan_from_sample, plan_grammar, read_plan, repair_plan)
+from music_model.music.planner import Planner
 
 WORD = st.text(st.characters(blacklist_categories=("Cc", "Zs", "Zl", "Zp", "Cs"), blacklist_characters="|\x85\u1680"),
                min_size=1, max_size=8)
@@ -187,7 +188,7 @@ def test_the_planner_writes_valid_plans_from_each_seed(vlm):
 
 
 def test_layout_canvas_puts_each_reference_in_its_cells():
-    from music_model.renderer import layout_canvas, render_prompt
+    from music_model.music.renderer import layout_canvas, render_prompt
 
     layout = [0] * 64
     for cell in (0, 1, 8, 9):
@@ -204,7 +205,7 @@ def test_layout_canvas_puts_each_reference_in_its_cells():
 
 def test_the_renderer_draws_from_canvases_deterministically(zoo_root):
     from data_specs.roles import parse_role_spec
-    from music_model.renderer import Renderer
+    from music_model.music.renderer import Renderer
 
     renderer = Renderer.load(parse_role_spec({"role": "editor", "backend": "diffusers", "model": "zoo:flux_kontext", "batch_size": 2,
                                               "options": {"num_inference_steps": 2}}))

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from music_model.images import TAG_COLOURS
-from music_model.preview import SheetSample, layout_overlay, render_sheet
+from music_model.media.images import TAG_COLOURS
+from music_model.subjects.preview import SheetSample, layout_overlay, render_sheet
 
 GREY = (128, 128, 128)
 

@@ -21,7 +21,7 @@ from test_build import music, tiny_spec
 
 from data_specs.roles import parse_role_spec
 from music_model.roles import load_role
-from music_model.smoke import zoo_role_specs
+from music_model.roles.smoke import zoo_role_specs
 from music_model.zoo import ensure_entry
 
 # --- ray:// --------------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ def live(path: Path, marker: Path) -> bool:
 
 
 def test_segment_anything_weights_load_without_unpickling_code(tmp_path):
-    from music_model.roles.segmenter import SAM_WEIGHTS_FILE
+    from music_model.zoo.vision import SAM_WEIGHTS_FILE
 
     marker = tmp_path / "ran"
     folder = shutil.copytree(ensure_entry("sam_official"), tmp_path / "sam")
@@ -118,7 +118,7 @@ def test_segment_anything_weights_load_without_unpickling_code(tmp_path):
 
 
 def test_a_training_checkpoint_resumes_without_unpickling_code(tmp_path):
-    from music_model.training import load_checkpoint
+    from music_model.music.training import load_checkpoint
 
     marker = tmp_path / "ran"
     plant_pickle(tmp_path / "optimizer.pt", marker)

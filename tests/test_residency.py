@@ -120,7 +120,7 @@ def test_a_slot_held_by_a_killed_process_comes_back(tmp_path):
         waiter = threading.Thread(target=lambda: device_slot(slots, log=logs.append, report_every=0.1).__enter__())
         waiter.start()
         time.sleep(0.5)
-        assert waiter.is_alive() and f"doomed-shard, host" in logs[0] and f"pid {holder.pid}" in logs[0]
+        assert waiter.is_alive() and "doomed-shard, host" in logs[0] and f"pid {holder.pid}" in logs[0]
         holder.send_signal(signal.SIGKILL)
         waiter.join(10)
         assert not waiter.is_alive(), "the dead holder's slot did not come back"

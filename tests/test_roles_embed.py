@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from data_specs.roles import SpecError
-from music_model.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, clip_transform, dino_transform
+from music_model.media.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, clip_transform, dino_transform
 from music_model.roles import load_role
 from music_model.zoo import ensure_entry
 

@@ -9,7 +9,7 @@ from PIL import Image
 from pydantic import BaseModel, ValidationError, field_validator
 
 from music_model.roles import load_role
-from music_model.structured import StructuredResult, bounded_int, bounded_list, bounded_text
+from music_model.roles.structured import StructuredResult, bounded_int, bounded_list, bounded_text
 from music_model.zoo import ensure_entry, file_hashes
 
 MAX_NEW_TOKENS = 96

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 
-from music_model import masks as rle
-from music_model.decimate import mentioned
-from music_model.images import from_struct
+from music_model.media import masks as rle
+from music_model.media.images import from_struct
+from music_model.subjects.decimate import mentioned
 from tasks import compose, detect, rerender, synthesize
 from tasks.engine import fingerprint, read_rows, root_fingerprint, run_shard, stage_dir
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from data_specs.schemas import PUBLISHED
 from data_specs.train import load_train_spec, parse_train_spec
-from music_model.layout import box_to_mask, layout_grid, layout_to_text
+from music_model.subjects.layout import box_to_mask, layout_grid, layout_to_text
 
 CATEGORIES = ["dog", "cat", "cup", "ball", "lamp", "book"]
 
@@ -97,8 +97,8 @@ def trained_like_planner(tmp_path_factory, zoo_root) -> Path:
 
 
 def test_the_label_mask_keeps_exactly_the_plan_and_end_tokens(tmp_path, dataset):
-    from music_model.planner import format_plan
-    from music_model.training import PlannerTrainer, PublishedStream, decode_sample
+    from music_model.music.plan import format_plan
+    from music_model.music.training import PlannerTrainer, PublishedStream, decode_sample
 
     spec = tiny_spec(tmp_path, dataset)
     trainer = PlannerTrainer(spec)
@@ -121,7 +121,7 @@ def test_the_label_mask_keeps_exactly_the_plan_and_end_tokens(tmp_path, dataset)
 
 
 def test_the_planner_overfits_eight_samples(tmp_path, dataset, trained_like_planner):
-    from music_model.training import train
+    from music_model.music.training import train
 
     spec = tiny_spec(tmp_path, dataset, planner={"model": str(trained_like_planner)}, loss_weights={"planner": 1.0, "renderer": 0.0},
                      optim={"lr": 5e-3}, epochs=1000, max_steps=60, micro_batch_size=8, grad_accum=1, checkpoint_every=1000)
@@ -139,7 +139,7 @@ def test_the_planner_overfits_eight_samples(tmp_path, dataset, trained_like_plan
 
 
 def test_the_renderer_flow_matching_loss_falls(tmp_path, dataset):
-    from music_model.training import PublishedStream, RendererTrainer, decode_sample
+    from music_model.music.training import PublishedStream, RendererTrainer, decode_sample
 
     spec = tiny_spec(tmp_path, dataset)
     trainer = RendererTrainer(spec)
@@ -160,11 +160,11 @@ def test_the_renderer_flow_matching_loss_falls(tmp_path, dataset):
     assert after < 0.9 * before
 
 
-TRAIN_SCRIPT = "import sys; from data_specs.train import load_train_spec; from music_model.training import train; train(load_train_spec(sys.argv[1]))"
+TRAIN_SCRIPT = "import sys; from data_specs.train import load_train_spec; from music_model.music.training import train; train(load_train_spec(sys.argv[1]))"
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path, dataset):
-    from music_model.training import read_history, train
+    from music_model.music.training import read_history, train
 
     changes = dict(optim={"lr": 1e-3}, max_steps=9, micro_batch_size=2, grad_accum=2, checkpoint_every=3)
     reference = train(tiny_spec(tmp_path / "uninterrupted", dataset, **changes))
@@ -198,8 +198,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path, dataset):
 
 
 def test_a_trained_adapter_saves_reloads_changes_outputs_and_merges(tmp_path, dataset):
-    from music_model.music import GenerationCase, MusicModel
-    from music_model.training import train
+    from music_model.music.model import GenerationCase, MusicModel
+    from music_model.music.training import train
 
     spec = tiny_spec(tmp_path, dataset, optim={"lr": 5e-3}, max_steps=4, micro_batch_size=4, grad_accum=1)
     summary = train(spec)
@@ -229,7 +229,7 @@ def test_a_trained_adapter_saves_reloads_changes_outputs_and_merges(tmp_path, da
 
 
 def test_the_stream_resumes_at_any_position_and_shuffles_per_epoch(tmp_path):
-    from music_model.training import PublishedStream
+    from music_model.music.training import PublishedStream
 
     stream = PublishedStream(write_published(tmp_path / "two-files", samples=10, files=2))
     assert stream.size == 10 and len(stream.blocks) == 4  # row groups of 3: 3+2 rows in each file

@@ -2,6 +2,7 @@
 that halves on out-of-memory, release, the role base class."""
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -72,6 +73,12 @@ def device_memory(device: torch.device) -> str:
     free, total = torch.cuda.mem_get_info(device)
     return (f"{device}: {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB allocated by this process, "
             f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
+
+
+def free_accelerator_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def reset_peak_memory(device: str | None) -> None:
@@ -172,8 +179,6 @@ class Role:
             try:
                 results.extend(run_batch(batch))
             except torch.OutOfMemoryError as error:
-                from music_model.roles import free_accelerator_memory
-
                 free_accelerator_memory()
                 if len(batch) == 1:
                     raise OutOfMemory(

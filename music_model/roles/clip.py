@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data_specs.roles import RoleSpec, model_kind
-from music_model.preprocess import clip_transform
+from music_model.media.preprocess import clip_transform
 from music_model.roles.base import Role, check_options
 
 # open_clip names its interpolation modes; its transforms map anything but bilinear to bicubic.

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from data_specs.roles import RoleSpec
-from music_model.preprocess import dino_transform
+from music_model.media.preprocess import dino_transform
 from music_model.roles.base import check_options
 from music_model.roles.clip import ImageEmbeddingRole
 

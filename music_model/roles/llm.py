@@ -7,7 +7,7 @@ from pydantic import BaseModel
 
 from data_specs.roles import RoleSpec
 from music_model.roles.base import Role
-from music_model.structured import DecodeOptions, StructuredDecoder, StructuredResult
+from music_model.roles.structured import DecodeOptions, StructuredDecoder, StructuredResult
 
 
 class TransformersLLM(Role):

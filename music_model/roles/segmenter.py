@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -18,11 +17,8 @@ from PIL import Image
 from data_specs.roles import RoleSpec, SpecError
 from music_model.roles.base import Role
 from music_model.roles.base import check_options
+from music_model.zoo.vision import SAM_CONFIG_FILE, SAM_WEIGHTS_FILE, build_official_sam
 
-# A segment-anything folder (the zoo writes one): the builder arguments of `build_official_sam` and
-# the state dict in the official checkpoint format.
-SAM_CONFIG_FILE = "sam_config.json"
-SAM_WEIGHTS_FILE = "sam.pth"
 OFFICIAL_MODEL_TYPES = ("vit_h", "vit_l", "vit_b")
 _TRANSFORMERS_MODEL_TYPES = ("sam", "sam2", "sam2_video")
 
@@ -108,53 +104,6 @@ class TransformersSegmenter(BoxSegmenter):
             sizes.append(inputs["reshaped_input_sizes"])
         masks = self.processor.post_process_masks(outputs.pred_masks.float().cpu(), *sizes, binarize=True)
         return [m[: len(b), 0].numpy().astype(bool) for m, b in zip(masks, boxes)]
-
-
-def build_official_sam(config: dict[str, Any]):
-    """A segment-anything `Sam` from builder arguments: the ones its `_build_sam` fixes for the
-    official ViT-H/L/B (1024 px, patch 16, 256-wide prompts, 2-layer decoder) made explicit, so a
-    smaller architecture can be described in a JSON file."""
-    from functools import partial
-
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    image_size, patch, width = config["image_size"], config["vit_patch_size"], config["prompt_embed_dim"]
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            depth=config["encoder_depth"],
-            embed_dim=config["encoder_embed_dim"],
-            img_size=image_size,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=config["encoder_num_heads"],
-            patch_size=patch,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=config["encoder_global_attn_indexes"],
-            window_size=14,
-            out_chans=width,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=width,
-            image_embedding_size=(image_size // patch, image_size // patch),
-            input_image_size=(image_size, image_size),
-            mask_in_chans=16,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(
-                depth=config["decoder_depth"],
-                embedding_dim=width,
-                mlp_dim=config["decoder_mlp_dim"],
-                num_heads=config["decoder_num_heads"],
-            ),
-            transformer_dim=width,
-            iou_head_depth=3,
-            iou_head_hidden_dim=config["iou_head_hidden_dim"],
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    ).eval()
 
 
 class SegmentAnythingSegmenter(BoxSegmenter):

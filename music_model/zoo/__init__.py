@@ -6,7 +6,10 @@ model's input resolution, patch size and preprocessing; only width and depth shr
 are noise: the zoo proves the machinery, real checkpoints give real data.
 
 `ensure_entry(name)` builds one entry on first use (safe across processes and threads);
-`build_zoo(root)` builds them all and writes `manifest.json` with a sha256 per file.
+`build_zoo(root)` builds them all and writes `manifest.json` with a sha256 per file. `arch` makes
+real-size architectures with random weights, straight on a device (GPU checks and `music plan`).
+
+May import only the top-level `paths`: `roles` loads from the zoo, so the zoo never imports it.
 """
 from __future__ import annotations
 

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+# A segment-anything folder, the tiny zoo's form of an official checkpoint: the builder arguments
+# of `build_official_sam` and the state dict in the official format (the segmenter role reads it).
+SAM_CONFIG_FILE = "sam_config.json"
+SAM_WEIGHTS_FILE = "sam.pth"
 
 # Mask decoder and prompt encoder width shared by the three SAM-family entries.
 _SAM_WIDTH = 32
@@ -18,8 +24,8 @@ _TINY_MASK_DECODER = dict(hidden_size=_SAM_WIDTH, mlp_dim=64, num_attention_head
 # such block is ~90% of the compute, so the tiny SAM encoders use windowed (14x14) attention only.
 _SAM_GLOBAL_ATTENTION: list[int] = []
 
-# segment-anything's builder arguments (see `music_model.roles.segmenter.build_official_sam`) for a
-# ViT image encoder at 1024 px, patch 16.
+# segment-anything's builder arguments (see `build_official_sam`) for a ViT image encoder at
+# 1024 px, patch 16.
 SAM_OFFICIAL_TINY = {
     "image_size": 1024,
     "vit_patch_size": 16,
@@ -125,8 +131,55 @@ def build_sam_official(out_dir: Path, seed: int) -> None:
     the JSON of builder arguments that the segmenter rebuilds the architecture from."""
     import torch
 
-    from music_model.roles.segmenter import SAM_CONFIG_FILE, SAM_WEIGHTS_FILE, build_official_sam
 
     model = build_official_sam(SAM_OFFICIAL_TINY)
     torch.save(model.state_dict(), out_dir / SAM_WEIGHTS_FILE)
     (out_dir / SAM_CONFIG_FILE).write_text(json.dumps(SAM_OFFICIAL_TINY, indent=1, sort_keys=True) + "\n")
+
+
+def build_official_sam(config: dict[str, Any]):
+    """A segment-anything `Sam` from builder arguments: the ones its `_build_sam` fixes for the
+    official ViT-H/L/B (1024 px, patch 16, 256-wide prompts, 2-layer decoder) made explicit, so a
+    smaller architecture can be described in a JSON file."""
+    from functools import partial
+
+    import torch
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    image_size, patch, width = config["image_size"], config["vit_patch_size"], config["prompt_embed_dim"]
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=config["encoder_depth"],
+            embed_dim=config["encoder_embed_dim"],
+            img_size=image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=config["encoder_num_heads"],
+            patch_size=patch,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=config["encoder_global_attn_indexes"],
+            window_size=14,
+            out_chans=width,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=width,
+            image_embedding_size=(image_size // patch, image_size // patch),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=config["decoder_depth"],
+                embedding_dim=width,
+                mlp_dim=config["decoder_mlp_dim"],
+                num_heads=config["decoder_num_heads"],
+            ),
+            transformer_dim=width,
+            iou_head_depth=3,
+            iou_head_hidden_dim=config["iou_head_hidden_dim"],
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    ).eval()

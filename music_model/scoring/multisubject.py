@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from data_specs.eval import CASES, GroundingParams
-from music_model.images import crop
-from music_model.metrics import Scorer, UnreadableImage, bootstrap_estimate, cosine_matrix, decode_image, rowwise_cosine
+from music_model.media.images import crop
+from music_model.scoring.metrics import Scorer, UnreadableImage, bootstrap_estimate, cosine_matrix, decode_image, rowwise_cosine
 
 MISSING_SCORE = 0.0
 # Candidate-level scores reported by subject count (raw cosines, except missing_rate: a fraction).

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-from music_model.decimate import SUBJECT_TOKEN
-from music_model.planner import Plan
+from music_model.music.plan import Plan
+from music_model.subjects.decimate import SUBJECT_TOKEN
 
 BACKGROUND = (255, 255, 255)
 MAX_PROMPT_CHARS = 1500  # well inside FLUX's 512 T5 tokens

@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from music_model import masks as rle
+from music_model.media import masks as rle
 
 GRID = 8
 

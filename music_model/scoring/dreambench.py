@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from music_model.metrics import METRICS, Scorer, UnreadableImage, bootstrap_estimate, decode_image, pair_means, rowwise_cosine
+from music_model.scoring.metrics import METRICS, Scorer, UnreadableImage, bootstrap_estimate, decode_image, pair_means, rowwise_cosine
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 LIVE_CLASSES = frozenset({"cat", "dog"})

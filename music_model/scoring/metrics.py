@@ -3,7 +3,7 @@
 Every image is decoded once and embedded once per model, in batches of the role's `batch_size`;
 pair scores are then read off a cosine matrix of the unit embeddings, so scoring G generated images
 against R references costs G + R forward passes, not 2 x G x R. Preprocessing is the roles' own
-hand-written protocol (`music_model.preprocess`): DINO Resize 256 bicubic -> CenterCrop 224 ->
+hand-written protocol (`music_model.media.preprocess`): DINO Resize 256 bicubic -> CenterCrop 224 ->
 ImageNet normalisation; CLIP Resize 224 bicubic -> CenterCrop 224 -> CLIP normalisation.
 
 Scores are raw cosines of L2-normalised embeddings, in [-1, 1]: not multiplied by 100, not clipped

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from data_specs import load_yaml, shipped
 from data_specs.roles import RoleSpec, parse_role_spec
 from music_model.roles import load_role
-from music_model.structured import bounded_text
+from music_model.roles.structured import bounded_text
 
 
 class SmokeCaption(BaseModel):

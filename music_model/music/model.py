@@ -7,9 +7,9 @@ images on any machine, in any shard order. A plan the repair rules reject is rep
 default layout (`default_plan`: subjects in a grid of equal blocks, roles = categories) and the
 candidate records why.
 
-Pass@N selection uses the scoring code's selectors (`music_model.passn`): `clip_t`, the selector
+Pass@N selection uses the scoring code's selectors (`music_model.scoring.passn`): `clip_t`, the selector
 model's text-image similarity (the paper's), and `identity_aware`, that plus the grounded DINO
-identity score (`music_model.multisubject.score_cases`).
+identity score (`music_model.scoring.multisubject.score_cases`).
 """
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from data_specs.train import TrainSpec
-from music_model.images import to_struct
-from music_model.layout import GRID
-from music_model.planner import Plan, PlanBounds, Planner, SubjectNote, format_plan, placement_of_cells
-from music_model.renderer import Renderer
+from music_model.media.images import to_struct
+from music_model.music.plan import Plan, PlanBounds, SubjectNote, format_plan, placement_of_cells
+from music_model.music.planner import Planner
+from music_model.music.renderer import Renderer
+from music_model.subjects.layout import GRID
 
 # One row per generated candidate: what made it (seeds, plan text, repairs) and where it is.
 GENERATION = pa.schema([
@@ -153,9 +154,9 @@ def load_model(spec: TrainSpec, adapters: str | Path | None = None, merge: bool 
 
 def selection_scores(cases: Sequence[GenerationCase], candidates: Sequence[Sequence[Candidate]], eval_spec) -> list[list[dict]]:
     """Per case, per candidate: the scoring code's candidate row (select_clip_t, grounded_dino, ...)."""
-    from music_model.metrics import Scorer
-    from music_model.multisubject import Case, score_cases
     from music_model.roles import load_role
+    from music_model.scoring.metrics import Scorer
+    from music_model.scoring.multisubject import Case, score_cases
 
     scorer = Scorer.from_specs(eval_spec.roles["dino"], eval_spec.roles["clip"], eval_spec.roles["clip_select"])
     scored_cases = []
@@ -173,7 +174,7 @@ def selection_scores(cases: Sequence[GenerationCase], candidates: Sequence[Seque
 
 def pick(rows: Sequence[dict], selector: str, identity_weight: float = 1.0) -> int:
     """The candidate a selector keeps (the highest score; a tie goes to the earlier candidate)."""
-    from music_model.passn import selector_scores
+    from music_model.scoring.passn import selector_scores
 
     scores = selector_scores(list(rows), selector, "grounded_dino", identity_weight)
     return int(np.argmax(scores))
@@ -209,7 +210,7 @@ def msic_cases_file(msic: str | Path) -> Path:
 
 def read_msic_cases(path: str | Path, start: int = 0, stop: int | None = None) -> list[GenerationCase]:
     """MSIC cases [start, stop) as generation inputs (instruction, references, categories, CLIP-T prompt)."""
-    from music_model.images import from_struct
+    from music_model.media.images import from_struct
 
     table = pq.read_table(path, columns=["case_id", "instruction", "prompt", "categories", "references"])
     rows = table.slice(start, (stop if stop is not None else len(table)) - start).to_pylist()
@@ -242,8 +243,8 @@ def generate_dreambench_shard(model: MusicModel, bench, images_dir: Path, subjec
     """Render the DreamBench grid cells of `subjects` that have no image yet, by the naming convention
     (`<subject>/<PP>_<K>.png`): the prompt with `<s1>` in the rare token's place is the instruction,
     photo `reference_index` the one reference, the class noun its category."""
-    from music_model.dreambench import generated_path
-    from music_model.metrics import decode_image
+    from music_model.scoring.dreambench import generated_path
+    from music_model.scoring.metrics import decode_image
 
     cases, todo = [], {}
     for subject in subjects:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from music_model.decimate import token
-from music_model.images import TAG_COLOURS, draw_labelled_boxes, from_struct, letterbox
+from music_model.media.images import TAG_COLOURS, draw_labelled_boxes, from_struct, letterbox
+from music_model.subjects.decimate import token
 
 PANEL = 448  # side of the two target panels, in pixels
 THUMB = 160  # side of a reference thumbnail

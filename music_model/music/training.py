@@ -50,9 +50,10 @@ import yaml
 from PIL import Image, ImageOps
 
 from data_specs.train import RESUMABLE_CHANGES, TrainSpec
-from music_model.images import from_struct
-from music_model.planner import Plan, PlanBounds, PlanError, Planner, drop_peft_checkpointing_warning, format_plan, plan_from_sample
-from music_model.renderer import flow_matching_loss, layout_canvas, note_clip_cut, quiet_prompt_truncation, render_prompt
+from music_model.media.images import from_struct
+from music_model.music.plan import Plan, PlanBounds, PlanError, format_plan, plan_from_sample
+from music_model.music.planner import Planner, drop_peft_checkpointing_warning
+from music_model.music.renderer import flow_matching_loss, layout_canvas, note_clip_cut, quiet_prompt_truncation, render_prompt
 
 COLUMNS = ["id", "num_subjects", "image", "instruction", "cot", "layout", "categories", "references"]
 IGNORE_INDEX = -100
