@@ -8,6 +8,13 @@ from typing import Optional
 
 import typer
 
+from flows.cli_shared import fail, start_server
+from flows.eval_cli import eval_app
+from flows.model_cli import generate_app, pipeline_command, train_command
+from flows.msic_cli import msic_app
+from flows.plan_cli import plan_command
+from flows.show_cli import show
+
 app = typer.Typer(help="MUSIC pipeline: data generation, MSIC benchmark, scoring and training.", no_args_is_help=True)
 zoo_app = typer.Typer(help="The tiny model zoo (deterministic random checkpoints for every role).", no_args_is_help=True)
 roles_app = typer.Typer(help="Model roles.", no_args_is_help=True)
@@ -15,17 +22,12 @@ server_app = typer.Typer(help="The local Prefect server (127.0.0.1, SQLite in th
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(roles_app, name="roles")
 app.add_typer(server_app, name="server")
-from flows.eval_cli import eval_app
 app.add_typer(eval_app, name="eval")
-from flows.msic_cli import msic_app
 app.add_typer(msic_app, name="msic")
-from flows.model_cli import generate_app, pipeline_command, train_command
 app.command("train")(train_command)
 app.command("pipeline")(pipeline_command)
 app.add_typer(generate_app, name="generate")
-from flows.plan_cli import plan_command
 app.command("plan")(plan_command)
-from flows.show_cli import show
 app.command("show")(show)
 
 
@@ -38,16 +40,6 @@ def main(verbose: bool = typer.Option(False, "--verbose", help="Show the library
 
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
-    quiet_progress_bars()
-
-
-def quiet_model_progress_bars() -> None:
-    """Per-file weight-loading bars drown the run's own progress lines (music_model.noise)."""
-    import diffusers  # noqa: F401  imported here so that their switches are turned off now
-    import transformers  # noqa: F401
-
-    from music_model.noise import quiet_progress_bars
-
     quiet_progress_bars()
 
 
@@ -119,17 +111,13 @@ def build(
     from data_specs.build import load_build_spec
     from data_specs.roles import SpecError
     from flows.runners import RunnerError, check_runner
-    from flows.server import ensure_server, ui_url
 
     try:
         parsed = load_build_spec(spec)  # a bad spec fails here, before any server or model
         check_runner(runner, ray_address)
     except (SpecError, FileNotFoundError, ValueError, RunnerError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2)
-    api = ensure_server()
-    typer.echo(f"Prefect UI: {ui_url(api)}")
-    quiet_model_progress_bars()
+        fail(error)
+    start_server()
     from flows.build import build_training_set
     from flows.runners import make_task_runner
     from tasks.engine import build_dir
@@ -208,8 +196,7 @@ def worker(
     try:
         check_runner(runner, ray_address)
     except RunnerError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2)
+        fail(error)
     api = ensure_server()
     from flows.deploy import worker_process
 

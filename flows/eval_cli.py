@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from data_specs.roles import SpecError
+from flows.cli_shared import fail, start_server
 
 eval_app = typer.Typer(help="Score generated images: DreamBench and multi-subject cases (DINO, CLIP-I, CLIP-T; raw cosines).",
                        no_args_is_help=True)
@@ -29,16 +30,8 @@ def _spec(spec: Path, output: Optional[Path], name: Optional[str], generator: Op
     return parse_eval_spec({**parsed.model_dump(), **changes}, source=str(spec)) if changes else parsed
 
 
-def _fail(error: Exception) -> None:
-    typer.echo(f"error: {error}", err=True)
-    raise typer.Exit(2)
-
-
 def _run(benchmark: str, spec, json_out: Optional[Path], **inputs) -> dict:
-    from flows.server import ensure_server, ui_url
-
-    api = ensure_server()  # before prefect is imported: it reads its settings at import
-    typer.echo(f"Prefect UI: {ui_url(api)}")
+    start_server(loads_models=False)
     typer.echo(f"Output: {spec.out_dir().resolve()}")
     from flows.evaluate import evaluate
 
@@ -72,7 +65,7 @@ def dreambench(
             scan = scan_generated(benchmark, images)
             typer.echo(f"{len(scan.images)} images to score in {images}" + (f"; left out {scan.drop_counts()}" if scan.drops else ""))
     except (SpecError, DreamBenchError, FileNotFoundError, ValueError) as error:
-        _fail(error)
+        fail(error)
     summary = _run("dreambench", parsed, json_out, images=str(images), bench_root=str(root))
     scores = summary["scores"]["all"]
     typer.echo(f"scored {summary['images_scored']} images of {scores['subjects']} subjects ({summary['scale']}):")
@@ -98,7 +91,7 @@ def msic(
         table = read_cases(cases)
         typer.echo(f"{len(table)} cases in {cases}")
     except (SpecError, CasesError, FileNotFoundError, ValueError) as error:
-        _fail(error)
+        fail(error)
     summary = _run("cases", parsed, json_out, cases=str(cases))
     overall = summary["by_subject_count"][-1] if summary["by_subject_count"] else {}
     typer.echo(f"scored {summary['images_scored']} images of {summary['cases_scored']} cases ({summary['scale']}):")

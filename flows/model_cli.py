@@ -13,15 +13,11 @@ from typing import Optional
 import typer
 
 from data_specs.roles import SpecError
+from flows.cli_shared import fail, quiet_model_progress_bars, start_server
 
 generate_app = typer.Typer(help="Generate with the MUSIC model (plan, then render; Pass@N; seeds recorded).", no_args_is_help=True)
 
 SPEC_HELP = "Training spec YAML (shipped: train_tiny.yaml = the tiny zoo, train_music.yaml = Qwen2.5-VL-7B + FLUX.1 Kontext)."
-
-
-def _fail(error: Exception) -> None:
-    typer.echo(f"error: {error}", err=True)
-    raise typer.Exit(2)
 
 
 def _spec(spec: Path, **changes):
@@ -39,15 +35,6 @@ def _spec(spec: Path, **changes):
         else:
             data[section] = value
     return parse_train_spec(data, source=str(spec))
-
-
-def _start_server() -> None:
-    from flows.server import ensure_server, ui_url
-
-    typer.echo(f"Prefect UI: {ui_url(ensure_server())}")  # before prefect is imported: it reads its settings at import
-    from flows.cli import quiet_model_progress_bars
-
-    quiet_model_progress_bars()
 
 
 def _fmt(value) -> str:
@@ -68,8 +55,8 @@ def train_command(
                        max_steps=max_steps)
         parsed.dataset_dir()
     except (SpecError, FileNotFoundError, ValueError) as error:
-        _fail(error)
-    _start_server()
+        fail(error)
+    start_server()
     typer.echo(f"Output: {parsed.out_dir()}")
     from flows.train import train
 
@@ -103,8 +90,8 @@ def pipeline_command(
             load_build_spec(resolve_spec_path(parsed.pipeline.msic_spec))
         load_eval_spec(resolve_spec_path(parsed.evaluation.eval_spec))
     except (SpecError, FileNotFoundError, ValueError) as error:
-        _fail(error)
-    _start_server()
+        fail(error)
+    start_server()
     from flows.pipeline import music_pipeline
 
     summary = music_pipeline(parsed.model_dump_json())
@@ -127,8 +114,8 @@ def _generate(benchmark: str, spec: Path, adapters: Optional[Path], candidates: 
                 raise SpecError("evaluation.msic: no MSIC benchmark (pass --msic)")
             msic_cases_file(parsed.evaluation.msic)
     except (SpecError, FileNotFoundError, ValueError) as error:
-        _fail(error)
-    _start_server()
+        fail(error)
+    start_server()
     from flows.pipeline import music_generate
 
     summary = music_generate(parsed.model_dump_json(), benchmark, str(adapters) if adapters else None, score)
@@ -172,7 +159,7 @@ def generate_dreambench(
     try:
         prompt_list = [int(p) for p in prompts.split(",")] if prompts else None
     except ValueError:
-        _fail(ValueError(f"--prompts: not comma-separated integers: {prompts!r}"))
+        fail(ValueError(f"--prompts: not comma-separated integers: {prompts!r}"))
     _generate("dreambench", spec, adapters, candidates, seed, score, json_out,
               **{"evaluation.dreambench_subjects": subjects.split(",") if subjects else None, "evaluation.dreambench_prompts": prompt_list})
 
@@ -200,8 +187,7 @@ def generate_case(
         images = [decode_image(path) for path in references]
         eval_spec = load_eval_spec(resolve_spec_path(parsed.evaluation.eval_spec))
     except (SpecError, FileNotFoundError, ValueError, UnreadableImage) as error:
-        _fail(error)
-    from flows.cli import quiet_model_progress_bars
+        fail(error)
     from music_model.music.model import GenerationCase, MusicModel, pick, save_image, selection_scores
     from music_model.music.renderer import name_subjects
 

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from flows.cli_shared import fail, quiet_model_progress_bars, start_server
+
 msic_app = typer.Typer(help="The MSIC benchmark (1-12 subjects per case).", no_args_is_help=True)
 
 
@@ -26,20 +28,14 @@ def build(
     """Regenerate the benchmark as a Prefect flow on the local (or $PREFECT_API_URL) server."""
     from data_specs.build import load_build_spec
     from data_specs.roles import SpecError
-    from flows.server import ensure_server, ui_url
 
     try:
         parsed = load_build_spec(spec)
     except (SpecError, FileNotFoundError, ValueError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2)
+        fail(error)
     if parsed.msic is None:
-        typer.echo(f"error: {spec}: not a benchmark spec (no `msic` section)", err=True)
-        raise typer.Exit(2)
-    typer.echo(f"Prefect UI: {ui_url(ensure_server())}")
-    from flows.cli import quiet_model_progress_bars
-
-    quiet_model_progress_bars()
+        fail(f"{spec}: not a benchmark spec (no `msic` section)")
+    start_server()
     from flows.msic import build_msic
 
     result = build_msic(str(spec))
@@ -90,11 +86,8 @@ def check_overlap_cmd(
             if built.msic is None:
                 raise SpecError(f"{spec}: not a benchmark spec (no `msic` section)")
     except (SpecError, FileNotFoundError, ValueError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2)
+        fail(error)
     if built is not None:
-        from flows.cli import quiet_model_progress_bars
-
         quiet_model_progress_bars()
     try:
         report = check_overlap(cases, training, embedders(built) if built else None, built.msic if built else None)
@@ -102,8 +95,7 @@ def check_overlap_cmd(
         typer.echo(str(error), err=True)
         raise typer.Exit(1)
     except FileNotFoundError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2)
+        fail(error)
     typer.echo(f"no overlap: {len(cases)} cases against {training} (content hashes"
                + (")" if built is None else
                   f"; near-duplicates: centred CLIP >= {built.msic.overlap_clip} and DINO >= {built.msic.overlap_dino}, "

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from flows.cli_shared import fail
+
 
 def plan_command(
     spec: Path = typer.Argument(..., help="Build spec YAML (e.g. data_specs/music_10k.yaml)."),
@@ -23,8 +25,7 @@ def plan_command(
         parsed = load_build_spec(spec)
         result = plan(parsed, read_bench(bench) if bench else None)
     except (SpecError, PlanError, FileNotFoundError, ValueError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2)
+        fail(error)
     typer.echo(format_plan(result))
     if json_out:
         json_out.write_text(json.dumps(result, indent=1) + "\n")

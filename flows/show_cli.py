@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from flows.cli_shared import fail
+
 # What each published folder holds: its Parquet files, its ID column, and how a row becomes a sheet.
 KINDS = {"dataset": ("train-*.parquet", "id", "from_published"), "msic": ("test-*.parquet", "case_id", "from_case")}
 
@@ -43,8 +45,7 @@ def show(
     try:
         folder, kind = published_folder(target)
     except (FileNotFoundError, ValueError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2)
+        fail(error)
     pattern, id_column, convert = KINDS[kind]
     files = sorted((folder / "data").glob(pattern))
     # Read the ID column first, then only the files holding the wanted rows: a dataset is large.
@@ -54,8 +55,7 @@ def show(
         wanted = sorted(p.stem for p in (folder / "preview").glob("*.png") if p.stem in where) or preview_ids(0, list(where), count)
     unknown = [i for i in wanted if i not in where]
     if unknown:
-        typer.echo(f"error: not in {folder}: {', '.join(unknown)}", err=True)
-        raise typer.Exit(2)
+        fail(f"not in {folder}: {', '.join(unknown)}")
     rows = {row[id_column]: row for path in dict.fromkeys(where[i] for i in wanted) for row in read_rows(path) if row[id_column] in wanted}
     to_sheet = getattr(preview, convert)
     paths = write_sheets(out, [(i, preview.render_sheet(to_sheet(rows[i]))) for i in wanted])

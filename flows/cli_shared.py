@@ -1,0 +1,37 @@
+"""What the `music` command and its sub-command modules share: the one-line error exit, starting the
+Prefect server, quieting model progress bars. `cli.py` assembles the sub-command modules
+(`eval_cli`, `msic_cli`, `model_cli`, `plan_cli`, `show_cli`); they and it import this module, and
+it imports none of them, so the command modules form a tree with no circle."""
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+
+
+def fail(error: Exception | str) -> NoReturn:
+    """Exit 2 with one line naming the problem (a bad spec, input or option)."""
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(2)
+
+
+def start_server(loads_models: bool = True) -> str:
+    """Start (or reuse) the local Prefect server, print its UI address and return its API URL. Call
+    it before anything imports prefect, which reads its settings at import."""
+    from flows.server import ensure_server, ui_url
+
+    api = ensure_server()
+    typer.echo(f"Prefect UI: {ui_url(api)}")
+    if loads_models:
+        quiet_model_progress_bars()
+    return api
+
+
+def quiet_model_progress_bars() -> None:
+    """Per-file weight-loading bars drown the run's own progress lines (music_model.noise)."""
+    import diffusers  # noqa: F401  imported here so that their switches are turned off now
+    import transformers  # noqa: F401
+
+    from music_model.noise import quiet_progress_bars
+
+    quiet_progress_bars()
