@@ -20,8 +20,9 @@ from flows.run_names import run_name
 from music_model.roles import total_model_loads
 from music_model.scoring.dreambench import DreamBenchError, load_dreambench, scan_generated
 from music_model.scoring.multisubject import CasesError, read_cases
-from tasks.evaluate import (chunks, done_shard, files_digest, fingerprint, finish_cases, finish_dreambench, generate_task,
-                            json_safe, score_cases_task, score_dreambench_task, write_json, write_plan)
+from tasks.evaluate.cases import finish_cases, score_cases_task
+from tasks.evaluate.common import chunks, done_shard, files_digest, fingerprint, json_safe, write_json
+from tasks.evaluate.dreambench import finish_dreambench, generate_task, score_dreambench_task, write_plan
 
 MAX_ARTIFACT_ROWS = 500
 BENCHMARKS = ("dreambench", "cases")

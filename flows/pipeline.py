@@ -32,7 +32,7 @@ from flows.run_names import run_name
 from music_model.music.model import msic_cases_file
 from music_model.roles import release_roles
 from tasks.engine import write_atomic
-from tasks.evaluate import chunks, files_digest, json_safe
+from tasks.evaluate.common import chunks, files_digest, json_safe
 from tasks.train import generate_dreambench_task, generate_msic_task, merge_msic_parts
 
 BENCHMARKS = ("msic", "dreambench")

@@ -1,0 +1,148 @@
+"""DreamBench evaluation: generate the missing grid cells with the spec's generator, score every
+generated image against its subject's photos, then write the outputs (per-image and per-subject
+scores, Pass@N, the report with its per-subject plot)."""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+
+from data_specs.eval import DREAMBENCH_DROPS, DREAMBENCH_SCORES, EvalSpec
+from music_model.roles import load_role, thread_model_loads
+from music_model.scoring.dreambench import (DreamBench, GeneratedImage, Scan, coverage, generate_missing, load_dreambench,
+                                            score_generated, summarise)
+from music_model.scoring.metrics import METRICS, PROTOCOL, SCALE, Scorer
+from music_model.scoring.passn import passn_curve
+from tasks.engine import shard_name, write_atomic, write_table
+from tasks.evaluate.common import (LABELS, comparison_rows, done_shard, figure, finish_shard, gather, markdown_table, passn_outputs,
+                                   published_note, save_figure, tiny_note, with_ci, write_json)
+
+PLAN = pa.schema([("subject", pa.string()), ("prompt_index", pa.int32()), ("sample", pa.int32()), ("path", pa.string())])
+
+
+def write_plan(scan: Scan, path: Path) -> None:
+    rows = [{"subject": i.subject, "prompt_index": i.prompt_index, "sample": i.sample, "path": str(i.path)} for i in scan.images]
+    write_table(rows, PLAN, path)
+
+
+def generate_dreambench_shard(spec_json: str, bench_root: str, images_dir: str, subjects: list[str], shard: int) -> dict:
+    """Render the grid cells of `subjects` that have no image yet with the spec's generator."""
+    spec = EvalSpec.model_validate_json(spec_json)
+    params = spec.generation
+    bench = load_dreambench(bench_root, check_images=False)
+    start, loads = time.perf_counter(), thread_model_loads()
+    prompts = params.prompt_indices or list(range(min(len(bench.templates(s)) for s in subjects)))
+    counts = generate_missing(load_role(spec.generator), bench, images_dir, subjects, prompts, params.images_per_prompt,
+                              params.width, params.height, params.seed, params.unique_token, params.reference_index)
+    return {"shard": shard, "subjects": subjects, **counts, "seconds": round(time.perf_counter() - start, 3),
+            "model_loads": thread_model_loads() - loads}
+
+
+def score_dreambench_shard(spec_json: str, bench_root: str, plan_path: str, subjects: list[str], shard: int,
+                           work_dir: str, with_selection: bool) -> dict:
+    """Score every planned image of `subjects` (references and images embedded once, in batches)."""
+    work = Path(work_dir)
+    if done := done_shard(work, shard):
+        return done
+    spec = EvalSpec.model_validate_json(spec_json)
+    start, loads = time.perf_counter(), thread_model_loads()
+    bench = load_dreambench(bench_root, check_images=False)
+    wanted = set(subjects)
+    images = [GeneratedImage(r["subject"], r["prompt_index"], r["sample"], Path(r["path"]))
+              for r in pq.read_table(plan_path).to_pylist() if r["subject"] in wanted]
+    scorer = Scorer.from_specs(spec.roles["dino"], spec.roles["clip"], spec.roles["clip_select"] if with_selection else None)
+    rows, drops = score_generated(scorer, bench, images, with_selection)
+    write_table(rows, DREAMBENCH_SCORES, work / f"{shard_name(shard)}.scores.parquet")
+    write_table(drops, DREAMBENCH_DROPS, work / f"{shard_name(shard)}.dropped.parquet")
+    return finish_shard(work, shard, {
+        "shard": shard, "rows_in": len(images), "scored": len(rows), "dropped": dict(Counter(d["reason"] for d in drops)),
+        "seconds": round(time.perf_counter() - start, 3), "model_loads": thread_model_loads() - loads,
+    })
+
+
+def finish_dreambench(spec: EvalSpec, bench: DreamBench, scan: Scan, work_dir: Path, shards: int, extra: dict) -> dict:
+    """Write every DreamBench output from the shards' scores; returns the summary and the tables."""
+    out = spec.out_dir()
+    rows = gather(work_dir, shards, "scores", DREAMBENCH_SCORES)
+    drops = scan.drops + gather(work_dir, shards, "dropped", DREAMBENCH_DROPS)
+    b = spec.bootstrap
+    subject_rows, overall = summarise(rows, bench, b.samples, b.confidence, b.seed)
+    unreadable = {d["path"] for d in drops}
+    cover = coverage(bench, [i for i in scan.images if str(i.path) not in unreadable])
+    for row, cells in zip(subject_rows, cover):
+        row |= {"prompts_covered": cells["prompts_covered"], "missing_cells": cells["missing_cells"]}
+    with_selection = any(not math.isnan(r["select_clip_t"]) for r in rows)
+    curve = passn_curve(rows, ("subject", "prompt_index"), METRICS, "dino", spec.passn.identity_weight, "subject") if with_selection else []
+    write_table(rows, DREAMBENCH_SCORES, out / "scores" / "images.parquet")
+    write_table(subject_rows, pa.schema([("subject", pa.string()), ("class_noun", pa.string()), ("live", pa.bool_()),
+                                         ("images", pa.int32()), ("pairs", pa.int32()), *[(m, pa.float64()) for m in METRICS],
+                                         ("prompts_covered", pa.int32()), ("missing_cells", pa.int32())]),
+                out / "scores" / "subjects.parquet")
+    write_table(drops, DREAMBENCH_DROPS, out / "dropped.parquet")
+    models = {name: role.model for name, role in spec.roles.items() if name in ("dino", "clip") or (name == "clip_select" and with_selection)}
+    score_table = [{"part": part, "subjects": o["subjects"], "images": o["images"],
+                    **{LABELS[m]: with_ci(o[m]["mean"], o[m]["ci_low"], o[m]["ci_high"]) for m in METRICS}}
+                   for part, o in overall.items()]
+    measured = [{"row": f"this run ({spec.name}, mean over every image)", "source": "measured here",
+                 **{m: overall["all"][m]["mean"] for m in METRICS}}]
+    if curve:
+        best = [p for p in curve if p["selector"] == "clip_t"][-1]
+        measured.append({"row": f"this run (Pass@{best['n']}, clip_t selector)", "source": "measured here", **{m: best[m] for m in METRICS}})
+    comparison = comparison_rows("dreambench", measured)
+    plot_subjects(subject_rows, out / "plots" / "subjects.png")
+    summary = {
+        "benchmark": "dreambench", "name": spec.name, "scale": SCALE, "protocol": PROTOCOL, "models": models,
+        "dreambench_root": str(bench.root), "subjects_in_table": len(bench.classes), "subjects_present": len(bench.subjects),
+        "subjects_absent": bench.absent_subjects(),
+        "images_found": len(scan.images) + len(scan.drops), "images_scored": len(rows), "dropped": dict(Counter(d["reason"] for d in drops)),
+        "scores": overall, "passn": curve, "comparison": comparison, "output": str(out), **extra,
+    }
+    lines = [f"# DreamBench evaluation: {spec.name}", "", f"Scores are **{SCALE}**.", "",
+             f"- DINO: {PROTOCOL['dino']} (`{models['dino']}`)", f"- CLIP-I: {PROTOCOL['clip_i']} (`{models['clip']}`)",
+             f"- CLIP-T: {PROTOCOL['clip_t']} (`{models['clip']}`)",
+             "- A generated image's DINO / CLIP-I is its mean over every real photo of its subject; a subject's score the "
+             "mean over its images; the benchmark's the mean over subjects. Intervals: 95% bootstrap over each subject's images.",
+             f"- Images: {len(rows)} scored of {summary['images_found']} files; subjects scored "
+             f"{overall['all']['subjects']} of {len(bench.subjects)} present ({len(bench.classes)} in the table).",
+             *tiny_note(models), "", "## Scores", "", *markdown_table(score_table), "",
+             "## The paper's published figures", "", *published_note("dreambench"),
+             *markdown_table(comparison, ["row", "source", "dino", "clip_i", "clip_t"]), "",
+             "## Per subject", "", *markdown_table(subject_rows), "", "![per subject](plots/subjects.png)"]
+    lines += passn_outputs(curve, list(METRICS), out, "DINO")
+    lines += ["", "## Dropped inputs", "", *markdown_table(drops, ["path", "reason", "detail"])]
+    report = "\n".join(lines) + "\n"
+    write_atomic(out / "report.md", lambda tmp: tmp.write_text(report))
+    write_json(out / "summary.json", summary)
+    return {"summary": summary, "report": report, "tables": {"scores": score_table, "subjects": subject_rows,
+            "comparison": comparison, "passn": curve, "dropped": drops}}
+
+
+def plot_subjects(subject_rows: list[dict], path: Path) -> None:
+    plt = figure()
+    rows = [r for r in subject_rows if r["images"]]
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows) + 2), 3.4))
+    width = 0.27
+    for k, metric in enumerate(METRICS):
+        ax.bar([i + (k - 1) * width for i in range(len(rows))], [r[metric] for r in rows], width, label=LABELS[metric])
+    ax.set_xticks(range(len(rows)), [r["subject"] for r in rows], rotation=30, ha="right")
+    ax.set_ylabel("raw cosine")
+    ax.set_title("DreamBench scores per subject")
+    ax.legend(fontsize=8)
+    save_figure(plt, fig, path)
+
+
+
+@task(name="generate-dreambench", task_run_name="generate-shard-{shard:05d}")
+def generate_task(spec_json: str, bench_root: str, images_dir: str, subjects: list[str], shard: int) -> dict:
+    return generate_dreambench_shard(spec_json, bench_root, images_dir, subjects, shard)
+
+
+@task(name="score-dreambench", task_run_name="score-dreambench-shard-{shard:05d}")
+def score_dreambench_task(spec_json: str, bench_root: str, plan_path: str, subjects: list[str], shard: int,
+                          work_dir: str, with_selection: bool) -> dict:
+    return score_dreambench_shard(spec_json, bench_root, plan_path, subjects, shard, work_dir, with_selection)
