@@ -11,4 +11,5 @@ orchestrator). One subpackage per concern; imports only go down this list:
 
 `paths` (where state lives) and `noise` (known, harmless library messages) import nothing from
 the project and may be used by any of them. Outside this package only `data_specs` is imported.
+`tests/import_graph.py` checks these directions.
 """
