@@ -15,16 +15,14 @@ def fail(error: Exception | str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def start_server(loads_models: bool = True) -> str:
-    """Start (or reuse) the local Prefect server, print its UI address and return its API URL. Call
-    it before anything imports prefect, which reads its settings at import."""
+def start_server(loads_models: bool = True) -> None:
+    """Start (or reuse) the local Prefect server and print its UI address. Call it before anything
+    imports prefect, which reads its settings at import."""
     from flows.server import ensure_server, ui_url
 
-    api = ensure_server()
-    typer.echo(f"Prefect UI: {ui_url(api)}")
+    typer.echo(f"Prefect UI: {ui_url(ensure_server())}")
     if loads_models:
         quiet_model_progress_bars()
-    return api
 
 
 def quiet_model_progress_bars() -> None:

@@ -15,8 +15,7 @@ import torch
 from PIL import Image
 
 from data_specs.roles import RoleSpec, SpecError
-from music_model.roles.base import Role
-from music_model.roles.base import check_options
+from music_model.roles.base import Role, check_options
 from music_model.zoo.vision import SAM_CONFIG_FILE, SAM_WEIGHTS_FILE, build_official_sam
 
 OFFICIAL_MODEL_TYPES = ("vit_h", "vit_l", "vit_b")
