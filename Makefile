@@ -1,9 +1,11 @@
-# Two entry points: `make demo` (install, then run the main job on the tiny zoo) and `make test`.
+# Two entry points: `make demo` (install, then run the main job on the tiny zoo) and `make test`
+# (install, the browser for the UI test included, then the whole suite); `make test-fast` runs the
+# tests that need no Prefect server and take seconds each, for day-to-day work.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test test-fast clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +21,14 @@ demo: install
 	$(BIN)/music pipeline data_specs/train_tiny.yaml
 	@echo "next: 'source $(BIN)/activate', then the README's Commands and Operations"
 
-test: install
+browser:
+	@bash tests/install_browser.sh
+
+test: install browser
 	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not prefect and not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -11,7 +11,12 @@ starts a run during the suite.
 Prefect reads its settings when it is first imported. The server is spawned (and PREFECT_API_URL
 set) after collection, only when a selected test is marked `prefect`; such test modules import
 prefect, flows and tasks.pipeline inside their tests, never at module level. `prefect_api` waits
-for the server's health."""
+for the server's health.
+
+The tiny builds a test only reads (or copies to resume elsewhere) are made once per session:
+`tiny_build` (the shipped tiny spec) and `msic_build` (the shipped MSIC spec), each through the
+`music` CLI. A test that changes a build works on a copy (`test_build.copy_build`): fingerprints do not
+depend on the output root, so a copy resumes with no work, as the original would."""
 from __future__ import annotations
 
 import os
@@ -34,9 +39,11 @@ def pytest_configure(config):
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED"] = "false"
     config.addinivalue_line("markers", "prefect: needs the session's real Prefect server")
+    config.addinivalue_line("markers", "slow: over ~10 s without a server (left out of `make test-fast`)")
     _server["home"] = home
 
 
+@pytest.hookimpl(trylast=True)  # after `-m` / `-k` deselection: `make test-fast` starts no server
 def pytest_collection_modifyitems(session, config, items):
     if any(item.get_closest_marker("prefect") for item in items):
         import sys
@@ -112,3 +119,49 @@ def chain(tmp_path_factory):
         out[stage.name] = (summary, read_rows(folder / "part-00000.parquet"), dropped, folder)
         upstream, upstream_dir = fp, folder
     return spec, out
+
+
+def _cli(*args: str) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _shipped_spec(source: str, folder: Path) -> Path:
+    """The shipped spec `source` writing under `folder/out` (nothing else changed)."""
+    import yaml
+
+    from data_specs import shipped
+
+    data = yaml.safe_load(shipped(source).read_text()) | {"output_root": str(folder / "out")}
+    path = folder / source
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_build(prefect_api, tmp_path_factory) -> dict:
+    """`music build` of the shipped tiny spec (name `tiny`): its spec, --json summary, published
+    Parquet bytes, build folder, and the task runs per stage of its flow run."""
+    import json
+
+    from test_build import data_bytes, task_runs_by_stage
+
+    folder = tmp_path_factory.mktemp("session-tiny")
+    spec = _shipped_spec("tiny.yaml", folder)
+    _cli("build", str(spec), "--json", str(folder / "summary.json"))
+    result = json.loads((folder / "summary.json").read_text())
+    return {"spec": spec, "result": result, "bytes": data_bytes(Path(result["dataset"])), "dir": folder / "out" / "tiny",
+            "task_runs_by_stage": task_runs_by_stage(prefect_api)}
+
+
+@pytest.fixture(scope="session")
+def msic_build(prefect_api, tmp_path_factory) -> dict:
+    """`music msic build` of the shipped MSIC spec (name `msic_tiny`, no training set to check)."""
+    folder = tmp_path_factory.mktemp("session-msic")
+    spec = _shipped_spec("msic_tiny.yaml", folder)
+    _cli("msic", "build", str(spec))
+    return {"spec": spec, "dir": folder / "out" / "msic_tiny"}
+

@@ -46,6 +46,18 @@ def data_bytes(dataset: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((dataset / "data").glob("*.parquet"))}
 
 
+def copy_build(build: dict, root: Path) -> Path:
+    """A copy of a session build (conftest's `tiny_build`) under `root/out`, and its spec writing
+    there: fingerprints do not depend on the output root, so the copy resumes with no work."""
+    import shutil
+
+    shutil.copytree(build["dir"], root / "out" / build["dir"].name)
+    data = yaml.safe_load(build["spec"].read_text()) | {"output_root": str(root / "out")}
+    spec = root / build["spec"].name
+    spec.write_text(yaml.safe_dump(data))
+    return spec
+
+
 def task_runs_by_stage(api: str) -> Counter:
     """Task runs per stage of the newest flow run, read from the Prefect API."""
     import httpx
@@ -55,16 +67,8 @@ def task_runs_by_stage(api: str) -> Counter:
     return Counter(t["name"].split("-shard-")[0].split("-")[0] for t in tasks)
 
 
-@pytest.fixture(scope="module")
-def first_build(tmp_path_factory, prefect_api):
-    tmp_path = tmp_path_factory.mktemp("build")
-    spec = tiny_spec(tmp_path, "tiny-e2e")
-    result = build(spec, tmp_path, "first")
-    return tmp_path, spec, result, data_bytes(Path(result["dataset"]))
-
-
-def test_tiny_build_publishes_a_loadable_dataset(first_build, prefect_api):
-    tmp_path, spec, result, _ = first_build
+def test_tiny_build_publishes_a_loadable_dataset(tiny_build):
+    result = tiny_build["result"]
     dataset = Path(result["dataset"])
     assert result["samples"] > 0
     stats = json.loads((dataset / "stats.json").read_text())
@@ -90,11 +94,11 @@ def test_tiny_build_publishes_a_loadable_dataset(first_build, prefect_api):
     assert len(first["layout"]) == 64 and set(first["layout"]) <= set(range(first["num_subjects"] + 1))
     # Task runs grow with shards, not samples: 16 sources at shard size 8 = 2 shards per stage.
     assert result["task_runs"] == 9 * 2 + 1
-    assert task_runs_by_stage(prefect_api)["compose"] == 2
+    assert tiny_build["task_runs_by_stage"]["compose"] == 2
 
 
-def test_rerun_does_no_work_and_threshold_change_reruns_filter_and_publish(first_build, prefect_api):
-    tmp_path, spec, first, _ = first_build
+def test_rerun_does_no_work_and_threshold_change_reruns_filter_and_publish(tiny_build, tmp_path, prefect_api):
+    spec = copy_build(tiny_build, tmp_path)
     again = build(spec, tmp_path, "again")
     assert again["task_runs"] == 0 and again["model_loads"] == 0
     assert all(t["shards_skipped"] == t["shards"] for t in again["stages"])
@@ -110,12 +114,12 @@ def test_rerun_does_no_work_and_threshold_change_reruns_filter_and_publish(first
     assert task_runs_by_stage(prefect_api) == Counter({"filter": 2, "publish": 1})
 
 
-def test_kill_during_build_then_resume_is_byte_identical(first_build, tmp_path, prefect_api):
-    _, _, first, first_bytes = first_build
-    spec = tiny_spec(tmp_path, "tiny-e2e")  # same spec, another output root
+def test_kill_during_build_then_resume_is_byte_identical(tiny_build, tmp_path, prefect_api):
+    first, first_bytes = tiny_build["result"], tiny_build["bytes"]
+    spec = tiny_spec(tmp_path, "tiny")  # the same spec, another output root
     process = subprocess.Popen([sys.executable, "-m", "flows.cli", "build", str(spec)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
-    stages = tmp_path / "out" / "tiny-e2e" / "stages"
+    stages = tmp_path / "out" / "tiny" / "stages"
     deadline = time.monotonic() + 600
     while not list(stages.glob("verify/*/*.done.json")):  # kill once the build is well under way
         assert process.poll() is None, "build ended before it could be killed"
@@ -123,7 +127,7 @@ def test_kill_during_build_then_resume_is_byte_identical(first_build, tmp_path, 
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert not (tmp_path / "out" / "tiny-e2e" / "dataset").exists()
+    assert not (tmp_path / "out" / "tiny" / "dataset").exists()
     resumed = build(spec, tmp_path, "resumed")
     assert resumed["stages"][0]["shards_skipped"] == 2  # compose was done before the kill
     assert data_bytes(Path(resumed["dataset"])) == first_bytes
@@ -131,13 +135,12 @@ def test_kill_during_build_then_resume_is_byte_identical(first_build, tmp_path, 
     assert len(ids) == len(set(ids)) == resumed["samples"] == first["samples"]
 
 
-def test_each_stage_holds_only_its_own_models(first_build):
+def test_each_stage_holds_only_its_own_models(tiny_build):
     """Residency is stage-scoped: while a model stage runs only its roles are loaded; a model the
     next model stage shares (clip: layout, then filter) stays and is not loaded again."""
     from data_specs.build import STAGE_ROLES
 
-    tmp_path, _, result, _ = first_build
-    stages = tmp_path / "out" / "tiny-e2e" / "stages"
+    result, stages = tiny_build["result"], tiny_build["dir"] / "stages"
     for stage, roles in STAGE_ROLES.items():
         if not roles or stage == "publish":
             continue

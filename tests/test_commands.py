@@ -37,6 +37,7 @@ def ok(done: subprocess.CompletedProcess) -> str:
 # --- zoo and roles -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_zoo_build_then_list(zoo_root, tmp_path):
     out = ok(music("zoo", "build"))  # the session's zoo: entries other tests built are reused
     for name in ENTRIES:
@@ -57,6 +58,7 @@ def test_zoo_build_then_list(zoo_root, tmp_path):
     assert bad.returncode == 2 and "unknown zoo entries ['gpt5']" in bad.stderr
 
 
+@pytest.mark.slow
 def test_roles_check_loads_every_role_and_backend(tmp_path):
     from music_model.roles import BACKENDS
     from music_model.roles.smoke import zoo_role_specs
@@ -76,6 +78,7 @@ def test_roles_check_loads_every_role_and_backend(tmp_path):
 # --- generate ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_generate_case_writes_candidates_seeds_and_picks(tmp_path):
     args = ["generate", "case", "--instruction", "<s1> beside <s2>", "--reference", str(PHOTOS / "dog" / "00.jpg"),
             "--reference", str(PHOTOS / "teapot" / "00.jpg"), "--category", "dog", "--category", "teapot",

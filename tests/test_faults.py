@@ -34,25 +34,17 @@ def wait_for(path_glob: Path, pattern: str, process: subprocess.Popen, timeout: 
         time.sleep(0.2)
 
 
-def test_server_killed_mid_build_fails_fast_then_a_rerun_resumes_byte_identical(tmp_path, zoo_root, prefect_api):
+def test_server_killed_mid_build_fails_fast_then_a_rerun_resumes_byte_identical(tmp_path, zoo_root, tiny_build):
     """A build on its own server (its own MUSIC_HOME): SIGKILL the server during the build. The
     build exits with code 2 within seconds, one line naming the API and what to do; the next
     `music build` starts a new server on the same database and completes the same bytes as an
-    undisturbed build; no slot stays held."""
+    undisturbed build (the session's); no slot stays held."""
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env |= {"MUSIC_HOME": str(home), "MUSIC_ZOO_DIR": str(zoo_root), "MUSIC_SLOT_DIR": str(tmp_path / "slots")}
-    for run in ("a", "b"):
-        (tmp_path / run).mkdir()
-    undisturbed = tiny_spec(tmp_path / "a", "tiny-fault")
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "build", str(undisturbed)], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    reference = data_bytes(tmp_path / "a" / "out" / "tiny-fault" / "dataset")
-
-    spec = tiny_spec(tmp_path / "b", "tiny-fault")
+    spec = tiny_spec(tmp_path, "tiny")
     build = start_build(spec, env)
-    wait_for(tmp_path / "b" / "out" / "tiny-fault" / "stages", "verify/*/*.done.json", build)
+    wait_for(tmp_path / "out" / "tiny" / "stages", "verify/*/*.done.json", build)
     server = json.loads((home / "prefect" / "server.json").read_text())
     os.killpg(server["pid"], signal.SIGKILL)
     killed = time.monotonic()
@@ -63,13 +55,13 @@ def test_server_killed_mid_build_fails_fast_then_a_rerun_resumes_byte_identical(
     assert seconds < 30, seconds
     print(f"server killed -> build exited in {seconds:.1f} s with {len(stderr.splitlines())} stderr lines")
 
-    resumed_out = tmp_path / "b" / "resumed.json"
+    resumed_out = tmp_path / "resumed.json"
     done = subprocess.run([sys.executable, "-m", "flows.cli", "build", str(spec), "--json", str(resumed_out)], env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = json.loads(resumed_out.read_text())
     assert resumed["stages"][0]["shards_skipped"] == 2  # compose was finished before the server died
-    assert data_bytes(Path(resumed["dataset"])) == reference
+    assert data_bytes(Path(resumed["dataset"])) == tiny_build["bytes"]
     os.environ["MUSIC_SLOT_DIR"] = env["MUSIC_SLOT_DIR"]
     try:
         assert free_slots(CPU_SLOTS) == 2

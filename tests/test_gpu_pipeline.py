@@ -5,11 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tasks.plan import BUILD_STAGES, STAGE_UNITS, read_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_tiny_run_measures_every_stage_and_feeds_the_plan(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, "benchmarks/gpu_pipeline.py", "--tiny", "--out", str(out)],

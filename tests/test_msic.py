@@ -41,10 +41,12 @@ def run_ok(*args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory, prefect_api):
+def builds(tmp_path_factory, tiny_build, msic_build):
+    """a: the session's MSIC build resumed in a copy, now checked against the session's training
+    set; b: the same spec built from scratch; c: another seed."""
     tmp = tmp_path_factory.mktemp("msic")
-    run_ok("build", str(spec_file(tmp, "tiny.yaml", "train")))
-    training = tmp / "train" / "tiny" / "dataset"
+    training = tiny_build["dir"] / "dataset"
+    shutil.copytree(msic_build["dir"], tmp / "a" / msic_build["dir"].name)
     first = spec_file(tmp, "msic_tiny.yaml", "a", msic={"training_dataset": str(training)})
     run_ok("msic", "build", str(first))
     run_ok("msic", "build", str(spec_file(tmp, "msic_tiny.yaml", "b", msic={"training_dataset": str(training)})))

@@ -21,6 +21,7 @@ def spec_with(**changes):
     return parse_build_spec({**base, **changes})
 
 
+@pytest.mark.slow
 def test_music_10k_plan_loads_no_model(tmp_path):
     """The plan of ~65 GB of checkpoints runs offline in a small process: sizes come from the meta device."""
     out = tmp_path / "plan.json"

@@ -182,6 +182,7 @@ def test_the_session_server_is_its_own_with_the_scheduler_off(prefect_api, music
     assert settings["server"]["services"]["scheduler"]["enabled"] is False
 
 
+@pytest.mark.slow
 def test_a_session_ignores_the_prefect_server_and_profile_of_its_environment(tmp_path):
     """The test above, in a session started from an environment pointing at someone's server (by
     variable and by profile) with the scheduler on: it still runs on its own server."""

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 REPORT = ROOT / "tests" / "output" / "readme.md"
 SECTIONS = ("Quickstart", "Commands", "Operations")
+pytestmark = pytest.mark.prefect  # the session's server makes the builds the sections start from (`project`)
 
 
 def newest(pattern: str):
@@ -61,11 +62,15 @@ CONCRETE = {
     # Re-installing .venv takes minutes: the dry run shows the commands it runs; test_commands runs them.
     "make demo": ["make -n demo"],
     "make test": [],  # the suite this test is part of
+    "make test-fast": [],  # part of this suite
     # One regeneration here: diffed with itself (the diff's own cases are in tests/test_msic.py).
     "music msic diff OLD NEW": ["music msic diff out/msic_tiny/msic out/msic_tiny/msic"],
     "music msic check-overlap MSIC TRAINSET": ["music msic check-overlap out/msic_tiny/msic out/tiny/dataset"],
+    # With the adapters `music train` wrote, as a user follows training: `music pipeline` then finds
+    # these generations (same models, adapters and inputs) instead of making them again.
     "music generate msic|dreambench|case ...": [
-        "music generate msic", "music generate dreambench",
+        "music generate msic --adapters out/train/train-tiny/adapter",
+        "music generate dreambench --adapters out/train/train-tiny/adapter",
         "music generate case --instruction '<s1> next to <s2>' --reference tests/data/dreambench/dog/00.jpg "
         "--reference tests/data/dreambench/teapot/00.jpg --category dog --category teapot --out out/case"],
     "music eval dreambench --images DIR --spec eval_tiny.yaml": [
@@ -268,11 +273,12 @@ class Shell:
             check_output(Outcome(self.section, readme, job.command, 0, 0.0, job.log.read_text()))
 
     def stop(self, jobs: list[Job], readme: str) -> None:
-        """The test's own background processes, stopped with all their children."""
+        """The test's own background processes, stopped with all their children (no README promise
+        rides on how they end: a short patience, so a Ray head's slow exit costs no time)."""
         assert jobs, f"`{readme}`: nothing of the test's running to stop"
         started = time.monotonic()
         for job in jobs:
-            force(job.process)
+            force(job.process, patience=2)
         self.outcomes.append(Outcome(self.section, readme, f"(stopped the test's `{jobs[0].command}`)", 0,
                                      time.monotonic() - started, ""))
 
@@ -281,15 +287,16 @@ class Shell:
             force(job.process)
 
 
-def force(process: subprocess.Popen) -> None:
+def force(process: subprocess.Popen, patience: float = 10) -> None:
     """Stop what is left of a process group: SIGTERM twice (a Prefect worker takes the second as
-    its SIGKILL; `ray start --block` leaves its GCS after the first), then SIGKILL."""
+    its SIGKILL; `ray start --block` leaves its GCS after the first), then SIGKILL, each signal
+    given `patience` seconds."""
     for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
             break
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + patience
         while process.poll() is None or group_alive(process.pid):  # poll() reaps the leader: a zombie counts as alive
             if time.monotonic() > deadline:
                 break
@@ -321,12 +328,17 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A copy of the project as a fresh clone has it, its .venv linked to this one."""
+def project(tmp_path_factory, tiny_build, msic_build) -> Path:
+    """A copy of the project as a fresh clone has it, its .venv linked to this one, and `out/`
+    holding the session's builds of the shipped tiny and MSIC specs (what the README's
+    `music build` and `music msic build` make there): those commands resume them, as a rerun
+    does (the builds themselves, from scratch, are tests/test_build.py's and test_msic.py's)."""
     copy = tmp_path_factory.mktemp("readme") / "music"
     shutil.copytree(ROOT, copy, symlinks=True, ignore=shutil.ignore_patterns(
         ".git", ".venv", "out", "__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis", "output"))
     (copy / ".venv").symlink_to(ROOT / ".venv")
+    for build in (tiny_build, msic_build):
+        shutil.copytree(build["dir"], copy / "out" / build["dir"].name)
     return copy
 
 

@@ -163,6 +163,7 @@ def test_the_renderer_flow_matching_loss_falls(tmp_path, dataset):
 TRAIN_SCRIPT = "import sys; from data_specs.train import load_train_spec; from music_model.music.training import train; train(load_train_spec(sys.argv[1]))"
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path, dataset):
     from music_model.music.training import read_history, train
 

@@ -1,9 +1,12 @@
 """The Prefect UI shows a tiny build's flow run and, once its Artifacts tab is opened, the build's
-artifacts: a real headless Chromium (Debian's chromium + chromium-driver, installed by .ci/run)
-driven by selenium against the session's server. The screenshot is kept as a test output."""
+artifacts: a real headless Chromium (Debian's chromium + chromium-driver, which `make test` installs
+through tests/install_browser.sh) driven by selenium against the session's server. Without the
+browser the test is skipped, as `make test` said before any test ran; under CI=true it fails.
+The screenshot is kept as a test output."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -41,8 +44,11 @@ def browser():
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
-    assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), \
-        "needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver (.ci/run does)"
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        missing = "needs Debian's chromium and chromium-driver (tests/install_browser.sh installs them; make test runs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(missing)
+        pytest.skip(missing)
     options = Options()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1600,1200"):
@@ -52,7 +58,7 @@ def browser():
     driver.quit()
 
 
-def test_flow_run_page_shows_the_run_and_its_artifacts(tiny_run, browser, prefect_api, tmp_path):
+def test_flow_run_page_shows_the_run_and_its_artifacts(browser, tiny_run, prefect_api, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
