@@ -201,10 +201,10 @@ def test_near_duplicate_sources_are_removed_before_cases_are_selected(builds, tm
     assert f"(CLIP >= -1.0): {len(sources) - 1}" in (tmp_path / spec.name / "msic" / "README.md").read_text()
 
 
-def test_flow_runs_are_named_by_the_spec_name_with_the_path_a_parameter(builds, prefect_api):
+def test_flow_runs_are_named_by_the_spec_name_with_the_path_a_parameter(builds, tiny_build, prefect_api):
     import httpx
 
     tmp, _, _ = builds
-    for name, spec in (("build-tiny", tmp / "train-tiny.yaml"), ("msic-msic_tiny", tmp / "a-msic_tiny.yaml")):
+    for name, spec in (("build-tiny", tiny_build["spec"]), ("msic-msic_tiny", tmp / "a-msic_tiny.yaml")):
         runs = httpx.post(f"{prefect_api}/flow_runs/filter", json={"flow_runs": {"name": {"any_": [name]}}}, timeout=30).json()
         assert any(run["parameters"].get("spec_path") == str(spec) for run in runs), (name, [r["parameters"] for r in runs])

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from test_build import copy_build
 
 from data_specs import shipped
 
@@ -33,9 +34,8 @@ def artifacts(api: str, prefix: str) -> dict[str, dict]:
     return {a["key"]: a for a in found}
 
 
-def write_specs(tmp_path: Path) -> Path:
+def write_specs(tmp_path: Path, build_spec: Path) -> Path:
     out = str(tmp_path / "out")
-    build = yaml.safe_load(shipped("tiny.yaml").read_text()) | {"name": "flow-tiny", "output_root": out, "num_source_images": 8}
     msic = yaml.safe_load(shipped("msic_tiny.yaml").read_text()) | {
         "name": "flow-msic", "output_root": out, "num_source_images": 2, "subject_counts": {3: 1}, "shard_size": 2,
         "msic": {"version": "flow-1", "strata": [1, 2, 3], "cases_per_stratum": 1}}
@@ -44,16 +44,18 @@ def write_specs(tmp_path: Path) -> Path:
         "generation": {"candidates": 4, "seed": 5, "selector": "clip_t", "shard_size": 2},
         "evaluation": {"eval_spec": "eval_tiny.yaml", "msic": None, "dreambench": True, "dreambench_subjects": ["dog"],
                        "dreambench_prompts": [0]},
-        "pipeline": {"build_spec": str(tmp_path / "build.yaml"), "msic_spec": str(tmp_path / "msic.yaml")}}
-    for name, data in (("build", build), ("msic", msic), ("train", train)):
+        "pipeline": {"build_spec": str(build_spec), "msic_spec": str(tmp_path / "msic.yaml")}}
+    for name, data in (("msic", msic), ("train", train)):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(data))
     return tmp_path / "train.yaml"
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, prefect_api) -> dict:
+def pipeline(tmp_path_factory, tiny_build) -> dict:
+    """The pipeline over a copy of the session's tiny build (its rebuild resumes it) and a small
+    MSIC of its own, built from scratch."""
     tmp_path = tmp_path_factory.mktemp("pipeline")
-    spec = write_specs(tmp_path)
+    spec = write_specs(tmp_path, copy_build(tiny_build, tmp_path))
     done = music("pipeline", str(spec), "--json", str(tmp_path / "summary.json"))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return {"summary": json.loads((tmp_path / "summary.json").read_text()), "stdout": done.stdout, "tmp": tmp_path}
