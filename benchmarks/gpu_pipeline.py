@@ -3,7 +3,7 @@
 The build is `music_10k.yaml` (1024 px targets, 28 steps, its batch sizes and decoding options)
 with each model replaced by its `arch:` twin (`music_model.zoo.arch`: the published architecture,
 random weights built on the GPU in bf16) and a few sources. Stages run through the project's own
-per-shard entry (`tasks.pipeline.run_stage_shard`: stage-scoped residency, then
+per-shard entry (`tasks.build_tasks.run_stage_shard`: stage-scoped residency, then
 `tasks.engine.run_shard`) without Prefect, so no server is needed; publish runs at the end.
 Random models produce noise, so the thresholds that judge content are opened (every sample flows
 through every stage) and generated texts run to their schema's bounds: LLM/VLM times are upper
@@ -373,7 +373,8 @@ def diffusion_figures(calls: list[Call], peak_tflops: float | None) -> list[dict
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from music_model.roles import release_roles
     from tasks.engine import fingerprint, read_rows, root_fingerprint, shard_name, stage_dir
-    from tasks.pipeline import STAGES, enter_stage, run_stage_shard
+    from tasks.build_tasks import enter_stage, run_stage_shard
+    from tasks.stages import STAGES
     from tasks.plan import funnel, measured_rates, project_hours
     from tasks.publish import publish
 

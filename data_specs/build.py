@@ -9,26 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_specs import load_yaml, resolve_spec_path, shipped
-from data_specs.roles import RoleSpec, SpecError, one_line
-
-STAGE_ROLES: dict[str, tuple[str, ...]] = {
-    "compose": ("llm",),
-    "synthesize": ("t2i",),
-    "detect": ("detector",),
-    "verify": ("vlm",),
-    "rerender": ("editor", "dino"),
-    "annotate": ("vlm",),
-    "layout": ("segmenter", "clip"),
-    "decimate": (),
-    "filter": ("clip",),
-    "publish": (),
-}
-
+from data_specs.roles import Role, RoleSpec, SpecError, one_line
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -163,7 +149,8 @@ class BuildSpec(_Section):
 
     @model_validator(mode="after")
     def _roles_present(self) -> "BuildSpec":
-        needed = sorted({role for roles in STAGE_ROLES.values() for role in roles})
+        # Every role kind: the stages (tasks.stages) use each of them.
+        needed = sorted(get_args(Role))
         missing = [role for role in needed if role not in self.roles]
         if missing:
             raise ValueError(f"roles: missing {', '.join(missing)}")
@@ -179,15 +166,23 @@ class BuildSpec(_Section):
         return hashlib.sha256(canonical_json(content).encode()).hexdigest()[:16]
 
     def categories_path(self) -> Path:
-        if self.categories == "objects365":
-            return shipped("data/objects365_categories.txt")
-        return Path(self.categories).expanduser()
+        return categories_path(self.categories)
 
     def load_categories(self) -> list[str]:
-        names = [line.strip() for line in self.categories_path().read_text().splitlines() if line.strip()]
-        if len(names) < max(self.subject_counts):
-            raise SpecError(f"categories: {len(names)} names, fewer than the largest subject count")
-        return names
+        return load_categories(self.categories, max(self.subject_counts))
+
+
+def categories_path(categories: str) -> Path:
+    """The category list a spec's `categories` names: `objects365` (shipped) or a file."""
+    return shipped("data/objects365_categories.txt") if categories == "objects365" else Path(categories).expanduser()
+
+
+def load_categories(categories: str, largest_count: int) -> list[str]:
+    """The category names, one a line; at least `largest_count` of them."""
+    names = [line.strip() for line in categories_path(categories).read_text().splitlines() if line.strip()]
+    if len(names) < largest_count:
+        raise SpecError(f"categories: {len(names)} names, fewer than the largest subject count")
+    return names
 
 
 def parse_build_spec(data: Any, source: str = "spec") -> BuildSpec:

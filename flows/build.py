@@ -2,25 +2,25 @@
 segment + layout -> decimate -> filter -> publish, one task run per (stage, shard)."""
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, get_run_logger, runtime, unmapped
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from data_specs.build import BuildSpec, canonical_json, load_build_spec
+from data_specs.build import BuildSpec, load_build_spec
 from flows.monitor import on_flow_running, stop_promptly
 from flows.run_names import run_name
 from flows.runners import default_task_runner, shard_placement
 from music_model.roles import release_roles
-from tasks.engine import build_dir, done_marker, fingerprint, num_shards, root_fingerprint, stage_dir, write_atomic
-from tasks.pipeline import STAGES, enter_stage, publish_dataset, stage_shard
-from tasks.publish import preview_markdown, published_stats
+from tasks.build_tasks import enter_stage, publish_dataset, stage_shard
+from tasks.engine import build_dir, build_lock, check_shard, fingerprint, num_shards, root_fingerprint, stage_dir, write_atomic
+from tasks.publish import preview_markdown, publish_fingerprint, published_stats
+from tasks.stages import STAGES
 
 
 def artifact_key(*parts: str) -> str:
@@ -87,9 +87,16 @@ class StagesRun:
     task_runs: int = 0
 
 
-def run_stages(spec: BuildSpec) -> StagesRun:
-    """Every stage over every shard, resuming from completed shards (shared by the training-set
-    and MSIC builds); call inside a flow."""
+def lock_holder_record(what: str) -> dict:
+    """Who a flow run is, for the build lock's holder file."""
+    return {"what": what, "flow_run": f"{runtime.flow_run.name} ({runtime.flow_run.id})"}
+
+
+def run_stages(spec: BuildSpec, verify: bool = False) -> StagesRun:
+    """Every stage over every shard, resuming from completed shards whose parts prove themselves
+    (size and footer; with `verify` their sha256 too): a part that fails is redone, with one log
+    line naming it. Shared by the training-set and MSIC builds; call inside a flow, under the
+    build's lock."""
     logger = get_run_logger()
     out = build_dir(spec).resolve()
     write_atomic(out / "spec.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)))
@@ -104,7 +111,13 @@ def run_stages(spec: BuildSpec) -> StagesRun:
             progress = create_progress_artifact(0.0, key=artifact_key(spec.name, stage.name, "progress"),
                                                 description=f"{stage.name}: shards done of {shards}")
             # Completed shards are read from their markers: a rerun submits task runs only for work.
-            results = [m for k in range(shards) if (m := done_marker(spec, stage.name, fp, k))]
+            results = []
+            for k in range(shards):
+                marker, problem = check_shard(spec, stage.name, fp, k, verify)
+                if problem:
+                    logger.warning(problem)
+                if marker:
+                    results.append(marker)
             todo = [k for k in range(shards) if k not in {r["shard"] for r in results}]
             task_placement, submitting = placement.for_stage(stage.name, len(todo))
             with submitting:
@@ -134,25 +147,27 @@ def run_stages(spec: BuildSpec) -> StagesRun:
 
 @flow(name="build-training-set", flow_run_name=run_name("build"), log_prints=True,
       task_runner=default_task_runner(), on_running=[on_flow_running])
-def build_training_set(spec_path: str) -> dict:
-    """Run every stage over every shard of the spec, then publish the dataset."""
+def build_training_set(spec_path: str, verify: bool = False, wait: bool = False) -> dict:
+    """Run every stage over every shard of the spec, then publish the dataset. One build per output
+    folder at a time: another run of it fails at once naming the holder, or with `wait` waits.
+    `verify`: check the sha256 of every reused part, not only its size and footer."""
     logger = get_run_logger()
     started = time.perf_counter()
     spec = load_build_spec(spec_path)
-    run = run_stages(spec)
-    publish_fp = hashlib.sha256(canonical_json({"publish": spec.publish.model_dump(), "near_duplicate": spec.filter.near_duplicate_clip,
-                                                "upstream": run.upstream}).encode()).hexdigest()[:16]
-    stats = published_stats(spec, publish_fp)
-    if stats is None:
-        stats = publish_dataset(run.spec_json, str(run.upstream_dir), run.shards, run.summaries, publish_fp)
-        run.task_runs += 1
-    wall = time.perf_counter() - started
-    dataset = build_dir(spec).resolve() / "dataset"
-    text = report(spec, run.tables, stats, wall, dataset)
-    previews = stats.get("preview", [])
-    write_atomic(dataset / "report.md", lambda tmp: tmp.write_text("\n".join([text, *preview_markdown(dataset, previews)])))
-    create_markdown_artifact("\n".join([text, *preview_markdown(dataset, previews, inline=True)]),
-                             key=artifact_key(spec.name, "report"), description=f"build report of {spec.name}")
+    with build_lock(spec, lock_holder_record("build"), wait, logger.info):
+        run = run_stages(spec, verify)
+        publish_fp = publish_fingerprint(spec, run.upstream)
+        stats = published_stats(spec, publish_fp)
+        if stats is None:
+            stats = publish_dataset(run.spec_json, str(run.upstream_dir), run.shards, run.summaries, publish_fp)
+            run.task_runs += 1
+        wall = time.perf_counter() - started
+        dataset = build_dir(spec).resolve() / "dataset"
+        text = report(spec, run.tables, stats, wall, dataset)
+        previews = stats.get("preview", [])
+        write_atomic(dataset / "report.md", lambda tmp: tmp.write_text("\n".join([text, *preview_markdown(dataset, previews)])))
+        create_markdown_artifact("\n".join([text, *preview_markdown(dataset, previews, inline=True)]),
+                                 key=artifact_key(spec.name, "report"), description=f"build report of {spec.name}")
     logger.info("published %d samples to %s", stats["samples"], dataset)
     return {"dataset": str(dataset), "samples": stats["samples"], "task_runs": run.task_runs, "wall_seconds": round(wall, 2),
             "model_loads": sum(t["model_loads"] for t in run.tables), "stages": run.tables, "funnel": stats["funnel"]}

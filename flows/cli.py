@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from flows.cli_shared import fail, start_server
+from flows.cli_shared import BUSY_EXIT, fail, refuse_if_building, start_server
 from flows.eval_cli import eval_app
 from flows.model_cli import generate_app, pipeline_command, train_command
 from flows.msic_cli import msic_app
@@ -36,10 +36,11 @@ def main(verbose: bool = typer.Option(False, "--verbose", help="Show the library
                                       "(warnings, progress bars, Prefect's hook lines); set for every process it starts.")) -> None:
     import os
 
-    from music_model.noise import VERBOSE_ENV, quiet_progress_bars
+    from music_model import settings
+    from music_model.noise import quiet_progress_bars
 
     if verbose:
-        os.environ[VERBOSE_ENV] = "1"
+        os.environ[settings.VERBOSE.name] = "1"
     quiet_progress_bars()
 
 
@@ -106,6 +107,8 @@ def build(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the run summary as JSON here."),
     runner: str = typer.Option("local", help="Where shard tasks run: local (bounded thread pool) or ray."),
     ray_address: Optional[str] = typer.Option(None, help="With --runner ray: the cluster's GCS address, e.g. 127.0.0.1:6379."),
+    verify: bool = typer.Option(False, "--verify", help="Check the sha256 of every reused shard part, not only its size and footer."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for another run building into the same folder (default: exit 3 naming it)."),
 ) -> None:
     """Build a training set: every stage as a Prefect DAG on the local (or $PREFECT_API_URL) server."""
     from data_specs.build import load_build_spec
@@ -117,13 +120,17 @@ def build(
         check_runner(runner, ray_address)
     except (SpecError, FileNotFoundError, ValueError, RunnerError) as error:
         fail(error)
+    refuse_if_building(parsed, wait)
     start_server()
     from flows.build import build_training_set
     from flows.runners import make_task_runner
-    from tasks.engine import build_dir
+    from tasks.engine import BuildLocked, build_dir
 
     typer.echo(f"Output: {build_dir(parsed).resolve()}")
-    result = build_training_set.with_options(task_runner=make_task_runner(runner, ray_address))(str(spec))
+    try:
+        result = build_training_set.with_options(task_runner=make_task_runner(runner, ray_address))(str(spec), verify, wait)
+    except BuildLocked as error:  # another run took the folder between the check and the flow
+        fail(error, BUSY_EXIT)
     if json_out:
         json_out.write_text(json.dumps(result, indent=1))
     for table in result["stages"]:

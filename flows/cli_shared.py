@@ -9,10 +9,22 @@ from typing import NoReturn
 import typer
 
 
-def fail(error: Exception | str) -> NoReturn:
-    """Exit 2 with one line naming the problem (a bad spec, input or option)."""
+BUSY_EXIT = 3  # another run is building into the same output folder
+
+
+def fail(error: Exception | str, code: int = 2) -> NoReturn:
+    """Exit `code` (2: a bad spec, input or option) with one line naming the problem."""
     typer.echo(f"error: {error}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+def refuse_if_building(spec, wait: bool) -> None:
+    """Exit at once, naming the holder, when another run builds into this spec's folder (unless
+    `wait`: the flow then waits for it). Checked before the server starts, so it takes a second."""
+    from tasks.engine import build_dir, lock_holder
+
+    if not wait and (holder := lock_holder(spec)):
+        fail(f"{build_dir(spec)} is being built by another run ({holder}): wait for it, or pass --wait", BUSY_EXIT)
 
 
 def start_server(loads_models: bool = True) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from flows.runners import check_runner, project_root
+from music_model import settings
 
 
 def prefect_yaml(root: Path | None = None) -> Path:
@@ -92,10 +93,10 @@ def worker_process(pool: str, gpu: str | None = None, runner: str = "local", ray
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    env["MUSIC_RUNNER"] = runner
-    env.pop("MUSIC_RAY_ADDRESS", None)
+    env[settings.RUNNER.name] = runner
+    env.pop(settings.RAY_ADDRESS.name, None)
     if ray_address:
-        env["MUSIC_RAY_ADDRESS"] = ray_address
+        env[settings.RAY_ADDRESS.name] = ray_address
     command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
                "--name", name or worker_name(pool, gpu)]
     return command, env

@@ -29,11 +29,11 @@ from uuid import UUID
 
 import psutil
 
+from music_model import settings
+
 HOST, PID, PID_STARTED, HEARTBEAT = "music.host", "music.pid", "music.pid_started", "music.heartbeat"
-HEARTBEAT_SECONDS = float(os.environ.get("MUSIC_HEARTBEAT_SECONDS", "30"))
 # A run on another host is stale after this many missed beats.
 STALE_BEATS = 4
-SERVER_PROBE_SECONDS = float(os.environ.get("MUSIC_SERVER_PROBE_SECONDS", "2"))
 SERVER_PROBE_TIMEOUT = 10.0
 SERVER_DOWN_PROBES = 3
 EXIT_SERVER_GONE = 2
@@ -62,7 +62,7 @@ def why_stale(labels: dict, now: float) -> str | None:
             return None
         return f"its process {pid} on {host} no longer exists"
     silent = now - float(labels.get(HEARTBEAT, labels[PID_STARTED]))
-    if silent > STALE_BEATS * HEARTBEAT_SECONDS:
+    if silent > STALE_BEATS * settings.HEARTBEAT_SECONDS.number():
         return f"no heartbeat from its process {pid} on {host} for {silent:.0f} s"
     return None
 
@@ -172,7 +172,7 @@ def _server_alive(api_url: str) -> bool:
 def _watch_server(api_url: str) -> None:
     failures = 0
     while True:
-        time.sleep(SERVER_PROBE_SECONDS)
+        time.sleep(settings.SERVER_PROBE_SECONDS.number())
         failures = 0 if _server_alive(api_url) else failures + 1
         if failures >= SERVER_DOWN_PROBES and _guarded:
             print(f"error: the Prefect server at {api_url} stopped answering. Finished shards are kept: restart it "
@@ -218,4 +218,4 @@ def on_flow_running(flow, flow_run, state) -> None:
         logger.warning("marked flow run %s (%s) CRASHED: %s", name, run_id, reason)
     with get_client(sync_client=True) as client:
         client.update_flow_run_labels(flow_run.id, {**this_process(), HEARTBEAT: f"{time.time():.0f}"})
-    threading.Thread(target=_beat, args=(flow_run.id, HEARTBEAT_SECONDS), name="music-heartbeat", daemon=True).start()
+    threading.Thread(target=_beat, args=(flow_run.id, settings.HEARTBEAT_SECONDS.number()), name="music-heartbeat", daemon=True).start()

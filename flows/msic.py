@@ -9,30 +9,37 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from data_specs.build import BuildSpec, load_build_spec
-from flows.build import artifact_key, run_stages
+from flows.build import artifact_key, lock_holder_record, run_stages
 from flows.monitor import on_flow_running
 from flows.run_names import run_name
 from flows.runners import default_task_runner
-from tasks.msic import publish_msic
+from tasks.engine import build_lock
+from tasks.msic import msic_fingerprint, publish_msic, published_msic
 from tasks.publish import preview_markdown
 
 
 @task(name="publish-msic", task_run_name="publish-msic-{version}")
-def publish_msic_task(spec_json: str, filter_dir: str, shards: int, version: str) -> dict:
-    return publish_msic(BuildSpec.model_validate_json(spec_json), Path(filter_dir), shards)
+def publish_msic_task(spec_json: str, filter_dir: str, shards: int, version: str, fingerprint: str) -> dict:
+    return publish_msic(BuildSpec.model_validate_json(spec_json), Path(filter_dir), shards, fingerprint)
 
 
 @flow(name="build-msic", flow_run_name=run_name("msic"), log_prints=True, task_runner=default_task_runner(),
       on_running=[on_flow_running])
-def build_msic(spec_path: str) -> dict:
-    """Regenerate the MSIC benchmark from a spec with an `msic` section."""
+def build_msic(spec_path: str, verify: bool = False, wait: bool = False) -> dict:
+    """Regenerate the MSIC benchmark from a spec with an `msic` section (an unchanged rerun does
+    nothing: no task run, no contamination scan). `verify` and `wait` as in build-training-set."""
     logger = get_run_logger()
     started = time.perf_counter()
     spec = load_build_spec(spec_path)
     if spec.msic is None:
         raise ValueError(f"{spec_path}: not a benchmark spec (it has no `msic` section)")
-    run = run_stages(spec)
-    result = publish_msic_task(run.spec_json, str(run.upstream_dir), run.shards, spec.msic.version)
+    with build_lock(spec, lock_holder_record("msic"), wait, logger.info):
+        run = run_stages(spec, verify)
+        fingerprint = msic_fingerprint(spec, run.upstream)
+        result = published_msic(spec, fingerprint)
+        if result is None:
+            result = publish_msic_task(run.spec_json, str(run.upstream_dir), run.shards, spec.msic.version, fingerprint)
+            run.task_runs += 1
     counts = [{"subjects": k, "cases": v} for k, v in result["counts"].items()]
     create_table_artifact(counts, key=artifact_key(spec.name, "msic-cases"), description="MSIC cases per subject count")
     create_markdown_artifact("\n".join([
@@ -40,5 +47,5 @@ def build_msic(spec_path: str) -> dict:
         f"- per subject count: {result['counts']}\n", *preview_markdown(Path(result["msic"]), result.get("preview", []), inline=True)]),
         key=artifact_key(spec.name, "msic-report"))
     logger.info("published %d MSIC cases to %s", result["cases"], result["msic"])
-    return {**result, "task_runs": run.task_runs + 1, "stages": run.tables, "wall_seconds": round(time.perf_counter() - started, 2),
+    return {**result, "task_runs": run.task_runs, "stages": run.tables, "wall_seconds": round(time.perf_counter() - started, 2),
             "model_loads": sum(t["model_loads"] for t in run.tables)}

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from flows.cli_shared import fail, quiet_model_progress_bars, start_server
+from flows.cli_shared import BUSY_EXIT, fail, quiet_model_progress_bars, refuse_if_building, start_server
 
 msic_app = typer.Typer(help="The MSIC benchmark (1-12 subjects per case).", no_args_is_help=True)
 
@@ -24,6 +24,8 @@ def _manifest(path: Path) -> dict:
 def build(
     spec: Path = typer.Argument(..., help="Benchmark spec YAML (e.g. data_specs/msic_tiny.yaml)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the run summary as JSON here."),
+    verify: bool = typer.Option(False, "--verify", help="Check the sha256 of every reused shard part, not only its size and footer."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for another run building into the same folder (default: exit 3 naming it)."),
 ) -> None:
     """Regenerate the benchmark as a Prefect flow on the local (or $PREFECT_API_URL) server."""
     from data_specs.build import load_build_spec
@@ -35,10 +37,15 @@ def build(
         fail(error)
     if parsed.msic is None:
         fail(f"{spec}: not a benchmark spec (no `msic` section)")
+    refuse_if_building(parsed, wait)
     start_server()
     from flows.msic import build_msic
+    from tasks.engine import BuildLocked
 
-    result = build_msic(str(spec))
+    try:
+        result = build_msic(str(spec), verify, wait)
+    except BuildLocked as error:
+        fail(error, BUSY_EXIT)
     if json_out:
         json_out.write_text(json.dumps(result, indent=1))
     typer.echo(f"Published {result['cases']} cases to {result['msic']} in {result['wall_seconds']:.1f} s; per subject count: {result['counts']}")

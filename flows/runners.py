@@ -23,17 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from music_model import settings
+
 if TYPE_CHECKING:
     from prefect.task_runners import TaskRunner
 
-    from tasks.pipeline import Placement
+    from tasks.build_tasks import Placement
 
 RUNNERS = ("local", "ray")
 LOCAL_WORKERS = 2
 RAY_RETRIES = 2
 # Environment the Ray workers need to find the zoo, the Prefect server and relative output roots.
 FORWARDED_ENV_PREFIXES = ("MUSIC_", "PREFECT_", "HF_", "TRANSFORMERS_")
-DRIVER_DIR_ENV = "MUSIC_DRIVER_DIR"
 
 
 class RunnerError(ValueError):
@@ -70,7 +71,7 @@ def make_task_runner(runner: str = "local", ray_address: str | None = None, max_
     # Without it Ray swaps 127.0.0.1 for the machine's address and the driver cannot reach the GCS.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
-    env[DRIVER_DIR_ENV] = os.getcwd()
+    env[settings.DRIVER_DIR.name] = os.getcwd()
     env["OMP_NUM_THREADS"] = str(intra_op_threads())
     return RayTaskRunner(address=ray_address, init_kwargs={
         "runtime_env": {"env_vars": env, "worker_process_setup_hook": "flows.runners.enter_driver_directory"},
@@ -88,13 +89,13 @@ def intra_op_threads() -> int:
 
 def default_task_runner() -> TaskRunner:
     """The runner named by `MUSIC_RUNNER` (default local) and `MUSIC_RAY_ADDRESS`."""
-    return make_task_runner(os.environ.get("MUSIC_RUNNER", "local"), os.environ.get("MUSIC_RAY_ADDRESS") or None)
+    return make_task_runner(settings.RUNNER.get(), settings.RAY_ADDRESS.get() or None)
 
 
 def enter_driver_directory() -> None:
     """Ray worker set-up: relative output roots resolve as in the flow's process. A multi-node
     cluster needs the project and the output root at the same paths on every node."""
-    os.chdir(os.environ[DRIVER_DIR_ENV])
+    os.chdir(settings.DRIVER_DIR.get())
 
 
 def _is_ray(runner: TaskRunner) -> bool:
@@ -118,7 +119,7 @@ class ShardPlacement:
 
     def for_stage(self, stage_name: str, shards: int) -> tuple[Placement, AbstractContextManager]:
         """Where a stage's tasks run, and a context to submit them in."""
-        from tasks.pipeline import MODEL_STAGES, Placement
+        from tasks.build_tasks import MODEL_STAGES, Placement
 
         if self.runner == "local" or stage_name not in MODEL_STAGES or not shards:
             return Placement(cpu_slots=self.cpu_slots), nullcontext()
@@ -132,7 +133,7 @@ class ShardPlacement:
     def _start_actors(self) -> None:
         import ray
 
-        from tasks.pipeline import RAY_NAMESPACE, ShardWorker
+        from tasks.build_tasks import RAY_NAMESPACE, ShardWorker
 
         # A worker process that dies (killed, OOM) is restarted and its shard retried; the shard is
         # written atomically and marked last, so a retry makes the same bytes. The actors reserve no
@@ -165,7 +166,7 @@ def shard_placement() -> Iterator[ShardPlacement]:
 
     resources = ray.cluster_resources()
     cluster_gpus = resources.get("GPU", 0.0)
-    wanted = float(os.environ.get("MUSIC_RAY_GPUS_PER_SHARD", "1"))
+    wanted = settings.RAY_GPUS_PER_SHARD.number()
     if cluster_gpus:
         gpus = min(wanted, cluster_gpus)
         placement = ShardPlacement("ray", ray_gpus=gpus, ray_actors=max(1, int(cluster_gpus // gpus)))

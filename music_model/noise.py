@@ -10,11 +10,11 @@ import re
 import sys
 import warnings
 
-VERBOSE_ENV = "MUSIC_VERBOSE"
+from music_model import settings
 
 
 def verbose() -> bool:
-    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    return settings.VERBOSE.flag()
 
 
 def drop_warning(message: str, category: type[Warning]) -> None:

@@ -104,4 +104,4 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
 
 
 # Version 2: legible colour tags, pixel boxes in the prompt, schema-derived token budget, explicit sampling.
-STAGE = Stage("annotate", 2, process)
+STAGE = Stage("annotate", 2, process, roles=("vlm",), reads=("annotate",), writes=("instruction", "cot"))

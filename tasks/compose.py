@@ -14,6 +14,7 @@ from functools import lru_cache
 from pydantic import BaseModel
 
 from data_specs import shipped
+from data_specs.build import load_categories
 from music_model.roles.structured import bounded_text
 from tasks.engine import Stage, StageContext, sample_id
 
@@ -47,7 +48,7 @@ def composition_schema(max_chars: int) -> type[BaseModel]:
 
 def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     spec = ctx.spec
-    names = spec.load_categories()
+    names = load_categories(spec.categories, max(spec.subject_counts))
     counts, weights = zip(*spec.subject_counts.items())
     drafts = []
     for row in rows:
@@ -71,4 +72,5 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
 
 
 # Version 2: display names from the curated table (edit the table: bump the version).
-STAGE = Stage("compose", 2, process)
+STAGE = Stage("compose", 2, process, roles=("llm",), reads=("compose", "name", "seed", "subject_counts", "categories"),
+              writes=("id", "source_id", "categories", "num_subjects", "caption"))

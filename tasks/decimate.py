@@ -34,4 +34,6 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
 
 
 # Version 2: the smallest box (not mask) dropped first; the layout recomputed, not blanked.
-STAGE = Stage("decimate", 3, process)  # 3: a dropped subject named once ("shrimp", not "shrimp (shrimp)")
+# 3: a dropped subject named once ("shrimp", not "shrimp (shrimp)")
+STAGE = Stage("decimate", 3, process, reads=("decimate", "layout"),
+              writes=("id", "source_id", "num_subjects", "subjects", "instruction", "cot", "layout", "layout_text"))

@@ -37,4 +37,5 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     return kept
 
 
-STAGE = Stage("detect", 1, process)
+STAGE = Stage("detect", 1, process, roles=("detector",), reads=("detect", "verify.min_subjects"),
+              writes=("subjects", "num_subjects"))

@@ -1,30 +1,53 @@
-"""Shard I/O, fingerprints and completion markers: what makes every stage resumable.
+"""The stage contract, shard I/O, fingerprints and completion markers: what makes every stage resumable.
+
+A `Stage` declares its whole contract in one place: the roles it loads, the spec fields it reads,
+the columns it writes and what its work counts. The engine holds it to that contract: a stage sees
+the spec only through a view of its declared fields (any other read raises `ContractError`), and a
+column it writes that it did not declare, or that `schemas.WORK` lacks, fails the shard.
 
 A stage's output for shard k lives at `stages/<stage>/<fingerprint>/part-0000k.parquet`, with its
-dropped rows beside it and a `.done.json` marker written last. A shard with a marker is done; one
-without is redone from scratch. The fingerprint hashes the stage's name, version, parameters, role
-specs and the upstream fingerprint, so changing one parameter reruns that stage and what follows.
+dropped rows beside it and a `.done.json` marker written last. The fingerprint hashes the stage's
+name, version, the values of the fields it reads, its roles' content settings (backend, model,
+dtype, options: what decides the output) and the upstream fingerprint, so changing a field reruns
+the stages that read it and what follows, and nothing else. Execution settings (batch size, device,
+offload: how fast, not what) are recorded in each marker instead. The marker records each part's
+bytes, rows and sha256: a shard is reused only when its parts still prove themselves (size and
+Parquet footer; the hashes too with `verify`), and is redone otherwise.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import socket
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, get_args
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
+from pydantic import BaseModel
 
-from data_specs.build import STAGE_ROLES, BuildSpec, canonical_json
+from data_specs.build import BuildSpec, canonical_json
+from data_specs.roles import RoleSpec
 from data_specs.schemas import DROPPED, WORK
 from music_model.roles import (load_role, peak_memory_bytes, reset_peak_memory, resident_roles, thread_load_seconds,
                                thread_model_loads, thread_oom_retries)
 from music_model.roles.base import resolve_device
-from music_model.roles.slots import current_device
+from music_model.roles.slots import current_device, describe_holders, write_holder
+
+# How a role runs, not what it makes: recorded in markers and the card, never fingerprinted.
+EXECUTION_FIELDS = ("batch_size", "device", "offload")
+UNITS = ("rows", "subjects", "sources")
+
+
+class ContractError(RuntimeError):
+    """A stage did something its `Stage` declaration does not allow (a programming error)."""
 
 
 def stable_int(*parts: Any) -> int:
@@ -49,6 +72,10 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_table(rows: list[dict], schema: pa.Schema, path: Path) -> None:
+    """Write `rows` as Parquet; a key the schema lacks raises (Arrow would drop it silently)."""
+    unknown = set().union(*map(dict.keys, rows)) - set(schema.names) if rows else set()
+    if unknown:
+        raise ContractError(f"{path.name}: columns {sorted(unknown)} are not in the schema")
     table = pa.Table.from_pylist(rows, schema=schema)
     write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
@@ -65,6 +92,95 @@ def num_shards(spec: BuildSpec) -> int:
     return -(-spec.num_source_images // spec.shard_size)
 
 
+def _field_model(annotation: Any) -> type[BaseModel] | None:
+    """The section model a spec field holds (`MsicParams | None` -> MsicParams), or None for a value."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _check_read(path: str) -> None:
+    model: type[BaseModel] | None = BuildSpec
+    for part in path.split("."):
+        if model is None or part not in model.model_fields:
+            raise ContractError(f"reads: {path!r} is not a field of the build spec")
+        model = _field_model(model.model_fields[part].annotation)
+
+
+def _declares(reads: tuple[str, ...], path: str) -> bool:
+    return any(path == read or path.startswith(read + ".") for read in reads)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage's whole contract: everything else (the flow's order, the roles a stage loads,
+    the funnel, the plan's units, the fingerprint) derives from it and `tasks.stages.STAGES`.
+
+    - `roles`: the model roles `ctx.role` may load (and the stage keeps resident).
+    - `reads`: the spec fields the stage reads, as dotted paths (`"verify.min_subjects"`, or a whole
+      section: `"detect"`); they, and only they, are fingerprinted.
+    - `writes`: the `schemas.WORK` columns it adds or rewrites; a new column it does not declare fails.
+    - `unit`: what its work is proportional to (the cost plan): rows, subjects or distinct sources.
+    """
+
+    name: str
+    version: int
+    process: Callable[[list[dict], "StageContext"], list[dict]]
+    roles: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    unit: str = "rows"
+
+    def __post_init__(self) -> None:
+        for path in self.reads:
+            _check_read(path)
+        unknown = sorted(set(self.writes) - set(WORK.names))
+        if unknown:
+            raise ContractError(f"stage {self.name}: writes {unknown}, which schemas.WORK lacks")
+        if self.unit not in UNITS:
+            raise ContractError(f"stage {self.name}: unit {self.unit!r} is not one of {UNITS}")
+
+
+class SpecView:
+    """The spec as one stage sees it: the fields its `reads` declare, each read recorded in `seen`;
+    any other field raises `ContractError`, so no read can escape the fingerprint."""
+
+    def __init__(self, value: BaseModel, stage: Stage, seen: set[str], prefix: str = ""):
+        self._value, self._stage, self._seen, self._prefix = value, stage, seen, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        path = self._prefix + name
+        value = getattr(self._value, name)
+        if _declares(self._stage.reads, path):
+            self._seen.add(path)
+            return value
+        if isinstance(value, BaseModel) and any(read.startswith(path + ".") for read in self._stage.reads):
+            return SpecView(value, self._stage, self._seen, path + ".")
+        raise ContractError(f"stage {self._stage.name} reads spec field {path!r}, which its Stage(reads=...) "
+                            f"does not declare: {list(self._stage.reads)}")
+
+
+def spec_values(spec: BuildSpec, paths: tuple[str, ...]) -> dict[str, Any]:
+    """Each dotted path's value in the spec, as JSON-able data."""
+    dumped = spec.model_dump(mode="json")
+    values = {}
+    for path in paths:
+        value: Any = dumped
+        for part in path.split("."):
+            value = None if value is None else value[part]
+        values[path] = value
+    return values
+
+
+def role_content(role: RoleSpec) -> dict:
+    return role.model_dump(mode="json", exclude=set(EXECUTION_FIELDS))
+
+
+def role_execution(role: RoleSpec) -> dict:
+    return role.model_dump(mode="json", include=set(EXECUTION_FIELDS))
+
+
 @dataclass
 class Drop:
     row: dict
@@ -74,20 +190,27 @@ class Drop:
 
 @dataclass
 class StageContext:
-    spec: BuildSpec
-    stage: str
+    """What `Stage.process` gets: the spec's declared fields, its roles, seeds and the drop log."""
+
+    build: BuildSpec  # the whole spec: the engine's; a stage reads `spec`
+    stage: Stage
     shard: int
     model_seconds: float = 0.0
     drops: list[Drop] = field(default_factory=list)
+    reads_seen: set[str] = field(default_factory=set)
+
+    @property
+    def spec(self) -> SpecView:
+        return SpecView(self.build, self.stage, self.reads_seen)
 
     def role(self, name: str):
-        if name not in STAGE_ROLES[self.stage]:
-            raise KeyError(f"stage {self.stage} does not declare role {name!r} (STAGE_ROLES)")
-        return load_role(self.spec.roles[name])
+        if name not in self.stage.roles:
+            raise ContractError(f"stage {self.stage.name} does not declare role {name!r} in its Stage(roles=...)")
+        return load_role(self.build.roles[name])
 
     def seed(self, index: int, salt: str = "") -> int:
         """The seed of sample `index` in this stage: (spec seed, index, stage) hashed."""
-        return stable_int(self.spec.seed, index, self.stage, salt) % (2**31)
+        return stable_int(self.build.seed, index, self.stage.name, salt) % (2**31)
 
     def drop(self, row: dict, reason: str, detail: str = "") -> None:
         self.drops.append(Drop(row, reason, detail[:500]))
@@ -102,20 +225,10 @@ class StageContext:
                 self.model_seconds += time.perf_counter() - start
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    version: int
-    process: Callable[[list[dict], StageContext], list[dict]]
-
-    def params(self, spec: BuildSpec) -> dict:
-        section = getattr(spec, self.name, None)
-        return section.model_dump() if section is not None else {}
-
-
 def fingerprint(stage: Stage, spec: BuildSpec, upstream: str) -> str:
-    roles = {name: spec.roles[name].model_dump() for name in STAGE_ROLES[stage.name]}
-    payload = {"stage": stage.name, "version": stage.version, "params": stage.params(spec), "roles": roles, "upstream": upstream}
+    roles = {name: role_content(spec.roles[name]) for name in stage.roles}
+    payload = {"stage": stage.name, "version": stage.version, "reads": spec_values(spec, stage.reads), "roles": roles,
+               "upstream": upstream}
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
 
 
@@ -135,10 +248,78 @@ def stage_dir(spec: BuildSpec, stage: str, fp: str) -> Path:
     return build_dir(spec) / "stages" / stage / fp
 
 
-def done_marker(spec: BuildSpec, stage: str, fp: str, shard: int) -> dict | None:
-    """The marker of a completed shard, or None when the shard is still to do."""
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def part_record(path: Path) -> dict:
+    """What a marker records of one part it vouches for."""
+    return {"bytes": path.stat().st_size, "rows": pq.read_metadata(path).num_rows, "sha256": file_sha256(path)}
+
+
+def part_problem(path: Path, record: dict, verify: bool) -> str | None:
+    """Why the part at `path` is not what its marker recorded, or None when it is."""
+    if not path.exists():
+        return "is missing"
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        return f"is {size} bytes, its marker says {record['bytes']}"
+    try:
+        rows = pq.read_metadata(path).num_rows
+    except (pa.ArrowException, OSError) as error:
+        return f"has an unreadable Parquet footer ({str(error).splitlines()[0]})"
+    if rows != record["rows"]:
+        return f"holds {rows} rows, its marker says {record['rows']}"
+    if verify and file_sha256(path) != record["sha256"]:
+        return "has another sha256 than its marker's"
+    return None
+
+
+def check_shard(spec: BuildSpec, stage: str, fp: str, shard: int, verify: bool = False) -> tuple[dict | None, str | None]:
+    """(marker, None) for a completed shard whose parts prove themselves; (None, why) for one whose
+    part does not (its marker is removed, so the shard is redone); (None, None) for one still to do."""
     marker = stage_dir(spec, stage, fp) / f"{shard_name(shard)}.done.json"
-    return {**json.loads(marker.read_text()), "skipped": True} if marker.exists() else None
+    try:
+        done = json.loads(marker.read_text())
+    except FileNotFoundError:
+        return None, None
+    except json.JSONDecodeError:
+        done = {}
+    outputs = done.get("outputs")
+    problems = ([f"{name} {problem}" for name, record in outputs.items()
+                 if (problem := part_problem(marker.parent / name, record, verify))]
+                if outputs else [f"{marker.name} is unreadable or records no outputs"])
+    if problems:
+        marker.unlink(missing_ok=True)
+        return None, f"redoing {stage} shard {shard} of {marker.parent}: {'; '.join(problems)}"
+    return {**done, "skipped": True}, None
+
+
+def done_marker(spec: BuildSpec, stage: str, fp: str, shard: int) -> dict | None:
+    """The marker of a completed shard whose parts prove themselves, or None when it is to (re)do."""
+    return check_shard(spec, stage, fp, shard)[0]
+
+
+def check_columns(stage: Stage, rows_in: list[dict], rows_out: list[dict]) -> None:
+    """A stage changes only the columns it declares writing: every other column of an output row
+    holds its input row's value (found by id, or by source index for a stage that writes ids)."""
+    unknown = (set().union(*map(dict.keys, rows_out)) if rows_out else set()) - set(WORK.names)
+    if unknown:
+        raise ContractError(f"stage {stage.name} wrote columns {sorted(unknown)}, which schemas.WORK lacks")
+    key = "index" if "id" in stage.writes else "id"
+    by_key = {row[key]: row for row in rows_in}
+    for row in rows_out:
+        source = by_key.get(row.get(key))
+        if source is None:
+            raise ContractError(f"stage {stage.name} wrote a row whose {key} {row.get(key)!r} is in none of its input rows")
+        changed = sorted(column for column in row.keys() | source.keys() if column not in stage.writes
+                         and not (row.get(column) is source.get(column) or row.get(column) == source.get(column)))
+        if changed:
+            raise ContractError(f"stage {stage.name} wrote columns {changed} that its Stage(writes=...) does not declare")
 
 
 def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: Path | None) -> dict:
@@ -157,14 +338,16 @@ def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: 
         rows = [{"index": i} for i in range(shard * spec.shard_size, min((shard + 1) * spec.shard_size, spec.num_source_images))]
     else:
         rows = read_rows(upstream_dir / f"{shard_name(shard)}.parquet")
-    context = StageContext(spec, stage.name, shard)
+    context = StageContext(spec, stage, shard)
     kept = stage.process(rows, context)
+    check_columns(stage, rows, kept)
     dropped = [
         {"id": d.row.get("id"), "index": d.row.get("index"), "stage": stage.name, "reason": d.reason, "detail": d.detail}
         for d in context.drops
     ]
-    write_table(kept, WORK, out_dir / f"{shard_name(shard)}.parquet")
-    write_table(dropped, DROPPED, out_dir / f"{shard_name(shard)}.dropped.parquet")
+    parts = {f"{shard_name(shard)}.parquet": (kept, WORK), f"{shard_name(shard)}.dropped.parquet": (dropped, DROPPED)}
+    for name, (table, schema) in parts.items():
+        write_table(table, schema, out_dir / name)
     summary = {
         "stage": stage.name,
         "shard": shard,
@@ -181,6 +364,59 @@ def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: 
         "peak_device_bytes": peak_memory_bytes(device),
         # The models on this shard's device as it ends: the stage's own, nothing left from earlier stages.
         "resident": sorted({role for role, _, on in resident_roles() if on == str(resolve_device(device or "auto"))}),
+        "execution": {name: role_execution(spec.roles[name]) for name in stage.roles},
+        "reads": sorted(context.reads_seen),
+        "outputs": {name: part_record(out_dir / name) for name in parts},
     }
     write_atomic(marker, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
     return {**summary, "skipped": False}
+
+
+# --- one build per output folder ------------------------------------------------------------------
+
+
+class BuildLocked(RuntimeError):
+    """Another process is building into this output folder; the message names it."""
+
+
+def lock_path(spec: BuildSpec) -> Path:
+    return build_dir(spec) / ".build.lock"
+
+
+def _build_lock(spec: BuildSpec) -> FileLock:
+    path = lock_path(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The file stays, so a waiter never locks a deleted inode; the kernel frees the lock when its holder dies.
+    return FileLock(path, thread_local=False, preserve_lock_file=True)
+
+
+def lock_holder(spec: BuildSpec) -> str | None:
+    """Who holds this build's lock now (None: nobody); the lock is tried and given straight back."""
+    lock = _build_lock(spec)
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        return describe_holders([lock_path(spec)], time.time())
+    lock.release()
+    return None
+
+
+@contextmanager
+def build_lock(spec: BuildSpec, holder: dict, wait: bool = False, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the build folder's lock for the body: with `wait`, wait for it; else raise `BuildLocked`
+    naming the holder at once. `holder` (what, flow_run) is written beside the lock for the others."""
+    lock = _build_lock(spec)
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        who = describe_holders([lock_path(spec)], time.time())
+        if not wait:
+            raise BuildLocked(f"{build_dir(spec)} is being built by another run ({who}): wait for it, or pass --wait") from None
+        if log:
+            log(f"waiting for {build_dir(spec)}: {who}")
+        lock.acquire()
+    write_holder(lock_path(spec), {**holder, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
+    try:
+        yield
+    finally:
+        lock.release()

@@ -23,4 +23,6 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     return kept
 
 
-STAGE = Stage("filter", 1, process)
+# near_duplicate_clip is publish's: the embedding does not depend on it.
+STAGE = Stage("filter", 1, process, roles=("clip",), reads=("filter.min_subjects", "filter.max_subjects"),
+              writes=("clip_embedding",), unit="sources")

@@ -43,4 +43,5 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     return kept
 
 
-STAGE = Stage("layout", 1, process)
+STAGE = Stage("layout", 1, process, roles=("segmenter", "clip"), reads=("layout",), writes=("subjects", "layout", "layout_text"),
+              unit="subjects")

@@ -31,13 +31,14 @@ import pyarrow.parquet as pq
 import yaml
 
 from data_specs.build import BuildSpec, MsicParams, canonical_json
-from data_specs.schemas import IMAGE
+from data_specs.schemas import DROPPED, IMAGE
 from music_model.media.images import from_struct
 from music_model.roles import load_role
 from music_model.subjects.decimate import SUBJECT_TOKEN
 from music_model.subjects.preview import from_case, render_sheet
-from tasks.engine import build_dir, read_rows, shard_name, stable_int, write_atomic
-from tasks.publish import code_version, near_duplicate_sources, preview_ids, preview_markdown, write_sheets
+from tasks.engine import build_dir, read_rows, role_content, stable_int, stage_dir, write_atomic, write_table
+from tasks.publish import (code_version, near_duplicate_sources, preview_ids, preview_markdown, read_filter_index, stream_rows,
+                           write_sheets)
 
 CASES = pa.schema([
     ("case_id", pa.string()), ("subject_count", pa.int32()), ("instruction", pa.string()),
@@ -327,15 +328,47 @@ def _check_text(check: dict | None) -> str:
 # --- publish --------------------------------------------------------------------------------------
 
 
-def publish_msic(spec: BuildSpec, filter_dir: Path, shards: int) -> dict:
+def msic_fingerprint(spec: BuildSpec, upstream: str) -> str:
+    """What the published benchmark depends on: the msic section, the near-duplicate threshold, the
+    filter stage's fingerprint, the embedders of the overlap check and the training set it checks
+    (each data file's name, size and modification time: a rewritten set is checked again)."""
+    training = Path(spec.msic.training_dataset).expanduser() if spec.msic.training_dataset else None
+    files = [(p.relative_to(training).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in _training_files(training)] if training else None
+    payload = {"msic": spec.msic.model_dump(mode="json"), "near_duplicate": spec.filter.near_duplicate_clip, "upstream": upstream,
+               "roles": {name: role_content(spec.roles[name]) for name in ("clip", "dino")}, "training": files}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
+
+
+def published_msic(spec: BuildSpec, fingerprint: str) -> dict | None:
+    """The result of the benchmark published with this fingerprint, or None (publish it)."""
+    marker = build_dir(spec) / "msic" / "publish.done.json"
+    if not marker.exists():
+        return None
+    done = json.loads(marker.read_text())
+    if done.get("fingerprint") != fingerprint:
+        return None
+    result = done["result"]
+    return {**result, "msic": str(marker.parent.resolve()), "counts": {int(k): v for k, v in result["counts"].items()}, "skipped": True}
+
+
+def publish_msic(spec: BuildSpec, filter_dir: Path, shards: int, fingerprint: str) -> dict:
     """Drop near-duplicate sources, select, check and publish the benchmark: cases Parquet,
-    manifest.json, a card and preview sheets."""
-    rows = [r for k in range(shards) for r in read_rows(filter_dir / f"{shard_name(k)}.parquet")]
-    duplicates = near_duplicate_sources(rows, spec.filter.near_duplicate_clip)
-    rows = [r for r in rows if r["source_id"] not in duplicates]
+    manifest.json, a card and preview sheets (or return the result when this fingerprint is
+    already published). Near-duplicate drops go to `stages/publish-msic/<fingerprint>/dropped.parquet`."""
+    if result := published_msic(spec, fingerprint):
+        return result
+    # Selection reads the rows without their images; only the chosen cases' images are read.
+    index = read_filter_index(filter_dir, shards)
+    duplicates = near_duplicate_sources(index.embeddings, spec.filter.near_duplicate_clip)
+    dropped = [{"id": r["id"], "index": r["index"], "stage": "publish-msic", "reason": "near_duplicate",
+                "detail": f"CLIP cosine {duplicates[r['source_id']][1]:.4f} >= {spec.filter.near_duplicate_clip} to source "
+                          f"{duplicates[r['source_id']][0]}"} for r in index.rows if r["source_id"] in duplicates]
+    write_table(dropped, DROPPED, stage_dir(spec, "publish-msic", fingerprint) / "dropped.parquet")
+    chosen = sorted((r["id"] for r in select_cases(spec, [r for r in index.rows if r["source_id"] not in duplicates])),
+                    key=lambda i: (index.shard_of[i], i))
     clip = load_role(spec.roles["clip"])
     count, limit = clip_text_budget(clip)
-    cases = sorted((to_case(spec, r, lambda text: fit_clip_context(text, count, limit)) for r in select_cases(spec, rows)),
+    cases = sorted((to_case(spec, r, lambda text: fit_clip_context(text, count, limit)) for r in stream_rows(filter_dir, index, chosen)),
                    key=lambda c: c["case_id"])
     check = None
     if spec.msic.training_dataset:
@@ -373,13 +406,15 @@ def publish_msic(spec: BuildSpec, filter_dir: Path, shards: int) -> dict:
         + _check_text(check)
         + ("\n" + "\n".join(preview_markdown(staging, previews)) if previews else "")
     )
+    result = {"cases": len(cases), "counts": counts, "near_duplicate_sources": len(duplicates), "prompts_cut": cut,
+              "contamination": check, "preview": previews}
+    (staging / "publish.done.json").write_text(json.dumps({"fingerprint": fingerprint, "result": result}, indent=1) + "\n")
     old = build_dir(spec) / f".msic-old-{os.getpid()}"
     if out.exists():
         os.replace(out, old)
     os.replace(staging, out)
     shutil.rmtree(old, ignore_errors=True)
-    return {"msic": str(out.resolve()), "cases": len(cases), "counts": counts, "near_duplicate_sources": len(duplicates),
-            "prompts_cut": cut, "contamination": check, "preview": previews}
+    return {**result, "msic": str(out.resolve()), "skipped": False}
 
 
 def diff_manifests(a: dict, b: dict) -> dict[str, list[str]]:

@@ -32,16 +32,16 @@ from typing import Any
 
 import torch
 
-from data_specs.build import STAGE_ROLES, BuildSpec
+from data_specs.build import BuildSpec
 from data_specs.roles import RoleSpec, model_kind
 from music_model.paths import zoo_dir
 from music_model.zoo.arch import ARCH_BY_HUB_ID, param_bytes, param_count
 from tasks.engine import num_shards
+from tasks.stages import BY_NAME, STAGES
 
-# What a stage's work is proportional to: a row (one caption, image, detection or annotation), a
-# subject (one verification, re-render or mask) or a distinct source image (filter's CLIP embedding).
-STAGE_UNITS = {"compose": "rows", "synthesize": "rows", "detect": "rows", "verify": "subjects", "rerender": "subjects",
-               "annotate": "rows", "layout": "subjects", "decimate": "rows", "filter": "sources"}
+# What a stage's work is proportional to (its `Stage.unit`): a row (one caption, image, detection or
+# annotation), a subject (one verification, re-render or mask) or a distinct source image (filter's CLIP embedding).
+STAGE_UNITS = {stage.name: stage.unit for stage in STAGES}
 BUILD_STAGES = list(STAGE_UNITS)  # the stages in order (publish follows)
 SUBJECT_STAGES = ("detect", "verify", "rerender")  # remove subjects; a source below verify.min_subjects drops
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -125,7 +125,7 @@ def stage_models(spec: BuildSpec) -> list[dict[str, Any]]:
     sizes = {name: model_size(role) for name, role in spec.roles.items()}
     rows = []
     for stage in BUILD_STAGES:
-        models = [sizes[name] for name in STAGE_ROLES[stage]]
+        models = [sizes[name] for name in BY_NAME[stage].roles]
         known = all(m.bytes is not None for m in models)
         rows.append({"stage": stage, "models": [asdict(m) for m in models],
                      "peak_bytes": sum(m.bytes for m in models) if known else None})
@@ -260,7 +260,7 @@ def project_hours(expected: dict[str, Any], bench: dict[str, Any]) -> list[dict[
     excluded), plus one load of the stage's models."""
     rows = []
     for stage in expected["stages"]:
-        if not STAGE_ROLES[stage["stage"]]:
+        if not BY_NAME[stage["stage"]].roles:
             continue  # CPU only (decimate)
         record = bench["stages"][stage["stage"]]
         compute = max(0.0, record["seconds"] - record["load_seconds"])

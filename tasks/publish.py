@@ -6,16 +6,25 @@ judges a build's quality in a minute.
 The data files, card, stats and previews depend only on the spec and the code version, so two
 builds of one spec give the same bytes; timings go to report.md alone. Rows dropped here
 (near_duplicate, over_max_samples) are kept with their reason in `stages/publish/<fingerprint>/dropped.parquet`,
-as every stage keeps its dropped table."""
+as every stage keeps its dropped table.
+
+Publishing streams: near-duplicates, the cap and the order are decided on the filter rows without
+their images (`read_filter_index`); the rows are then read a shard at a time and written a file
+at a time, so memory is one shard and one file's rows plus an embedding a source, whatever the
+sample count."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
 import subprocess
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -25,13 +34,28 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
-from data_specs.build import BuildSpec
+from data_specs.build import BuildSpec, canonical_json
 from data_specs.schemas import DROPPED, PUBLISHED, PUBLISHED_FEATURES
 from music_model.subjects.preview import from_published, render_sheet
 from tasks.engine import build_dir, read_rows, shard_name, stable_int, stage_dir, write_atomic, write_table
 
 PREVIEW_SAMPLES = 6
-STAGE_ORDER = ["compose", "synthesize", "detect", "verify", "rerender", "annotate", "layout", "decimate", "filter"]
+
+
+def publish_fingerprint(spec: BuildSpec, upstream: str) -> str:
+    """What the published files depend on: the publish section, the near-duplicate threshold (the
+    filter section's, read only here) and the filter stage's fingerprint."""
+    payload = {"publish": spec.publish.model_dump(), "near_duplicate": spec.filter.near_duplicate_clip, "upstream": upstream}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
+
+
+def execution_settings(summaries: list[dict]) -> dict[str, list[str]]:
+    """Per role, each distinct execution setting its shards ran with (a resumed build may mix them)."""
+    seen: dict[str, set[str]] = {}
+    for summary in summaries:
+        for role, settings in summary.get("execution", {}).items():
+            seen.setdefault(role, set()).add(", ".join(f"{k} {v}" for k, v in sorted(settings.items())))
+    return {role: sorted(values) for role, values in sorted(seen.items())}
 
 
 def code_version() -> str:
@@ -45,15 +69,54 @@ def code_version() -> str:
     return f"{version}+{commit}" if commit else version
 
 
-def near_duplicate_sources(rows: list[dict], threshold: float) -> dict[str, tuple[str, float]]:
-    """source_id -> (the earlier kept source it nearly duplicates, their CLIP cosine >= threshold)."""
-    sources: dict[str, np.ndarray] = {}
-    for row in sorted(rows, key=lambda r: r["source_id"]):
-        sources.setdefault(row["source_id"], np.asarray(row["clip_embedding"], np.float32))
+# What near-duplicates, caps and case selection need of a filter row: everything but its images.
+INDEX_COLUMNS = ["id", "index", "source_id", "num_subjects"]
+
+
+@dataclass
+class FilterIndex:
+    """The filter stage's rows without their images: each row's index columns and shard, and one
+    CLIP embedding per source (decimated siblings share it). Memory: a few hundred bytes a row
+    plus an embedding a source, whatever the images weigh."""
+
+    rows: list[dict]
+    shard_of: dict[str, int]
+    embeddings: dict[str, np.ndarray]
+
+
+def read_filter_index(filter_dir: Path, shards: int) -> FilterIndex:
+    rows, shard_of, embeddings = [], {}, {}
+    for shard in range(shards):
+        table = pq.read_table(filter_dir / f"{shard_name(shard)}.parquet", columns=[*INDEX_COLUMNS, "clip_embedding"])
+        vectors = table.column("clip_embedding").combine_chunks()
+        values = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(table), -1) if len(table) else None
+        for number, row in enumerate(table.select(INDEX_COLUMNS).to_pylist()):
+            rows.append(row)
+            shard_of[row["id"]] = shard
+            if row["source_id"] not in embeddings:
+                embeddings[row["source_id"]] = values[number].copy()
+    return FilterIndex(rows, shard_of, embeddings)
+
+
+def stream_rows(filter_dir: Path, index: FilterIndex, ids: list[str]) -> Iterator[dict]:
+    """The full rows of `ids`, in that order, read a shard at a time (ids in shard order read each
+    shard once; memory: one shard)."""
+    loaded, rows = None, {}
+    for sample_id in ids:
+        if index.shard_of[sample_id] != loaded:
+            loaded = index.shard_of[sample_id]
+            rows = {r["id"]: r for r in read_rows(filter_dir / f"{shard_name(loaded)}.parquet")}
+        yield rows[sample_id]
+
+
+def near_duplicate_sources(embeddings: dict[str, np.ndarray], threshold: float) -> dict[str, tuple[str, float]]:
+    """source_id -> (the earlier kept source it nearly duplicates, their CLIP cosine >= threshold),
+    sources taken in ID order."""
     kept_ids: list[str] = []
     kept_vectors: list[np.ndarray] = []
     duplicates = {}
-    for source, vector in sources.items():
+    for source in sorted(embeddings):
+        vector = embeddings[source]
         if kept_vectors:
             scores = np.stack(kept_vectors) @ vector
             best = int(np.argmax(scores))
@@ -115,21 +178,20 @@ def published_row(row: dict) -> dict:
     }
 
 
-def _write_parquet(rows: list[dict], path: Path) -> None:
-    schema = PUBLISHED.with_metadata({"huggingface": json.dumps({"info": {"features": PUBLISHED_FEATURES}})})
-    table = pa.Table.from_pylist(rows, schema=schema)
-    write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+def published_schema() -> pa.Schema:
+    return PUBLISHED.with_metadata({"huggingface": json.dumps({"info": {"features": PUBLISHED_FEATURES}})})
 
 
 def funnel(summaries: list[dict], publish_drops: Counter, published: int) -> list[dict]:
+    """Rows in, out and dropped by reason per stage, in the order of `summaries` (the flow's stage order)."""
     by_stage: dict[str, dict] = {}
     for summary in summaries:
         entry = by_stage.setdefault(summary["stage"], {"stage": summary["stage"], "rows_in": 0, "rows_out": 0, "dropped": Counter()})
         entry["rows_in"] += summary["rows_in"]
         entry["rows_out"] += summary["rows_out"]
         entry["dropped"].update(summary["dropped"])
-    rows = [by_stage[s] for s in STAGE_ORDER if s in by_stage]
-    publish_in = by_stage["filter"]["rows_out"] if "filter" in by_stage else 0
+    rows = list(by_stage.values())
+    publish_in = rows[-1]["rows_out"] if rows else 0  # the last stage's output
     rows.append({"stage": "publish", "rows_in": publish_in, "rows_out": published, "dropped": publish_drops})
     return [{**r, "dropped": dict(sorted(r["dropped"].items()))} for r in rows]
 
@@ -167,7 +229,9 @@ def card(spec: BuildSpec, stats: dict) -> str:
         "tags": ["multi-subject", "in-context-generation", "music-pipeline", "synthetic"],
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}],
     }
-    models = "\n".join(f"| {name} | {r.backend} | `{r.model}` |" for name, r in sorted(spec.roles.items()))
+    ran = stats.get("execution", {})
+    models = "\n".join(f"| {name} | {r.backend} | `{r.model}` | {'; '.join(ran.get(name, [])) or '-'} |"
+                       for name, r in sorted(spec.roles.items()))
     funnel_rows = "\n".join(
         f"| {s['stage']} | {s['rows_in']} | {s['rows_out']} | {', '.join(f'{k}: {v}' for k, v in s['dropped'].items()) or '-'} |"
         for s in stats["funnel"]
@@ -187,7 +251,7 @@ def card(spec: BuildSpec, stats: dict) -> str:
         "tags, a vision chain of thought (JSON) and an 8x8 layout of subject IDs (0 = background).\n\n"
         f"- samples: {stats['samples']}\n- subject counts: {stats['subject_counts']}\n"
         f"- spec hash: `{stats['spec_hash']}`\n- code version: `{stats['code_version']}`\n- seed: {spec.seed}\n\n"
-        f"## Models\n\n| role | backend | model |\n|---|---|---|\n{models}\n\n"
+        f"## Models\n\n| role | backend | model | run with (not part of the content) |\n|---|---|---|---|\n{models}\n\n"
         f"## Funnel\n\n| stage | in | out | dropped |\n|---|---|---|---|\n{funnel_rows}\n\n"
         "## Columns\n\n`id`, `source_id` (the undecimated sample it derives from), `num_subjects`, `image` (target), "
         "`caption`, `instruction`, `cot`, `layout` (64 ints), `layout_text`, and per subject: `subject_ids`, "
@@ -211,14 +275,14 @@ def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict
     if stats := published_stats(spec, fingerprint):
         return stats
     out = build_dir(spec) / "dataset"
-    rows = [row for shard in range(shards) for row in read_rows(filter_dir / f"{shard_name(shard)}.parquet")]
-    duplicates = near_duplicate_sources(rows, spec.filter.near_duplicate_clip)
+    index = read_filter_index(filter_dir, shards)
+    duplicates = near_duplicate_sources(index.embeddings, spec.filter.near_duplicate_clip)
     dropped = []
-    for row in rows:
+    for row in index.rows:
         if row["source_id"] in duplicates:
             kept, score = duplicates[row["source_id"]]
             dropped.append(_dropped(row, "near_duplicate", f"CLIP cosine {score:.4f} >= {spec.filter.near_duplicate_clip} to source {kept}"))
-    rows = sorted((r for r in rows if r["source_id"] not in duplicates), key=lambda r: r["id"])
+    rows = sorted((r for r in index.rows if r["source_id"] not in duplicates), key=lambda r: r["id"])
     cap = spec.publish.max_samples
     if cap is not None and len(rows) > cap:
         dropped += [_dropped(r, "over_max_samples", f"sample {rank + 1} of {len(rows)} by id; max_samples {cap}")
@@ -228,19 +292,28 @@ def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict
     write_table(dropped, DROPPED, stage_dir(spec, "publish", fingerprint) / "dropped.parquet")
     staging = build_dir(spec) / f".dataset-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    files = max(1, -(-len(rows) // spec.publish.rows_per_file))
+    (staging / "data").mkdir(parents=True)
+    # Rows read a shard at a time and written as they come, a row group per (file, shard): memory is one shard.
+    per_file, files = spec.publish.rows_per_file, max(1, -(-len(rows) // spec.publish.rows_per_file))
+    previews = set(preview_ids(spec.seed, [r["id"] for r in rows]))
+    preview_rows = {}
+    stream = stream_rows(filter_dir, index, [r["id"] for r in rows])
     for number in range(files):
-        chunk = rows[number * spec.publish.rows_per_file:(number + 1) * spec.publish.rows_per_file]
-        _write_parquet([published_row(r) for r in chunk], staging / "data" / f"train-{number:05d}-of-{files:05d}.parquet")
+        ids = [r["id"] for r in rows[number * per_file:(number + 1) * per_file]]
+        path = staging / "data" / f"train-{number:05d}-of-{files:05d}.parquet"
+        with pq.ParquetWriter(path, published_schema(), compression="zstd") as writer:
+            for _, run in itertools.groupby(ids, key=index.shard_of.get):  # consecutive ids of one shard
+                batch = [published_row(next(stream)) for _ in run]
+                preview_rows.update((r["id"], r) for r in batch if r["id"] in previews)
+                writer.write_table(pa.Table.from_pylist(batch, schema=published_schema()))
     counts = Counter(r["num_subjects"] for r in rows)
     stats = {
         "name": spec.name, "samples": len(rows), "sources": len({r["source_id"] for r in rows}),
         "subject_counts": {str(k): counts[k] for k in sorted(counts)},
         "funnel": funnel(summaries, drops, len(rows)), "spec_hash": spec.spec_hash(), "code_version": code_version(),
-        "fingerprint": fingerprint,
+        "fingerprint": fingerprint, "execution": execution_settings(summaries),
     }
-    by_id = {r["id"]: r for r in rows}
-    sheets = [(i, render_sheet(from_published(published_row(by_id[i])))) for i in preview_ids(spec.seed, list(by_id))]
+    sheets = [(i, render_sheet(from_published(preview_rows[i]))) for i in sorted(previews)]
     stats["preview"] = [p.relative_to(staging).as_posix() for p in write_sheets(staging / "preview", sheets)]
     (staging / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     (staging / "README.md").write_text(card(spec, stats))

@@ -83,4 +83,5 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
 
 
 # Version 2: letterboxed crops at Kontext's preferred resolutions, references in the crop's aspect.
-STAGE = Stage("rerender", 2, process)
+STAGE = Stage("rerender", 2, process, roles=("editor", "dino"), reads=("rerender", "verify.min_subjects"),
+              writes=("subjects", "num_subjects"), unit="subjects")

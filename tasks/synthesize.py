@@ -17,4 +17,4 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     ]
 
 
-STAGE = Stage("synthesize", 1, process)
+STAGE = Stage("synthesize", 1, process, roles=("t2i",), reads=("synthesize",), writes=("image", "width", "height"))

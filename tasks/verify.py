@@ -45,4 +45,5 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     return kept
 
 
-STAGE = Stage("verify", 3, process)  # 3: explicit sampling, schema-derived token budget
+# 3: explicit sampling, schema-derived token budget
+STAGE = Stage("verify", 3, process, roles=("vlm",), reads=("verify",), writes=("subjects", "num_subjects"), unit="subjects")

@@ -10,7 +10,7 @@ starts a run during the suite.
 
 Prefect reads its settings when it is first imported. The server is spawned (and PREFECT_API_URL
 set) after collection, only when a selected test is marked `prefect`; such test modules import
-prefect, flows and tasks.pipeline inside their tests, never at module level. `prefect_api` waits
+prefect, flows and tasks.build_tasks inside their tests, never at module level. `prefect_api` waits
 for the server's health.
 
 The tiny builds a test only reads (or copies to resume elsewhere) are made once per session:
@@ -102,15 +102,14 @@ def chain(tmp_path_factory):
     from data_specs import shipped
     from data_specs.build import parse_build_spec
     from data_specs.schemas import WORK
-    from tasks import annotate, compose, decimate, detect, filter, layout, rerender, synthesize, verify
     from tasks.engine import fingerprint, read_rows, root_fingerprint, run_shard, stage_dir
+    from tasks.stages import STAGES
 
     data = yaml.safe_load(shipped("tiny.yaml").read_text())
     data.update(name="stages", num_source_images=6, shard_size=6, output_root=str(tmp_path_factory.mktemp("stages")))
     spec = parse_build_spec(data)
     upstream, upstream_dir, out = root_fingerprint(spec), None, {}
-    # tasks.pipeline.STAGES, without importing Prefect (tests import it only after the server is up)
-    for stage in [m.STAGE for m in (compose, synthesize, detect, verify, rerender, annotate, layout, decimate, filter)]:
+    for stage in STAGES:
         fp = fingerprint(stage, spec, upstream)
         summary = run_shard(stage, spec, 0, fp, upstream_dir)
         folder = stage_dir(spec, stage.name, fp)

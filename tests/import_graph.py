@@ -18,10 +18,11 @@ from pathlib import Path
 PACKAGES = ("flows", "tasks", "music_model", "data_specs")  # top first: each may import those after it
 NO_PREFECT = ("music_model", "data_specs")
 # music_model's subpackages (and its two top-level modules) -> what each may import inside music_model.
-_ANY = {"paths", "noise"}
+_ANY = {"settings", "paths", "noise"}
 MUSIC_MODEL_LAYERS: dict[str, set[str]] = {
-    "paths": set(),
-    "noise": set(),
+    "settings": set(),
+    "paths": {"settings"},
+    "noise": {"settings"},
     "media": set(),
     "subjects": {"media"},
     "zoo": _ANY,

@@ -1,5 +1,6 @@
 """The tiny training-set build end to end against a real Prefect server: publish, rerun with no
-work, a threshold change that reruns only filter and publish, kill -9 and resume, byte identity."""
+work, changes that rerun exactly the stages that read them, an added stage, a damaged part redone,
+one build per folder, kill -9 and resume, byte identity."""
 from __future__ import annotations
 
 import json
@@ -97,21 +98,88 @@ def test_tiny_build_publishes_a_loadable_dataset(tiny_build):
     assert tiny_build["task_runs_by_stage"]["compose"] == 2
 
 
-def test_rerun_does_no_work_and_threshold_change_reruns_filter_and_publish(tiny_build, tmp_path, prefect_api):
+def test_rerun_does_no_work_execution_changes_rerun_nothing_and_threshold_change_reruns_publish(tiny_build, tmp_path, prefect_api):
     spec = copy_build(tiny_build, tmp_path)
     again = build(spec, tmp_path, "again")
     assert again["task_runs"] == 0 and again["model_loads"] == 0
     assert all(t["shards_skipped"] == t["shards"] for t in again["stages"])
     assert sum(task_runs_by_stage(prefect_api).values()) == 0
 
+    # Smaller batches after an out-of-memory error change how the models run, not what they make.
     data = yaml.safe_load(spec.read_text())
+    data["roles"]["t2i"]["batch_size"] = data["roles"]["editor"]["batch_size"] = 1
+    spec.write_text(yaml.safe_dump(data))
+    smaller = build(spec, tmp_path, "smaller")
+    assert smaller["task_runs"] == 0 and sum(task_runs_by_stage(prefect_api).values()) == 0
+
+    # near_duplicate_clip sits in the filter section, but only publish reads it.
     data["filter"]["near_duplicate_clip"] = 0.999
     spec.write_text(yaml.safe_dump(data))
     changed = build(spec, tmp_path, "changed")
-    ran = {t["stage"]: t["shards"] - t["shards_skipped"] for t in changed["stages"]}
-    assert ran == {**{s: 0 for s in ran}, "filter": 2}
-    assert changed["task_runs"] == 3  # 2 filter shards + publish
-    assert task_runs_by_stage(prefect_api) == Counter({"filter": 2, "publish": 1})
+    assert all(t["shards_skipped"] == t["shards"] for t in changed["stages"])
+    assert changed["task_runs"] == 1 and task_runs_by_stage(prefect_api) == Counter({"publish": 1})
+    card = (Path(changed["dataset"]) / "README.md").read_text()
+    assert "| t2i | diffusers | `zoo:flux` | batch_size 8, device auto, offload none |" in card  # as its shards ran, not 1
+
+
+def test_a_changed_read_reruns_its_readers_and_the_resumed_build_equals_a_fresh_one(tiny_build, tmp_path, prefect_api):
+    """verify.min_subjects is read by detect (before verify): built with 4, changed to 2 and resumed,
+    the build publishes what a fresh build with 2 (the session's) publishes."""
+    spec = tiny_spec(tmp_path, "tiny", verify={"min_subjects": 4})
+    strict = build(spec, tmp_path, "strict")
+    data = yaml.safe_load(spec.read_text())
+    data["verify"]["min_subjects"] = 2
+    spec.write_text(yaml.safe_dump(data))
+    resumed = build(spec, tmp_path, "resumed")
+    assert task_runs_by_stage(prefect_api) == Counter({s: 2 for s in ("detect", "verify", "rerender", "annotate", "layout",
+                                                                      "decimate", "filter")} | {"publish": 1})
+    assert strict["samples"] < resumed["samples"] == tiny_build["result"]["samples"]
+    assert data_bytes(Path(resumed["dataset"])) == tiny_build["bytes"]
+
+
+def test_a_stage_added_to_a_copy_of_the_list_runs_in_the_build(tiny_build, tmp_path, prefect_api):
+    """Adding a stage is its module plus one line in tasks.stages.STAGES: here a pass-through stage
+    inserted after annotate in this process's list, touching no file; it runs, shows in the funnel,
+    and the stages after it rerun to the same published bytes."""
+    spec = copy_build(tiny_build, tmp_path)
+    out = tmp_path / "noop.json"
+    script = f"""
+import json
+from tasks.engine import Stage
+from tasks.stages import BY_NAME, STAGES
+noop = Stage("noop", 1, lambda rows, ctx: rows)
+STAGES.insert(6, noop)
+BY_NAME["noop"] = noop
+from flows.build import build_training_set
+open({str(out)!r}, "w").write(json.dumps(build_training_set({str(spec)!r})))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [t["stage"] for t in result["stages"]] == ["compose", "synthesize", "detect", "verify", "rerender", "annotate", "noop",
+                                                       "layout", "decimate", "filter"]
+    assert [f["stage"] for f in result["funnel"]] == [t["stage"] for t in result["stages"]] + ["publish"]
+    assert task_runs_by_stage(prefect_api) == Counter({"noop": 2, "layout": 2, "decimate": 2, "filter": 2, "publish": 1})
+    assert data_bytes(Path(result["dataset"])) == tiny_build["bytes"]
+
+
+def test_a_damaged_part_is_redone_on_resume_not_published(tiny_build, tmp_path, prefect_api):
+    """A filter part cut to half its size (a full disk, a bad copy) under its marker, the dataset gone:
+    the resume names the part in one line, redoes that shard alone and publishes the same bytes."""
+    import shutil
+
+    spec = copy_build(tiny_build, tmp_path)
+    build_folder = tmp_path / "out" / "tiny"
+    part = next(build_folder.glob("stages/filter/*/part-00001.parquet"))
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    shutil.rmtree(build_folder / "dataset")
+    done = music("build", str(spec), "--json", str(tmp_path / "resumed.json"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    logged = [line for line in (done.stdout + done.stderr).splitlines() if "redoing filter shard 1" in line]
+    assert len(logged) == 1 and "part-00001.parquet is" in logged[0] and "its marker says" in logged[0], logged
+    assert "Traceback" not in done.stdout + done.stderr
+    assert task_runs_by_stage(prefect_api) == Counter({"filter": 1, "publish": 1})
+    assert data_bytes(build_folder / "dataset") == tiny_build["bytes"]
 
 
 def test_kill_during_build_then_resume_is_byte_identical(tiny_build, tmp_path, prefect_api):
@@ -125,8 +193,18 @@ def test_kill_during_build_then_resume_is_byte_identical(tiny_build, tmp_path, p
         assert process.poll() is None, "build ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.2)
+    # A second build of the spec and folder is refused at once, naming the running one.
+    started = time.monotonic()
+    second = music("build", str(spec))
+    assert second.returncode == 3 and time.monotonic() - started < 30, second.stdout[-2000:] + second.stderr[-2000:]
+    refusal = second.stderr.strip().splitlines()
+    assert len(refusal) == 1 and "being built by another run" in refusal[0] and f"pid {process.pid}" in refusal[0], refusal
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    from data_specs.build import load_build_spec
+    from tasks.engine import lock_holder
+
+    assert lock_holder(load_build_spec(spec)) is None  # the kernel freed the dead holder's lock
     assert not (tmp_path / "out" / "tiny" / "dataset").exists()
     resumed = build(spec, tmp_path, "resumed")
     assert resumed["stages"][0]["shards_skipped"] == 2  # compose was done before the kill
@@ -138,14 +216,16 @@ def test_kill_during_build_then_resume_is_byte_identical(tiny_build, tmp_path, p
 def test_each_stage_holds_only_its_own_models(tiny_build):
     """Residency is stage-scoped: while a model stage runs only its roles are loaded; a model the
     next model stage shares (clip: layout, then filter) stays and is not loaded again."""
-    from data_specs.build import STAGE_ROLES
+    from tasks.stages import STAGES
 
     result, stages = tiny_build["result"], tiny_build["dir"] / "stages"
-    for stage, roles in STAGE_ROLES.items():
-        if not roles or stage == "publish":
-            continue
-        markers = [json.loads(p.read_text()) for p in stages.glob(f"{stage}/*/*.done.json")]
-        assert markers and all(m["resident"] == sorted(roles) for m in markers), (stage, [m["resident"] for m in markers])
+    for stage in STAGES:
+        markers = [json.loads(p.read_text()) for p in stages.glob(f"{stage.name}/*/*.done.json")]
+        assert markers and (not stage.roles or all(m["resident"] == sorted(stage.roles) for m in markers)), \
+            (stage.name, [m["resident"] for m in markers])
+        # and, through the flow too, every spec field it read is one it declares
+        assert all(m["reads"] and all(any(r == d or r.startswith(d + ".") for d in stage.reads) for r in m["reads"])
+                   for m in markers), (stage.name, [m["reads"] for m in markers])
     loads = {t["stage"]: t["model_loads"] for t in result["stages"]}
     # One load per model a stage declares, except filter's clip (kept from layout); the vlm of
     # verify is freed during rerender (the editor's stage) and loaded again for annotate.

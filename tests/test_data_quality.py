@@ -324,7 +324,7 @@ def test_decimation_drops_the_smallest_box_and_lays_out_the_rest_afresh(tmp_path
     cot = {"subjects": [{"id": i, "role": f"<s{i}> stands", "placement": "here"} for i in (1, 2, 3)], "relations": ["<s1> near <s3>"]}
     row = {"id": "q-0", "index": 0, "source_id": "q-0", "num_subjects": 3, "width": size, "height": size, "subjects": subjects,
            "instruction": "Show <s1>, <s2> and <s3>.", "cot": json.dumps(cot), "layout": layout}
-    steps = decimate.process([row], StageContext(spec, "decimate", 0))
+    steps = decimate.process([row], StageContext(spec, decimate.STAGE, 0))
     assert [s["num_subjects"] for s in steps] == [3, 2]
     after = steps[1]
     assert [s["category"] for s in after["subjects"]] == ["thing1", "thing3"]  # the smallest box went, not the smallest mask

@@ -75,6 +75,22 @@ def test_same_spec_gives_identical_manifests_and_cases(builds):
     assert "identical" in run_ok("msic", "diff", str(msic["a"]), str(msic["b"]))
 
 
+def test_an_unchanged_rerun_runs_no_task_and_no_contamination_scan(builds, prefect_api):
+    from test_build import task_runs_by_stage
+
+    tmp, _, msic = builds
+    manifest = msic["a"] / "manifest.json"
+    written = manifest.stat().st_mtime_ns
+    run_ok("msic", "build", str(tmp / "a-msic_tiny.yaml"), "--json", str(tmp / "again.json"))
+    again = json.loads((tmp / "again.json").read_text())
+    assert again["task_runs"] == 0 and again["skipped"] and sum(task_runs_by_stage(prefect_api).values()) == 0
+    assert manifest.stat().st_mtime_ns == written  # nothing was published again, no overlap scanned
+    assert again["contamination"]["exact"] == 0 and again["counts"] == json.loads(manifest.read_text())["counts"]
+    # Its near-duplicate drops are kept with their reason, as every stage's are (tiny: a threshold above 1, none).
+    dropped = list((msic["a"].parent / "stages" / "publish-msic").glob("*/dropped.parquet"))
+    assert dropped and pq.read_schema(dropped[0]).names == ["id", "index", "stage", "reason", "detail"]
+
+
 def test_changed_seed_shows_in_diff(builds):
     _, _, msic = builds
     out = run_ok("msic", "diff", str(msic["a"]), str(msic["c"]))
@@ -194,8 +210,10 @@ def test_near_duplicate_sources_are_removed_before_cases_are_selected(builds, tm
     (filter_dir,) = (msic["a"].parent / "stages" / "filter").iterdir()
     rows = [r for p in sorted(filter_dir.glob("part-*[0-9].parquet")) for r in pq.read_table(p).to_pylist()]
     sources = {r["source_id"] for r in rows}
-    result = publish_msic(spec, filter_dir, num_shards(spec))
+    result = publish_msic(spec, filter_dir, num_shards(spec), "near-duplicates")
     assert result["near_duplicate_sources"] == len(sources) - 1 > 0
+    dropped = pq.read_table(tmp_path / spec.name / "stages" / "publish-msic" / "near-duplicates" / "dropped.parquet").to_pylist()
+    assert {d["reason"] for d in dropped} == {"near_duplicate"} and len(dropped) == sum(r["source_id"] != min(sources) for r in rows)
     cases = pq.read_table(tmp_path / spec.name / "msic" / "data" / "test-00000-of-00001.parquet").to_pylist()
     assert len({c["source_id"] for c in cases}) == 1
     assert f"(CLIP >= -1.0): {len(sources) - 1}" in (tmp_path / spec.name / "msic" / "README.md").read_text()

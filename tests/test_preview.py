@@ -68,7 +68,7 @@ def published(chain, tmp_path_factory):
     filter_dir = stages["filter"][3]
     stats = publish(spec, filter_dir, 1, summaries, "preview-test")
     bench = spec.model_copy(update={"name": "bench", "msic": MsicParams(strata=[2, 3], cases_per_stratum=2)})
-    result = publish_msic(bench, filter_dir, 1)
+    result = publish_msic(bench, filter_dir, 1, "preview-test")
     return root / spec.name / "dataset", stats, result
 
 

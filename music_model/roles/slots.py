@@ -27,7 +27,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-SLOT_DIR_ENV = "MUSIC_SLOT_DIR"
+from music_model import settings
+
 POLL_SECONDS = 0.05
 REPORT_EVERY_SECONDS = 60.0
 
@@ -35,7 +36,7 @@ _current = threading.local()
 
 
 def slot_dir() -> Path:
-    return Path(os.environ.get(SLOT_DIR_ENV) or Path(tempfile.gettempdir()) / "music-slots")
+    return Path(settings.SLOT_DIR.get() or Path(tempfile.gettempdir()) / "music-slots")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,14 @@ def read_holder(lock_path: Path) -> dict:
         return json.loads(_holder_file(lock_path).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
+
+
+def write_holder(lock_path: Path, record: dict) -> None:
+    """Say who holds `lock_path` (atomically: a reader never sees half a record)."""
+    path = _holder_file(lock_path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
 
 
 def describe_holders(locks: list[Path], now: float) -> str:
@@ -119,10 +128,7 @@ def device_slot(slots: list[Slot], holder: dict | None = None, log: Callable[[st
         time.sleep(POLL_SECONDS)
     slot, lock = taken
     record = {**(holder or {}), "host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "device": slot.device}
-    holder_path = _holder_file(Path(lock.lock_file))
-    tmp = holder_path.with_name(f".{holder_path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, holder_path)
+    write_holder(Path(lock.lock_file), record)
     previous = current_device()
     _current.device = slot.device
     try:

@@ -1,4 +1,4 @@
-"""The training-set stages in order, and their Prefect task wrappers (one task run per stage and
+"""The Prefect task wrappers of the stages (`tasks.stages`) (one task run per stage and
 shard; results are small dicts, never images).
 
 Where a shard's models run:
@@ -16,20 +16,15 @@ from pathlib import Path
 
 from prefect import get_run_logger, runtime, task
 
-from data_specs.build import STAGE_ROLES, BuildSpec
+from data_specs.build import BuildSpec
 from music_model.roles import release_roles
 from music_model.roles.slots import Slot, device_slot, machine_slots
-from tasks import annotate, compose, decimate, detect, layout, publish, rerender, synthesize, verify
-from tasks import filter as filter_stage
-from tasks.engine import Stage, run_shard
+from tasks import publish
+from tasks.engine import run_shard
+from tasks.stages import BY_NAME, STAGES
 
-STAGES: list[Stage] = [
-    compose.STAGE, synthesize.STAGE, detect.STAGE, verify.STAGE, rerender.STAGE,
-    annotate.STAGE, layout.STAGE, decimate.STAGE, filter_stage.STAGE,
-]
-BY_NAME = {stage.name: stage for stage in STAGES}
 # Stages that run models take a device slot (locally) or run on actors (Ray); decimate runs none.
-MODEL_STAGES = {stage.name for stage in STAGES if STAGE_ROLES[stage.name]}
+MODEL_STAGES = {stage.name for stage in STAGES if stage.roles}
 RAY_NAMESPACE = "music"
 
 
@@ -50,7 +45,7 @@ def enter_stage(spec: BuildSpec, stage_name: str) -> None:
     """Free every model this stage does not use. A stage without models frees nothing: the next
     model stage may share them (layout and filter both use clip, decimate runs between them)."""
     if stage_name in MODEL_STAGES:
-        release_roles(keep=[spec.roles[name] for name in STAGE_ROLES[stage_name]])
+        release_roles(keep=[spec.roles[name] for name in BY_NAME[stage_name].roles])
 
 
 def run_stage_shard(stage_name: str, spec_json: str, shard: int, fingerprint: str, upstream_dir: str | None) -> dict:
