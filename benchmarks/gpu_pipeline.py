@@ -127,7 +127,7 @@ def recording(calls: list[Call]):
         start = time.perf_counter()
         result = timed(self, method, *args, **kwargs)
         arguments = inspect.signature(method).bind(*args, **kwargs).arguments
-        calls.append(Call(self.stage, method.__self__, method.__name__, dict(arguments), result, time.perf_counter() - start))
+        calls.append(Call(self.stage.name, method.__self__, method.__name__, dict(arguments), result, time.perf_counter() - start))
         return result
 
     StageContext.timed = recorded

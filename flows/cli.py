@@ -139,6 +139,37 @@ def build(
                f"({result['task_runs']} task runs, {result['model_loads']} model loads)")
 
 
+@app.command("clean")
+def clean(
+    spec: Path = typer.Argument(..., help="The build spec whose output folder to clean."),
+    yes: bool = typer.Option(False, "--yes", help="Remove what is listed (default: only list it)."),
+) -> None:
+    """List (with --yes remove) what the spec's build folder holds that the spec no longer uses: stage
+    outputs of other fingerprints and stored images no current shard names, with the bytes they free."""
+    from data_specs.build import load_build_spec
+    from data_specs.roles import SpecError
+    from tasks.clean import find_unused, remove
+    from tasks.engine import build_dir, build_lock, lock_holder
+
+    try:
+        parsed = load_build_spec(spec)
+    except (SpecError, FileNotFoundError, ValueError) as error:
+        fail(error)
+    root = build_dir(parsed)
+    if holder := lock_holder(parsed):
+        fail(f"{root} is being built by another run ({holder}): clean it when that run ends", BUSY_EXIT)
+    unused = find_unused(parsed)
+    for folder, size in unused.stale:
+        typer.echo(f"  {folder.relative_to(root)}  {size:,} bytes")
+    typer.echo(f"  images no current shard names: {len(unused.images)}, {sum(s for _, s in unused.images):,} bytes")
+    if yes:
+        with build_lock(parsed, {"what": "music clean"}):
+            remove(unused)
+    verb = "freed" if yes else "would free"
+    typer.echo(f"{root}: {verb} {unused.bytes:,} bytes ({unused.bytes / 2**20:.1f} MiB)"
+               + (" (run with --yes to remove)" if unused.bytes and not yes else ""))
+
+
 @server_app.callback()
 def server(ctx: typer.Context) -> None:
     """Start (or reuse) the local Prefect server, print its UI address and save a `music` Prefect profile naming it."""

@@ -14,7 +14,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
-from music_model.media.images import draw_labelled_boxes, from_struct, pixel_box
+from music_model.media.images import draw_labelled_boxes, pixel_box
 from music_model.roles.structured import bounded_text
 from music_model.subjects.decimate import mentioned, token
 from tasks.engine import Stage, StageContext
@@ -84,7 +84,7 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     schema = annotation_schema(params.max_instruction_chars, params.max_relations)
     images, prompts = [], []
     for row in rows:
-        image = from_struct(row["image"])
+        image = ctx.image(row["image"])
         labels = [token(s["id"]) for s in row["subjects"]]
         images.append([draw_labelled_boxes(image, [s["box"] for s in row["subjects"]], labels)])
         prompts.append(prompt(row["subjects"], *image.size))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from music_model.media.images import from_struct
 from music_model.subjects.decimate import box_area
 from tasks.engine import Stage, StageContext
 
@@ -12,7 +11,7 @@ from tasks.engine import Stage, StageContext
 def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     params = ctx.spec.detect
     detector = ctx.role("detector")
-    images = [from_struct(r["image"]) for r in rows]
+    images = [ctx.image(r["image"]) for r in rows]
     detections = ctx.timed(
         detector.detect, images, [r["categories"] for r in rows],
         box_threshold=params.box_threshold, text_threshold=params.text_threshold,

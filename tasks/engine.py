@@ -11,8 +11,9 @@ name, version, the values of the fields it reads, its roles' content settings (b
 dtype, options: what decides the output) and the upstream fingerprint, so changing a field reruns
 the stages that read it and what follows, and nothing else. Execution settings (batch size, device,
 offload: how fast, not what) are recorded in each marker instead. The marker records each part's
-bytes, rows and sha256: a shard is reused only when its parts still prove themselves (size and
-Parquet footer; the hashes too with `verify`), and is redone otherwise.
+bytes, rows and sha256 and the size of each image the shard stored: a shard is reused only when
+they still prove themselves (sizes and Parquet footers; the hashes too with `verify`), and is
+redone otherwise. Images live once per build in `ImageStore`; rows name them by path.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -38,6 +40,7 @@ from data_specs.roles import RoleSpec
 from data_specs.schemas import DROPPED, WORK
 from music_model.roles import (load_role, peak_memory_bytes, reset_peak_memory, resident_roles, thread_load_seconds,
                                thread_model_loads, thread_oom_retries)
+from music_model.media.images import from_struct, to_struct
 from music_model.roles.base import resolve_device
 from music_model.roles.slots import current_device, describe_holders, write_holder
 
@@ -63,7 +66,8 @@ def sample_id(spec: BuildSpec, index: int) -> str:
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder, then rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Per process and thread: two shards may store one image (the same bytes) at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -181,6 +185,58 @@ def role_execution(role: RoleSpec) -> dict:
     return role.model_dump(mode="json", include=set(EXECUTION_FIELDS))
 
 
+class ImageStore:
+    """A build's images, each stored once, by content: `images/<aa>/<sha256>.png` under the build
+    folder. A stage row holds `{"bytes": None, "path": "images/aa/<sha256>.png"}` (the path form of
+    the Hugging Face image layout, relative to the build folder), so a target and every decimated
+    sibling of it, in every stage's shard, share one file; a row with its bytes inline is read as is.
+    A shard's paths are relative to the build folder it lives in (`of_stage_dir`)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    @classmethod
+    def of_stage_dir(cls, folder: Path) -> "ImageStore":
+        """The store of the build whose `stages/<stage>/<fingerprint>` folder is `folder`."""
+        return cls(folder.parents[2])
+
+    def put(self, image) -> dict:
+        """Store `image` (PNG, as `to_struct` encodes it); its struct, and its path and size in `written`."""
+        data = to_struct(image)["bytes"]
+        digest = hashlib.sha256(data).hexdigest()
+        relative = f"images/{digest[:2]}/{digest}.png"
+        path = self.root / relative
+        if not path.exists() or path.stat().st_size != len(data):
+            write_atomic(path, lambda tmp: tmp.write_bytes(data))
+        return {"bytes": None, "path": relative}
+
+    def read_bytes(self, struct: dict) -> bytes:
+        return struct["bytes"] if struct.get("bytes") is not None else (self.root / struct["path"]).read_bytes()
+
+    def open(self, struct: dict):
+        return from_struct({"bytes": self.read_bytes(struct)})
+
+    def embedded(self, struct: dict) -> dict:
+        """The struct with its bytes inline, as published files hold it."""
+        return {"bytes": self.read_bytes(struct), "path": None}
+
+
+def image_store(spec: BuildSpec) -> ImageStore:
+    return ImageStore(build_dir(spec))
+
+
+def image_problem(root: Path, relative: str, size: int, verify: bool) -> str | None:
+    """Why a stored image is not what its shard's marker recorded (the name is its sha256), or None."""
+    path = root / relative
+    if not path.exists():
+        return f"{relative} is missing"
+    if path.stat().st_size != size:
+        return f"{relative} is {path.stat().st_size} bytes, its marker says {size}"
+    if verify and file_sha256(path) != path.stem:
+        return f"{relative} has another sha256 than its name"
+    return None
+
+
 @dataclass
 class Drop:
     row: dict
@@ -198,10 +254,22 @@ class StageContext:
     model_seconds: float = 0.0
     drops: list[Drop] = field(default_factory=list)
     reads_seen: set[str] = field(default_factory=set)
+    images_written: dict[str, int] = field(default_factory=dict)
+    source_root: Path | None = None  # the build folder the input rows' image paths are relative to
 
     @property
     def spec(self) -> SpecView:
         return SpecView(self.build, self.stage, self.reads_seen)
+
+    def image(self, struct: dict):
+        """The image a row's struct names (stored or inline)."""
+        return ImageStore(self.source_root or build_dir(self.build)).open(struct)
+
+    def store_image(self, image) -> dict:
+        """Store an image this stage made, once by content; the struct its rows hold."""
+        struct = image_store(self.build).put(image)
+        self.images_written[struct["path"]] = (build_dir(self.build) / struct["path"]).stat().st_size
+        return struct
 
     def role(self, name: str):
         if name not in self.stage.roles:
@@ -293,6 +361,8 @@ def check_shard(spec: BuildSpec, stage: str, fp: str, shard: int, verify: bool =
     problems = ([f"{name} {problem}" for name, record in outputs.items()
                  if (problem := part_problem(marker.parent / name, record, verify))]
                 if outputs else [f"{marker.name} is unreadable or records no outputs"])
+    problems += [problem for relative, size in done.get("images", {}).items()
+                 if (problem := image_problem(build_dir(spec), relative, size, verify))]
     if problems:
         marker.unlink(missing_ok=True)
         return None, f"redoing {stage} shard {shard} of {marker.parent}: {'; '.join(problems)}"
@@ -338,7 +408,7 @@ def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: 
         rows = [{"index": i} for i in range(shard * spec.shard_size, min((shard + 1) * spec.shard_size, spec.num_source_images))]
     else:
         rows = read_rows(upstream_dir / f"{shard_name(shard)}.parquet")
-    context = StageContext(spec, stage, shard)
+    context = StageContext(spec, stage, shard, source_root=ImageStore.of_stage_dir(upstream_dir).root if upstream_dir else None)
     kept = stage.process(rows, context)
     check_columns(stage, rows, kept)
     dropped = [
@@ -367,12 +437,16 @@ def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: 
         "execution": {name: role_execution(spec.roles[name]) for name in stage.roles},
         "reads": sorted(context.reads_seen),
         "outputs": {name: part_record(out_dir / name) for name in parts},
+        "images": dict(sorted(context.images_written.items())),
     }
     write_atomic(marker, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
     return {**summary, "skipped": False}
 
 
 # --- one build per output folder ------------------------------------------------------------------
+
+
+LOCK_GRACE_SECONDS = 1.0
 
 
 class BuildLocked(RuntimeError):
@@ -407,7 +481,8 @@ def build_lock(spec: BuildSpec, holder: dict, wait: bool = False, log: Callable[
     naming the holder at once. `holder` (what, flow_run) is written beside the lock for the others."""
     lock = _build_lock(spec)
     try:
-        lock.acquire(blocking=False)
+        # A second's grace: `lock_holder` (a `music build` checking first) holds it for microseconds.
+        lock.acquire(timeout=LOCK_GRACE_SECONDS, poll_interval=0.05)
     except Timeout:
         who = describe_holders([lock_path(spec)], time.time())
         if not wait:

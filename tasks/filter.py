@@ -2,7 +2,6 @@
 publish uses to drop near-duplicate sources across the whole build."""
 from __future__ import annotations
 
-from music_model.media.images import from_struct
 from tasks.engine import Stage, StageContext
 
 
@@ -17,7 +16,7 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     # Decimated siblings share their target: embed each source image once.
     sources = {row["source_id"]: row for row in kept}
     if sources:
-        embeddings = ctx.timed(ctx.role("clip").embed_images, [from_struct(r["image"]) for r in sources.values()])
+        embeddings = ctx.timed(ctx.role("clip").embed_images, [ctx.image(r["image"]) for r in sources.values()])
         by_source = dict(zip(sources, embeddings))
         kept = [{**row, "clip_embedding": by_source[row["source_id"]].tolist()} for row in kept]
     return kept

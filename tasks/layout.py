@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from music_model.media import masks as rle
-from music_model.media.images import crop, from_struct, masked
+from music_model.media.images import crop, masked
 from music_model.subjects.layout import box_to_mask, layout_grid, layout_to_text
 from tasks.engine import Stage, StageContext
 
@@ -14,7 +14,7 @@ from tasks.engine import Stage, StageContext
 def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     params = ctx.spec.layout
     segmenter, clip = ctx.role("segmenter"), ctx.role("clip")
-    images = [from_struct(r["image"]) for r in rows]
+    images = [ctx.image(r["image"]) for r in rows]
     boxes = [np.array([s["box"] for s in r["subjects"]], np.float32).reshape(-1, 4) for r in rows]
     all_masks = ctx.timed(segmenter.segment, images, boxes)
     mask_views, box_views, texts = [], [], []

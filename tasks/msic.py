@@ -36,7 +36,7 @@ from music_model.media.images import from_struct
 from music_model.roles import load_role
 from music_model.subjects.decimate import SUBJECT_TOKEN
 from music_model.subjects.preview import from_case, render_sheet
-from tasks.engine import build_dir, read_rows, role_content, stable_int, stage_dir, write_atomic, write_table
+from tasks.engine import ImageStore, build_dir, read_rows, role_content, stable_int, stage_dir, write_atomic, write_table
 from tasks.publish import (code_version, near_duplicate_sources, preview_ids, preview_markdown, read_filter_index, stream_rows,
                            write_sheets)
 
@@ -368,7 +368,7 @@ def publish_msic(spec: BuildSpec, filter_dir: Path, shards: int, fingerprint: st
                     key=lambda i: (index.shard_of[i], i))
     clip = load_role(spec.roles["clip"])
     count, limit = clip_text_budget(clip)
-    cases = sorted((to_case(spec, r, lambda text: fit_clip_context(text, count, limit)) for r in stream_rows(filter_dir, index, chosen)),
+    cases = sorted((to_case(spec, r, lambda text: fit_clip_context(text, count, limit)) for r in stream_rows(filter_dir, index, chosen, ImageStore.of_stage_dir(filter_dir))),
                    key=lambda c: c["case_id"])
     check = None
     if spec.msic.training_dataset:

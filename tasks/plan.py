@@ -198,6 +198,35 @@ def funnel(spec: BuildSpec, rates: Rates = NO_DROPS) -> dict[str, Any]:
             "sources_for_cap": math.ceil(cap / per_source) if cap and per_source else None}
 
 
+# --- disk ---
+
+# Bytes a pixel of a lossless PNG of a photograph (an assumption; about 1.5-2.5 for FLUX-like photos,
+# 3 for the tiny zoo's noise): what the image store and the published set hold per image.
+PNG_BYTES_PER_PIXEL = 2.0
+ROW_BYTES = 2048  # a stage row without images in zstd Parquet: texts, boxes, RLE masks, layout, image paths
+EMBEDDING_BYTES = 4 * 768  # filter's CLIP embedding per row (ViT-L/14: 768 float32)
+
+
+def disk(spec: BuildSpec, expected: dict[str, Any]) -> dict[str, Any]:
+    """Bytes each stage leaves in the build folder (its rows, the images it stores once) and the
+    bytes of the published set (every sample embeds its target and references), for `expected`."""
+    target = spec.synthesize.width * spec.synthesize.height * PNG_BYTES_PER_PIXEL
+    reference = spec.rerender.size**2 * PNG_BYTES_PER_PIXEL  # the longer side squared: a square crop's, an upper bound
+    stages = expected["stages"]
+    subjects_out = {s["stage"]: (stages[i + 1]["subjects_in"] if i + 1 < len(stages) else s["subjects_in"]) for i, s in enumerate(stages)}
+    rows = []
+    for s in stages:
+        images = {"synthesize": s["rows_out"] * target, "rerender": subjects_out[s["stage"]] * reference}.get(s["stage"], 0.0)
+        table = s["rows_out"] * (ROW_BYTES + (EMBEDDING_BYTES if s["stage"] == "filter" else 0))
+        rows.append({"stage": s["stage"], "images_bytes": images, "rows_bytes": table})
+    last = stages[-1]
+    per_sample_subjects = last["subjects_in"] / last["rows_in"] if last["rows_in"] else 0.0
+    published = expected["published"] * (target + per_sample_subjects * reference + ROW_BYTES)
+    intermediate = sum(r["images_bytes"] + r["rows_bytes"] for r in rows)
+    return {"stages": rows, "intermediate_bytes": intermediate, "published_bytes": published,
+            "ratio": intermediate / published if published else None, "png_bytes_per_pixel": PNG_BYTES_PER_PIXEL}
+
+
 # --- a benchmark result ---
 
 def read_bench(path: str | Path) -> dict[str, Any]:
@@ -281,15 +310,16 @@ def plan(spec: BuildSpec, bench: dict[str, Any] | None = None) -> dict[str, Any]
         "task_runs": len(BUILD_STAGES) * shards + 1,  # every stage x shard, then publish
         "models": stage_models(spec), "upper_bound": funnel(spec),
     }
+    result["disk"] = disk(spec, result["upper_bound"])
     if bench is not None:
         expected = funnel(spec, measured_rates(bench))
         hours = project_hours(expected, bench)
         result |= {"device": bench.get("device", "?"), "expected": expected, "hours": hours,
-                   "gpu_hours": sum(row["hours"] for row in hours)}
+                   "gpu_hours": sum(row["hours"] for row in hours), "disk": disk(spec, expected)}
     return result
 
 
-def _gib(value: int | None) -> str:
+def _gib(value: float | None) -> str:
     if value is None:
         return "?"
     return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.1f} MiB"
@@ -330,6 +360,14 @@ def format_plan(result: dict[str, Any]) -> str:
             lines.append(f"  {row['stage']:10s} {row['units']:10.0f} {row['unit']:9s} {rate:>16s}  load {row['load_seconds']:6.1f} s"
                          f"  {row['hours']:8.2f} h")
         lines.append(f"  total {result['gpu_hours']:.1f} GPU-hours")
+    space = result["disk"]
+    lines += ["", f"disk ({'measured keep rates' if 'expected' in result else 'upper bound'}; PNG at "
+                  f"{space['png_bytes_per_pixel']} bytes a pixel, an assumption; each image stored once):"]
+    for row in space["stages"]:
+        lines.append(f"  {row['stage']:10s} images {_gib(row['images_bytes']):>10s}  rows {_gib(row['rows_bytes']):>10s}")
+    ratio = f" ({space['ratio']:.2f}x the published)" if space["ratio"] else ""
+    lines += [f"  build folder {_gib(space['intermediate_bytes'])}{ratio}; published set {_gib(space['published_bytes'])}; "
+              f"free disk for both: {_gib(space['intermediate_bytes'] + space['published_bytes'])}"]
     return "\n".join(lines)
 
 

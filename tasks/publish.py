@@ -37,7 +37,7 @@ from PIL import Image
 from data_specs.build import BuildSpec, canonical_json
 from data_specs.schemas import DROPPED, PUBLISHED, PUBLISHED_FEATURES
 from music_model.subjects.preview import from_published, render_sheet
-from tasks.engine import build_dir, read_rows, shard_name, stable_int, stage_dir, write_atomic, write_table
+from tasks.engine import ImageStore, build_dir, read_rows, shard_name, stable_int, stage_dir, write_atomic, write_table
 
 PREVIEW_SAMPLES = 6
 
@@ -98,15 +98,18 @@ def read_filter_index(filter_dir: Path, shards: int) -> FilterIndex:
     return FilterIndex(rows, shard_of, embeddings)
 
 
-def stream_rows(filter_dir: Path, index: FilterIndex, ids: list[str]) -> Iterator[dict]:
-    """The full rows of `ids`, in that order, read a shard at a time (ids in shard order read each
-    shard once; memory: one shard)."""
+def stream_rows(filter_dir: Path, index: FilterIndex, ids: list[str], store: ImageStore) -> Iterator[dict]:
+    """The full rows of `ids`, in that order, with their images read from the build's store and
+    inline; read a shard at a time (ids in shard order read each shard once; memory: one shard's
+    rows and the images of one row)."""
     loaded, rows = None, {}
     for sample_id in ids:
         if index.shard_of[sample_id] != loaded:
             loaded = index.shard_of[sample_id]
             rows = {r["id"]: r for r in read_rows(filter_dir / f"{shard_name(loaded)}.parquet")}
-        yield rows[sample_id]
+        row = rows[sample_id]
+        yield {**row, "image": store.embedded(row["image"]),
+               "subjects": [{**s, "reference": store.embedded(s["reference"])} for s in row["subjects"]]}
 
 
 def near_duplicate_sources(embeddings: dict[str, np.ndarray], threshold: float) -> dict[str, tuple[str, float]]:
@@ -297,7 +300,7 @@ def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict
     per_file, files = spec.publish.rows_per_file, max(1, -(-len(rows) // spec.publish.rows_per_file))
     previews = set(preview_ids(spec.seed, [r["id"] for r in rows]))
     preview_rows = {}
-    stream = stream_rows(filter_dir, index, [r["id"] for r in rows])
+    stream = stream_rows(filter_dir, index, [r["id"] for r in rows], ImageStore.of_stage_dir(filter_dir))
     for number in range(files):
         ids = [r["id"] for r in rows[number * per_file:(number + 1) * per_file]]
         path = staging / "data" / f"train-{number:05d}-of-{files:05d}.parquet"

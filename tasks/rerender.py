@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from music_model.media.images import crop, from_struct, letterbox, square, to_struct
+from music_model.media.images import crop, letterbox, square
 from tasks.engine import Stage, StageContext
 from tasks.verify import renumber
 
@@ -44,7 +44,7 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     editor, dino = ctx.role("editor"), ctx.role("dino")
     jobs = []  # (row number, subject, crop, letterboxed editor input, the crop's box in it)
     for number, row in enumerate(rows):
-        image = from_struct(row["image"])
+        image = ctx.image(row["image"])
         for subject in row["subjects"]:
             cut = crop(image, subject["box"], params.crop_margin)
             size = render_resolution(cut.width / cut.height, params.render_size, editor.size_multiple)
@@ -71,7 +71,7 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
         elif score < params.min_dino:
             rejected[number].append(f"{subject['category']}: identity lost ({score:.3f})")
         else:
-            kept_subjects[number].append({**subject, "reference": to_struct(reference), "reference_dino": float(score)})
+            kept_subjects[number].append({**subject, "reference": ctx.store_image(reference), "reference_dino": float(score)})
     kept = []
     for number, row in enumerate(rows):
         subjects = renumber(kept_subjects[number])

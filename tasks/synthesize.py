@@ -1,7 +1,6 @@
 """synthesize: the text-to-image target of each caption, seeded per sample."""
 from __future__ import annotations
 
-from music_model.media.images import to_struct
 from tasks.engine import Stage, StageContext
 
 
@@ -12,7 +11,7 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
         t2i.generate, [r["caption"] for r in rows], [ctx.seed(r["index"]) for r in rows], width=params.width, height=params.height
     )
     return [
-        {**row, "image": to_struct(image), "width": image.width, "height": image.height}
+        {**row, "image": ctx.store_image(image), "width": image.width, "height": image.height}
         for row, image in zip(rows, images)
     ]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from music_model.media.images import crop, from_struct
+from music_model.media.images import crop
 from music_model.roles.structured import bounded_text
 from tasks.engine import Stage, StageContext
 
@@ -25,7 +25,7 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     vlm = ctx.role("vlm")
     jobs = []  # (row number, subject) for every subject of the shard, judged in one batched call
     for number, row in enumerate(rows):
-        image = from_struct(row["image"])
+        image = ctx.image(row["image"])
         jobs.extend((number, subject, crop(image, subject["box"], params.crop_margin)) for subject in row["subjects"])
     results = ctx.timed(
         vlm.generate, [[c] for _, _, c in jobs], [PROMPT.format(category=s["category"]) for _, s, _ in jobs], Verdict,

@@ -130,7 +130,21 @@ def test_a_changed_read_reruns_its_readers_and_the_resumed_build_equals_a_fresh_
     data = yaml.safe_load(spec.read_text())
     data["verify"]["min_subjects"] = 2
     spec.write_text(yaml.safe_dump(data))
-    resumed = build(spec, tmp_path, "resumed")
+    # The resume runs while a second build of the same folder is tried: refused, it changes nothing.
+    first = subprocess.Popen([sys.executable, "-m", "flows.cli", "build", str(spec), "--json", str(tmp_path / "resumed.json")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from data_specs.build import load_build_spec
+    from tasks.engine import lock_holder
+
+    deadline = time.monotonic() + 120
+    while not (holder := lock_holder(load_build_spec(spec))):
+        assert first.poll() is None and time.monotonic() < deadline, "the resume ended before it could be raced"
+        time.sleep(0.1)
+    assert f"pid {first.pid}" in holder
+    second = music("build", str(spec))
+    assert second.returncode == 3 and f"pid {first.pid}" in second.stderr, second.stdout[-2000:] + second.stderr[-2000:]
+    assert first.wait(timeout=1200) == 0
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
     assert task_runs_by_stage(prefect_api) == Counter({s: 2 for s in ("detect", "verify", "rerender", "annotate", "layout",
                                                                       "decimate", "filter")} | {"publish": 1})
     assert strict["samples"] < resumed["samples"] == tiny_build["result"]["samples"]
@@ -180,6 +194,32 @@ def test_a_damaged_part_is_redone_on_resume_not_published(tiny_build, tmp_path, 
     assert "Traceback" not in done.stdout + done.stderr
     assert task_runs_by_stage(prefect_api) == Counter({"filter": 1, "publish": 1})
     assert data_bytes(build_folder / "dataset") == tiny_build["bytes"]
+
+
+def test_clean_frees_what_a_parameter_change_left_and_the_build_still_resumes(tiny_build, tmp_path, prefect_api):
+    """A wider rerender crop reruns rerender and what follows: `music clean` lists the old
+    fingerprints and the references no current shard names, removes them with --yes, and the build
+    then resumes with no task run to the same bytes."""
+    spec = copy_build(tiny_build, tmp_path)
+    root = tmp_path / "out" / "tiny"
+    assert "would free 0 bytes" in music("clean", str(spec)).stdout
+    data = yaml.safe_load(spec.read_text())
+    data["rerender"] = {**data.get("rerender", {}), "crop_margin": 0.2}
+    spec.write_text(yaml.safe_dump(data))
+    changed = build(spec, tmp_path, "changed")
+    listed = music("clean", str(spec))
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    stale = [line.split()[0] for line in listed.stdout.splitlines() if line.startswith("  stages/")]
+    assert sorted(p.split("/")[1] for p in stale) == ["annotate", "decimate", "filter", "layout", "publish", "rerender"]
+    unreferenced = int(listed.stdout.split("images no current shard names: ")[1].split(",")[0])
+    assert unreferenced > 0  # the old references
+    total = int(listed.stdout.split("would free ")[1].split(" bytes")[0].replace(",", ""))
+    done = music("clean", str(spec), "--yes")
+    assert done.returncode == 0 and f"freed {total:,} bytes" in done.stdout, done.stdout + done.stderr
+    assert not any((root / p).exists() for p in stale)
+    again = build(spec, tmp_path, "again")
+    assert again["task_runs"] == 0 and data_bytes(Path(again["dataset"])) == data_bytes(Path(changed["dataset"]))
+    assert "would free 0 bytes" in music("clean", str(spec)).stdout
 
 
 def test_kill_during_build_then_resume_is_byte_identical(tiny_build, tmp_path, prefect_api):

@@ -110,7 +110,7 @@ def test_a_part_that_no_longer_proves_itself_is_redone(chain, tmp_path):
     assert not (copy / "part-00000.done.json").exists()
 
     flipped = bytearray(data)
-    flipped[len(data) // 2] ^= 0xFF
+    flipped[64] ^= 0xFF  # in the first column chunk, far from the footer
     part.write_bytes(bytes(flipped))
     shutil.copy(folder / "part-00000.done.json", copy / "part-00000.done.json")
     assert check_shard(spec, "annotate", summary["fingerprint"], 0)[0] is not None  # size and footer still hold
@@ -120,6 +120,30 @@ def test_a_part_that_no_longer_proves_itself_is_redone(chain, tmp_path):
     annotate = next(s for s in STAGES if s.name == "annotate")
     redone = run_shard(annotate, spec, 0, summary["fingerprint"], out["rerender"][3])
     assert not redone["skipped"] and part.read_bytes() == data
+
+
+def test_each_image_is_stored_once_and_a_damaged_one_redoes_its_shard(chain, tmp_path):
+    """Targets and references live once in the build's image store, by content; stage rows, decimated
+    siblings included, name them; a stored image cut short fails the marker of the shard that made it."""
+    import shutil
+
+    spec, out = chain
+    images = {s["reference"]["path"] for r in out["filter"][1] for s in r["subjects"]} | {r["image"]["path"] for r in out["filter"][1]}
+    assert all(path.startswith("images/") for path in images)
+    assert all(r["image"]["bytes"] is None for stage in ("synthesize", "filter") for r in out[stage][1])
+    # decimated siblings share their target's file: one target per source
+    assert len({r["image"]["path"] for r in out["filter"][1]}) == len({r["source_id"] for r in out["filter"][1]})
+    summary, _, _, folder = out["synthesize"]
+    assert set(summary["images"]) == {r["image"]["path"] for r in out["synthesize"][1]}
+
+    spec = _shard_spec(spec, tmp_path)
+    shutil.copytree(folder, stage_dir(spec, "synthesize", summary["fingerprint"]))
+    shutil.copytree(folder.parents[2] / "images", tmp_path / spec.name / "images")
+    first = sorted(summary["images"])[0]
+    stored = tmp_path / spec.name / first
+    stored.write_bytes(stored.read_bytes()[:100])
+    marker, problem = check_shard(spec, "synthesize", summary["fingerprint"], 0)
+    assert marker is None and f"{first} is 100 bytes, its marker says {summary['images'][first]}" in problem
 
 
 def test_one_build_per_folder_and_a_dead_holder_frees_it(chain, tmp_path):

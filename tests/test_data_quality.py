@@ -17,11 +17,11 @@ from data_specs import shipped
 from data_specs.build import parse_build_spec
 from data_specs.schemas import WORK
 from music_model.media import masks as rle
-from music_model.media.images import TAG_COLOURS, TAG_HEIGHT, draw_labelled_boxes, from_struct, square, to_struct
+from music_model.media.images import TAG_COLOURS, TAG_HEIGHT, draw_labelled_boxes, square, to_struct
 from music_model.roles.structured import DecodeOptions, decode_settings, max_json_bytes, schema_token_budget
 from music_model.subjects.layout import box_to_mask, layout_grid
 from tasks import annotate, compose, decimate, rerender
-from tasks.engine import StageContext, fingerprint, read_rows, run_shard, stage_dir, write_table
+from tasks.engine import StageContext, fingerprint, image_store, read_rows, run_shard, stage_dir, write_table
 
 
 def tiny_spec(tmp_path, **changes):
@@ -53,7 +53,7 @@ def test_a_three_to_one_subject_keeps_its_aspect_in_its_reference(tmp_path, size
     fp = fingerprint(rerender.STAGE, spec, "test")
     run_shard(rerender.STAGE, spec, 0, fp, upstream)
     [out] = read_rows(stage_dir(spec, "rerender", fp) / "part-00000.parquet")
-    sizes = [from_struct(s["reference"]).size for s in out["subjects"]]
+    sizes = [image_store(spec).open(s["reference"]).size for s in out["subjects"]]
     print(f"render_size {render_size}: 3:1 and 1:3 crops -> references {sizes}")
     (w1, h1), (w2, h2) = sizes
     assert max(w1, h1) == max(w2, h2) == size

@@ -188,7 +188,7 @@ def test_annotate_drops_a_target_the_vlm_cannot_read(chain, tmp_path):
     bad = rows[0]["id"]
     # A 2 x 600 target: Qwen2.5-VL's processor rejects aspect ratios over 200, failing this row only.
     crafted = [{**r, "image": to_struct(Image.new("RGB", (2, 600)))} if r["id"] == bad else r for r in rows]
-    upstream = tmp_path / "crafted"
+    upstream = out["rerender"][3].parent / "crafted-unreadable"  # in the chain's build: its rows' images are there
     write_table(crafted, WORK, upstream / f"{shard_name(0)}.parquet")
     _, kept, dropped = rerun(annotate, variant(spec, tmp_path), upstream)
     assert dropped[bad]["reason"] == "vlm_invalid_output" and "input rejected" in dropped[bad]["detail"], dropped[bad]
@@ -225,7 +225,7 @@ def test_publish_drops_near_duplicates_and_samples_over_the_cap(chain, tmp_path)
     axis = {s: np.eye(len(rows[0]["clip_embedding"]), dtype=np.float32)[k] for k, s in enumerate(sources)}
     axis[sources[1]] = axis[sources[0]]
     crafted = [{**r, "clip_embedding": axis[r["source_id"]].tolist()} for r in rows]
-    filter_dir = tmp_path / "filter"
+    filter_dir = out["filter"][3].parent / "crafted-embeddings"  # in the chain's build: its rows' images are there
     write_table(crafted, WORK, filter_dir / f"{shard_name(0)}.parquet")
     survivors = sorted(r["id"] for r in rows if r["source_id"] != sources[1])
     cap = len(survivors) - 2

@@ -157,3 +157,18 @@ def test_subject_stage_drops_the_thinning_model_misses_are_scaled_in(tmp_path):
     assert rates.subject_keep["detect"] == 1.0 and rates.row_keep["detect"] == 0.5
     expected = funnel(spec_with(num_source_images=100, subject_counts={2: 1}), rates)
     assert next(s for s in expected["stages"] if s["stage"] == "detect")["rows_out"] == 50
+
+
+def test_disk_counts_each_image_once_in_the_build_and_every_embedding_in_the_published_set():
+    from tasks.plan import PNG_BYTES_PER_PIXEL, disk
+
+    spec = load_build_spec("data_specs/music_10k.yaml")
+    expected = funnel(spec)
+    space = disk(spec, expected)
+    by_stage = {row["stage"]: row for row in space["stages"]}
+    assert by_stage["synthesize"]["images_bytes"] == pytest.approx(6000 * 1024 * 1024 * PNG_BYTES_PER_PIXEL)
+    # a reference per subject rerender keeps; decimated siblings add rows, never images
+    subjects = {s["stage"]: s["subjects_in"] for s in expected["stages"]}
+    assert by_stage["rerender"]["images_bytes"] == pytest.approx(subjects["annotate"] * 512 * 512 * PNG_BYTES_PER_PIXEL)
+    assert by_stage["decimate"]["images_bytes"] == by_stage["filter"]["images_bytes"] == 0
+    assert space["published_bytes"] > space["intermediate_bytes"] and space["ratio"] < 1

@@ -49,17 +49,24 @@ def test_a_failed_shard_fails_its_flow_run_and_the_other_shards_keep_their_marke
 
     from data_specs.build import load_build_spec
     from tasks import compose, synthesize
-    from tasks.engine import fingerprint, root_fingerprint, run_shard, stage_dir
+    from data_specs.schemas import WORK
+    from tasks.engine import fingerprint, part_record, read_rows, root_fingerprint, run_shard, stage_dir, write_table
 
     path = tiny_spec(tmp_path, "tiny-fail", num_source_images=4, shard_size=2)
     spec = load_build_spec(path)
-    # Shard 1 of synthesize done but its output unreadable: detect's shard 1 raises on it.
+    # Shard 1 of synthesize done, its marker vouching for a part whose targets are not images: detect's
+    # shard 1 raises on it (a part that no longer matches its marker would be redone, not fail).
     compose_fp = fingerprint(compose.STAGE, spec, root_fingerprint(spec))
     for shard in (0, 1):
         run_shard(compose.STAGE, spec, shard, compose_fp, None)
     synthesize_fp = fingerprint(synthesize.STAGE, spec, compose_fp)
     run_shard(synthesize.STAGE, spec, 1, synthesize_fp, stage_dir(spec, "compose", compose_fp))
-    (stage_dir(spec, "synthesize", synthesize_fp) / "part-00001.parquet").write_bytes(b"not a parquet file")
+    folder = stage_dir(spec, "synthesize", synthesize_fp)
+    rows = [{**r, "image": {"bytes": b"not an image", "path": None}} for r in read_rows(folder / "part-00001.parquet")]
+    write_table(rows, WORK, folder / "part-00001.parquet")
+    marker = json.loads((folder / "part-00001.done.json").read_text())
+    marker["outputs"]["part-00001.parquet"] = part_record(folder / "part-00001.parquet")
+    (folder / "part-00001.done.json").write_text(json.dumps(marker))
 
     done = music("build", str(path))
     assert done.returncode != 0 and "Published" not in done.stdout

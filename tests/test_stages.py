@@ -7,10 +7,9 @@ import json
 import numpy as np
 
 from music_model.media import masks as rle
-from music_model.media.images import from_struct
 from music_model.subjects.decimate import mentioned
 from tasks import compose, detect, rerender, synthesize
-from tasks.engine import fingerprint, read_rows, root_fingerprint, run_shard, stage_dir
+from tasks.engine import fingerprint, image_store, read_rows, root_fingerprint, run_shard, stage_dir
 
 
 def test_every_row_is_kept_or_dropped_with_a_reason(chain):
@@ -43,7 +42,7 @@ def test_compose_is_deterministic(chain, tmp_path):
 def test_synthesize_detect_verify(chain):
     spec, out = chain
     for row in out["synthesize"][1]:
-        assert from_struct(row["image"]).size == (spec.synthesize.width, spec.synthesize.height)
+        assert image_store(spec).open(row["image"]).size == (spec.synthesize.width, spec.synthesize.height)
     for stage in ("detect", "verify"):
         for row in out[stage][1]:
             assert len(row["subjects"]) >= spec.verify.min_subjects
@@ -62,7 +61,7 @@ def test_rerender_keeps_exactly_the_references_within_the_dino_bounds(chain, tmp
     assert len(scores) == sum(len(r["subjects"]) for r in out["verify"][1]) >= 4
     for row in out["rerender"][1]:
         for s in row["subjects"]:
-            assert max(from_struct(s["reference"]).size) == spec.rerender.size  # the crop's aspect: test_data_quality
+            assert max(image_store(spec).open(s["reference"]).size) == spec.rerender.size  # the crop's aspect: test_data_quality
     ordered = sorted(scores.values())
     low, high = ordered[len(ordered) // 4], ordered[3 * len(ordered) // 4]
     assert ordered[0] < low < high < ordered[-1], ordered
