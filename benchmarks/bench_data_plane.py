@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flows.server import ensure_server  # noqa: E402  (no prefect import: safe before the builds)
+from music_model.paths import folder_bytes  # noqa: E402
 
 PUBLISH_ALONE = """
 import json, resource, sys
@@ -39,10 +40,6 @@ spec = load_build_spec(sys.argv[1])
 stats = publish(spec, filter_dir, num_shards(spec), [], "bench-publish-alone")
 print(json.dumps({"samples": stats["samples"], "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def run(code: Path, size: int, args: argparse.Namespace, out: Path) -> dict:

@@ -44,10 +44,6 @@ def main(verbose: bool = typer.Option(False, "--verbose", help="Show the library
     quiet_progress_bars()
 
 
-def _size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
 @zoo_app.command("build")
 def zoo_build(
     dir: Optional[Path] = typer.Option(None, "--dir", help="Zoo folder (default: $MUSIC_ZOO_DIR or <state>/zoo)."),
@@ -55,7 +51,7 @@ def zoo_build(
     only: Optional[list[str]] = typer.Option(None, help="Build only these entries."),
 ) -> None:
     """Build the tiny zoo and write its manifest of content hashes."""
-    from music_model.paths import zoo_dir
+    from music_model.paths import folder_bytes, zoo_dir
     from music_model.zoo import ENTRIES, ensure_entry, write_manifest
 
     root = dir or zoo_dir()
@@ -66,9 +62,9 @@ def zoo_build(
     for name in only or sorted(ENTRIES):
         start = time.perf_counter()
         path = ensure_entry(name, root, force)
-        typer.echo(f"{name:16s} {_size(path) / 1e6:7.2f} MB  {time.perf_counter() - start:6.2f} s")
+        typer.echo(f"{name:16s} {folder_bytes(path) / 1e6:7.2f} MB  {time.perf_counter() - start:6.2f} s")
     manifest = write_manifest(root)
-    typer.echo(f"zoo: {root}  {_size(root) / 1e6:.2f} MB  {time.perf_counter() - total_start:.1f} s  manifest: {manifest}")
+    typer.echo(f"zoo: {root}  {folder_bytes(root) / 1e6:.2f} MB  {time.perf_counter() - total_start:.1f} s  manifest: {manifest}")
 
 
 @zoo_app.command("list")

@@ -21,10 +21,10 @@ def fail(error: Exception | str, code: int = 2) -> NoReturn:
 def refuse_if_building(spec, wait: bool) -> None:
     """Exit at once, naming the holder, when another run builds into this spec's folder (unless
     `wait`: the flow then waits for it). Checked before the server starts, so it takes a second."""
-    from tasks.engine import build_dir, lock_holder
+    from tasks.engine import busy_message, lock_holder
 
     if not wait and (holder := lock_holder(spec)):
-        fail(f"{build_dir(spec)} is being built by another run ({holder}): wait for it, or pass --wait", BUSY_EXIT)
+        fail(busy_message(spec, holder), BUSY_EXIT)
 
 
 def start_server(loads_models: bool = True) -> None:

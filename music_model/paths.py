@@ -6,6 +6,11 @@ from pathlib import Path
 from music_model import settings
 
 
+def folder_bytes(folder: Path) -> int:
+    """The bytes of every file under `folder`."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 def state_dir() -> Path:
     """`$MUSIC_HOME`, else `~/.cache/music`."""
     return Path(settings.HOME.get()).expanduser()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from data_specs.build import BuildSpec
+from music_model.paths import folder_bytes
 from tasks.engine import build_dir, fingerprint, root_fingerprint
 from tasks.msic import msic_fingerprint
 from tasks.publish import publish_fingerprint
@@ -27,10 +28,6 @@ def current_fingerprints(spec: BuildSpec) -> dict[str, str]:
     else:
         current["publish"] = publish_fingerprint(spec, upstream)
     return current
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def named_images(part: Path) -> set[str]:

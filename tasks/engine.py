@@ -112,7 +112,7 @@ def _check_read(path: str) -> None:
         model = _field_model(model.model_fields[part].annotation)
 
 
-def _declares(reads: tuple[str, ...], path: str) -> bool:
+def declares(reads: tuple[str, ...], path: str) -> bool:
     return any(path == read or path.startswith(read + ".") for read in reads)
 
 
@@ -156,7 +156,7 @@ class SpecView:
     def __getattr__(self, name: str) -> Any:
         path = self._prefix + name
         value = getattr(self._value, name)
-        if _declares(self._stage.reads, path):
+        if declares(self._stage.reads, path):
             self._seen.add(path)
             return value
         if isinstance(value, BaseModel) and any(read.startswith(path + ".") for read in self._stage.reads):
@@ -201,7 +201,7 @@ class ImageStore:
         return cls(folder.parents[2])
 
     def put(self, image) -> dict:
-        """Store `image` (PNG, as `to_struct` encodes it); its struct, and its path and size in `written`."""
+        """Store `image` (PNG, as `to_struct` encodes it) unless it is stored already; the struct naming it."""
         data = to_struct(image)["bytes"]
         digest = hashlib.sha256(data).hexdigest()
         relative = f"images/{digest[:2]}/{digest}.png"
@@ -377,9 +377,6 @@ def done_marker(spec: BuildSpec, stage: str, fp: str, shard: int) -> dict | None
 def check_columns(stage: Stage, rows_in: list[dict], rows_out: list[dict]) -> None:
     """A stage changes only the columns it declares writing: every other column of an output row
     holds its input row's value (found by id, or by source index for a stage that writes ids)."""
-    unknown = (set().union(*map(dict.keys, rows_out)) if rows_out else set()) - set(WORK.names)
-    if unknown:
-        raise ContractError(f"stage {stage.name} wrote columns {sorted(unknown)}, which schemas.WORK lacks")
     key = "index" if "id" in stage.writes else "id"
     by_key = {row[key]: row for row in rows_in}
     for row in rows_out:
@@ -475,6 +472,10 @@ def lock_holder(spec: BuildSpec) -> str | None:
     return None
 
 
+def busy_message(spec: BuildSpec, holder: str) -> str:
+    return f"{build_dir(spec)} is being built by another run ({holder}): wait for it, or pass --wait"
+
+
 @contextmanager
 def build_lock(spec: BuildSpec, holder: dict, wait: bool = False, log: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold the build folder's lock for the body: with `wait`, wait for it; else raise `BuildLocked`
@@ -486,7 +487,7 @@ def build_lock(spec: BuildSpec, holder: dict, wait: bool = False, log: Callable[
     except Timeout:
         who = describe_holders([lock_path(spec)], time.time())
         if not wait:
-            raise BuildLocked(f"{build_dir(spec)} is being built by another run ({who}): wait for it, or pass --wait") from None
+            raise BuildLocked(busy_message(spec, who)) from None
         if log:
             log(f"waiting for {build_dir(spec)}: {who}")
         lock.acquire()

@@ -301,14 +301,15 @@ def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict
     previews = set(preview_ids(spec.seed, [r["id"] for r in rows]))
     preview_rows = {}
     stream = stream_rows(filter_dir, index, [r["id"] for r in rows], ImageStore.of_stage_dir(filter_dir))
+    schema = published_schema()
     for number in range(files):
         ids = [r["id"] for r in rows[number * per_file:(number + 1) * per_file]]
         path = staging / "data" / f"train-{number:05d}-of-{files:05d}.parquet"
-        with pq.ParquetWriter(path, published_schema(), compression="zstd") as writer:
+        with pq.ParquetWriter(path, schema, compression="zstd") as writer:
             for _, run in itertools.groupby(ids, key=index.shard_of.get):  # consecutive ids of one shard
                 batch = [published_row(next(stream)) for _ in run]
                 preview_rows.update((r["id"], r) for r in batch if r["id"] in previews)
-                writer.write_table(pa.Table.from_pylist(batch, schema=published_schema()))
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
     counts = Counter(r["num_subjects"] for r in rows)
     stats = {
         "name": spec.name, "samples": len(rows), "sources": len({r["source_id"] for r in rows}),

@@ -256,6 +256,7 @@ def test_kill_during_build_then_resume_is_byte_identical(tiny_build, tmp_path, p
 def test_each_stage_holds_only_its_own_models(tiny_build):
     """Residency is stage-scoped: while a model stage runs only its roles are loaded; a model the
     next model stage shares (clip: layout, then filter) stays and is not loaded again."""
+    from tasks.engine import declares
     from tasks.stages import STAGES
 
     result, stages = tiny_build["result"], tiny_build["dir"] / "stages"
@@ -264,7 +265,7 @@ def test_each_stage_holds_only_its_own_models(tiny_build):
         assert markers and (not stage.roles or all(m["resident"] == sorted(stage.roles) for m in markers)), \
             (stage.name, [m["resident"] for m in markers])
         # and, through the flow too, every spec field it read is one it declares
-        assert all(m["reads"] and all(any(r == d or r.startswith(d + ".") for d in stage.reads) for r in m["reads"])
+        assert all(m["reads"] and all(declares(stage.reads, r) for r in m["reads"])
                    for m in markers), (stage.name, [m["reads"] for m in markers])
     loads = {t["stage"]: t["model_loads"] for t in result["stages"]}
     # One load per model a stage declares, except filter's clip (kept from layout); the vlm of

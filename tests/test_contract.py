@@ -9,13 +9,9 @@ import time
 
 import pytest
 
-from tasks.engine import (BuildLocked, ContractError, Stage, build_lock, check_shard, fingerprint, lock_holder,
+from tasks.engine import (BuildLocked, ContractError, Stage, build_lock, check_shard, declares, fingerprint, lock_holder,
                           root_fingerprint, run_shard, stage_dir)
 from tasks.stages import STAGES
-
-
-def _declared(stage: Stage, path: str) -> bool:
-    return any(path == read or path.startswith(read + ".") for read in stage.reads)
 
 
 def test_every_stage_reads_only_what_it_declares(chain):
@@ -23,9 +19,9 @@ def test_every_stage_reads_only_what_it_declares(chain):
     _, out = chain
     for stage in STAGES:
         reads = out[stage.name][0]["reads"]
-        assert reads and all(_declared(stage, path) for path in reads), (stage.name, reads, stage.reads)
+        assert reads and all(declares(stage.reads, path) for path in reads), (stage.name, reads, stage.reads)
         # and each declared read is used (a stale declaration would rerun the stage for nothing)
-        assert all(any(path == read or path.startswith(read + ".") for path in reads) for read in stage.reads), (stage.name, reads)
+        assert all(any(declares((read,), path) for path in reads) for read in stage.reads), (stage.name, reads)
 
 
 def _shard_spec(spec, tmp_path, **sections):
