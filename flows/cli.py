@@ -103,7 +103,7 @@ def build(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the run summary as JSON here."),
     runner: str = typer.Option("local", help="Where shard tasks run: local (bounded thread pool) or ray."),
     ray_address: Optional[str] = typer.Option(None, help="With --runner ray: the cluster's GCS address, e.g. 127.0.0.1:6379."),
-    verify: bool = typer.Option(False, "--verify", help="Check the sha256 of every reused shard part, not only its size and footer."),
+    verify: bool = typer.Option(False, "--verify", help="Check the sha256 of every reused shard part and stored image, not only sizes and footers."),
     wait: bool = typer.Option(False, "--wait", help="Wait for another run building into the same folder (default: exit 3 naming it)."),
 ) -> None:
     """Build a training set: every stage as a Prefect DAG on the local (or $PREFECT_API_URL) server."""

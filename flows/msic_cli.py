@@ -24,7 +24,7 @@ def _manifest(path: Path) -> dict:
 def build(
     spec: Path = typer.Argument(..., help="Benchmark spec YAML (e.g. data_specs/msic_tiny.yaml)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the run summary as JSON here."),
-    verify: bool = typer.Option(False, "--verify", help="Check the sha256 of every reused shard part, not only its size and footer."),
+    verify: bool = typer.Option(False, "--verify", help="Check the sha256 of every reused shard part and stored image, not only sizes and footers."),
     wait: bool = typer.Option(False, "--wait", help="Wait for another run building into the same folder (default: exit 3 naming it)."),
 ) -> None:
     """Regenerate the benchmark as a Prefect flow on the local (or $PREFECT_API_URL) server."""
