@@ -20,7 +20,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.server import ensure_server  # noqa: E402  (no prefect import: safe before the build)
+from flows.ops.server import ensure_server  # noqa: E402  (no prefect import: safe before the build)
 
 
 def run_build(size: int, out: Path) -> dict:

@@ -26,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.server import ensure_server  # noqa: E402  (no prefect import: safe before the builds)
+from flows.ops.server import ensure_server  # noqa: E402  (no prefect import: safe before the builds)
 from music_model.paths import folder_bytes  # noqa: E402
 
 PUBLISH_ALONE = """
@@ -77,8 +77,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/music-bench-data"))
     args = parser.parse_args()
     ensure_server()
-    rows = [run(code, size, args, args.out / f"{label}-{size}")
-            for label, code in (("baseline", args.baseline.resolve()), ("this", ROOT)) for size in args.sizes]
+    rows = []
+    # Both checkouts at each size before the next size: a long run's partial output is side by side.
+    for size in args.sizes:
+        for label, code in (("baseline", args.baseline.resolve()), ("this", ROOT)):
+            rows.append(run(code, size, args, args.out / f"{label}-{size}"))
+            print(json.dumps(rows[-1]), flush=True)
     print(f"targets {args.image_size} px, references {args.reference_size} px")
     print(f"{'code':>10} {'sources':>8} {'samples':>8} {'build MB':>9} {'published MB':>12} {'build/pub':>9} "
           f"{'publish RSS MB':>14} {'RSS x':>6} {'wall s':>7}")

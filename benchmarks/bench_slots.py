@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.server import ensure_server  # noqa: E402  (no prefect import: safe before the server is set)
+from flows.ops.server import ensure_server  # noqa: E402  (no prefect import: safe before the server is set)
 
 
 def main() -> None:

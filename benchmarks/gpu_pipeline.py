@@ -10,13 +10,13 @@ through every stage) and generated texts run to their schema's bounds: LLM/VLM t
 bounds of what real checkpoints, which stop early, take.
 
 Per stage it prints items/s (the stage's work unit: rows, subjects or source images, as
-`tasks.plan.STAGE_UNITS`), model-call and load seconds and the peak accelerator memory (reset per
+`tasks.cost_plan.STAGE_UNITS`), model-call and load seconds and the peak accelerator memory (reset per
 stage); beside each model call, the same model in a plain diffusers / transformers loop on the first
 `--plain-batches` batches of the same inputs (the ratio is ours / plain throughput: >= 1 means the
 pipeline costs nothing over a hand-written loop; generation compares tokens/s, since the plain loop
 samples without the grammar); seconds per 1024 px FLUX image and its fraction of the GPU's dense
 bf16 peak; and the projected GPU-hours of `music_10k.yaml` on this GPU from the measured rates and
-the spec's funnel (`tasks.plan`). The JSON result is what `music plan --bench` reads.
+the spec's funnel (`tasks.cost_plan`). The JSON result is what `music plan --bench` reads.
 
     python benchmarks/gpu_pipeline.py --out /tmp/gpu_pipeline.json        # one GPU, <= 8 minutes
     music plan data_specs/music_10k.yaml --bench /tmp/gpu_pipeline.json
@@ -326,7 +326,7 @@ def subjects_of(row: dict, stage: str) -> int:
 
 def stage_record(stage: str, summary: dict, rows_in: list[dict], rows_out: list[dict], peak: int | None,
                  calls: list[dict], min_subjects: int) -> dict[str, Any]:
-    from tasks.plan import STAGE_UNITS, SUBJECT_STAGES
+    from tasks.cost_plan import STAGE_UNITS, SUBJECT_STAGES
 
     unit = STAGE_UNITS[stage]
     if unit == "subjects":
@@ -375,7 +375,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.engine import fingerprint, read_rows, root_fingerprint, shard_name, stage_dir
     from tasks.build_tasks import enter_stage, run_stage_shard
     from tasks.stages import STAGES
-    from tasks.plan import funnel, measured_rates, project_hours
+    from tasks.cost_plan import funnel, measured_rates, project_hours
     from tasks.publish import publish
 
     device = torch.device(args.device)

@@ -162,8 +162,8 @@ def parse_generator(text: str) -> RoleSpec:
 
 # The paper's headline results (arXiv 2604.07422), shown in reports only as published figures: they
 # are the paper's own model on the paper's own MSIC set, not measured by this project (docs/FIDELITY.md).
-PUBLISHED_SOURCE = "published figure (arXiv 2604.07422, the paper's model), not measured here"
-PUBLISHED: list[dict[str, Any]] = [
+PAPER_FIGURES_SOURCE = "published figure (arXiv 2604.07422, the paper's model), not measured here"
+PAPER_FIGURES: list[dict[str, Any]] = [
     {"benchmark": "msic", "method": "MUSIC", "setting": "1 sample", "dino": 0.622, "clip_i": 0.812, "clip_t": 0.322},
     {"benchmark": "msic", "method": "MUSIC", "setting": "Pass@N", "dino": 0.631, "clip_i": 0.822, "clip_t": 0.330},
     {"benchmark": "dreambench", "method": "MUSIC", "setting": "1 sample", "dino": 0.761, "clip_i": 0.837, "clip_t": None},

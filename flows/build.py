@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.futures import as_completed
 
 from data_specs.build import BuildSpec, load_build_spec
-from flows.monitor import on_flow_running, stop_promptly
+from flows.ops.monitor import on_flow_running, stop_promptly
 from flows.run_names import run_name
 from flows.runners import default_task_runner, shard_placement
 from music_model.roles import release_roles

@@ -15,13 +15,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from data_specs.eval import EvalSpec, load_eval_spec
 from flows.build import artifact_key
-from flows.monitor import on_flow_running
+from flows.ops.monitor import on_flow_running
 from flows.run_names import run_name
 from music_model.roles import total_model_loads
 from music_model.scoring.dreambench import DreamBenchError, load_dreambench, scan_generated
-from music_model.scoring.multisubject import CasesError, read_cases
+from music_model.scoring.multisubject import CasesError, read_cases_table
 from tasks.evaluate.cases import finish_cases, score_cases_task
-from tasks.evaluate.common import chunks, done_shard, files_digest, fingerprint, json_safe, write_json
+from tasks.engine import check_marker
+from tasks.evaluate.common import chunks, files_digest, fingerprint, json_safe, shard_marker, write_json
 from tasks.evaluate.dreambench import finish_dreambench, generate_task, score_dreambench_task, write_plan
 
 MAX_ARTIFACT_ROWS = 500
@@ -41,10 +42,16 @@ def publish_artifacts(name: str, result: dict) -> None:
     create_markdown_artifact(result["report"], key=artifact_key("eval", name, "report"), description=f"evaluation report of {name}")
 
 
-def _done_and_todo(work: Path, shards: int) -> tuple[list[dict], list[int]]:
-    """Markers of the shards already scored with these inputs, and the shards still to do: a rerun
-    submits task runs only for work."""
-    done = [marker for k in range(shards) if (marker := done_shard(work, k))]
+def _done_and_todo(work: Path, shards: int, logger) -> tuple[list[dict], list[int]]:
+    """Markers of the shards already scored with these inputs whose outputs prove themselves, and
+    the shards still to do: a rerun submits task runs only for work."""
+    done = []
+    for k in range(shards):
+        marker, problem = check_marker(shard_marker(work, k))
+        if problem:
+            logger.warning(problem)
+        if marker:
+            done.append(marker)
     finished = {marker["shard"] for marker in done}
     return done, [k for k in range(shards) if k not in finished]
 
@@ -80,7 +87,7 @@ def _dreambench(spec: EvalSpec, images: str | None, bench_root: str | None, logg
     fp = fingerprint(spec, "dreambench", files_digest(references + [i.path for i in scan.images]) + f":{with_selection}")
     work = out / "shards" / fp
     groups = chunks(list(dict.fromkeys(i.subject for i in scan.images)), spec.shard_size)
-    results, todo = _done_and_todo(work, len(groups))
+    results, todo = _done_and_todo(work, len(groups), logger)
     futures = score_dreambench_task.map(unmapped(spec_json), unmapped(str(bench.root)), unmapped(str(plan)), [groups[k] for k in todo],
                                         todo, unmapped(str(work)), unmapped(with_selection)) if todo else []
     results = sorted(results + [f.result() for f in futures], key=lambda r: r["shard"])
@@ -88,16 +95,16 @@ def _dreambench(spec: EvalSpec, images: str | None, bench_root: str | None, logg
     return finish_dreambench(spec, bench, scan, work, len(groups), extra), task_runs + len(todo)
 
 
-def _cases(spec: EvalSpec, cases: str) -> tuple[dict, int]:
+def _cases(spec: EvalSpec, cases: str, logger) -> tuple[dict, int]:
     if spec.generator is not None:
         raise CasesError("generator: multi-subject generation needs the MUSIC renderer; fill the cases' `generated` column instead")
-    table = read_cases(cases)
+    table = read_cases_table(cases)
     counts = [len(g) for g in table.column("generated").to_pylist()]
     with_selection = max(counts) > 1
     fp = fingerprint(spec, "cases", hashlib.sha256(Path(cases).read_bytes()).hexdigest() + f":{with_selection}")
     work = spec.out_dir() / "shards" / fp
     ranges = chunks(list(range(len(table))), spec.shard_size)
-    results, todo = _done_and_todo(work, len(ranges))
+    results, todo = _done_and_todo(work, len(ranges), logger)
     futures = score_cases_task.map(unmapped(spec.model_dump_json()), unmapped(str(Path(cases).expanduser().resolve())),
                                    [ranges[k][0] for k in todo], [ranges[k][-1] + 1 for k in todo], todo,
                                    unmapped(str(work)), unmapped(with_selection)) if todo else []
@@ -120,7 +127,7 @@ def evaluate(spec_json: str, benchmark: str, images: str | None = None, cases: s
     else:
         if not cases:
             raise CasesError("benchmark 'cases' needs a cases Parquet file")
-        result, task_runs = _cases(spec, cases)
+        result, task_runs = _cases(spec, cases, logger)
     publish_artifacts(spec.name, result)
     summary = {**result["summary"], "task_runs": task_runs, "model_loads": total_model_loads() - loads,
                "wall_seconds": round(time.perf_counter() - started, 2)}

@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from data_specs.build import BuildSpec, load_build_spec
 from flows.build import artifact_key, lock_holder_record, run_stages
-from flows.monitor import on_flow_running
+from flows.ops.monitor import on_flow_running
 from flows.run_names import run_name
 from flows.runners import default_task_runner
 from tasks.engine import build_lock

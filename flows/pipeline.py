@@ -27,13 +27,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from data_specs.eval import load_eval_spec, parse_eval_spec
 from data_specs.train import TrainSpec, load_train_spec, resolve_spec_path
 from flows.build import artifact_key
-from flows.monitor import on_flow_running
+from flows.ops.monitor import on_flow_running
 from flows.run_names import run_name
 from music_model.music.model import msic_cases_file
 from music_model.roles import release_roles
 from tasks.engine import write_atomic
 from tasks.evaluate.common import chunks, files_digest, json_safe
-from tasks.train import generate_dreambench_task, generate_msic_task, merge_msic_parts
+from tasks.train_tasks import generate_dreambench_task, generate_msic_task, merge_msic_parts
 
 BENCHMARKS = ("msic", "dreambench")
 

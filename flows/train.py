@@ -15,12 +15,12 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
 from data_specs.train import TrainSpec, load_train_spec
 from flows.build import artifact_key
-from flows.monitor import on_flow_running, stop_promptly
+from flows.ops.monitor import on_flow_running, stop_promptly
 from flows.run_names import run_name
 from music_model.music import training
 from music_model.roles import resident_roles
 from tasks.engine import write_atomic
-from tasks.train import train_task
+from tasks.train_tasks import train_task
 
 MAX_TABLE_ROWS = 500
 

@@ -347,10 +347,12 @@ def part_problem(path: Path, record: dict, verify: bool) -> str | None:
     return None
 
 
-def check_shard(spec: BuildSpec, stage: str, fp: str, shard: int, verify: bool = False) -> tuple[dict | None, str | None]:
-    """(marker, None) for a completed shard whose parts prove themselves; (None, why) for one whose
-    part does not (its marker is removed, so the shard is redone); (None, None) for one still to do."""
-    marker = stage_dir(spec, stage, fp) / f"{shard_name(shard)}.done.json"
+def check_marker(marker: Path, verify: bool = False, images_root: Path | None = None,
+                 label: str | None = None) -> tuple[dict | None, str | None]:
+    """The one proof of a finished shard of any kind (a build stage's, an evaluation's, a
+    generation's): (marker, None) when every output it records still proves itself (and, under
+    `images_root`, every image it records); (None, why) when one does not, the marker removed so the
+    shard is redone; (None, None) for a shard still to do."""
     try:
         done = json.loads(marker.read_text())
     except FileNotFoundError:
@@ -360,18 +362,59 @@ def check_shard(spec: BuildSpec, stage: str, fp: str, shard: int, verify: bool =
     outputs = done.get("outputs")
     problems = ([f"{name} {problem}" for name, record in outputs.items()
                  if (problem := part_problem(marker.parent / name, record, verify))]
-                if outputs else [f"{marker.name} is unreadable or records no outputs"])
-    problems += [problem for relative, size in done.get("images", {}).items()
-                 if (problem := image_problem(build_dir(spec), relative, size, verify))]
+                if outputs is not None else [f"{marker.name} is unreadable or records no outputs"])
+    if images_root is not None:
+        problems += [problem for relative, size in done.get("images", {}).items()
+                     if (problem := image_problem(images_root, relative, size, verify))]
     if problems:
         marker.unlink(missing_ok=True)
-        return None, f"redoing {stage} shard {shard} of {marker.parent}: {'; '.join(problems)}"
+        return None, f"redoing {label or marker.name.removesuffix('.done.json')} of {marker.parent}: {'; '.join(problems)}"
     return {**done, "skipped": True}, None
 
 
-def done_marker(spec: BuildSpec, stage: str, fp: str, shard: int) -> dict | None:
-    """The marker of a completed shard whose parts prove themselves, or None when it is to (re)do."""
-    return check_shard(spec, stage, fp, shard)[0]
+def finish_marker(marker: Path, summary: dict, outputs: list[Path]) -> dict:
+    """Write a shard's marker, last: `summary` plus the bytes, rows and sha256 of each output (files
+    beside the marker) that `check_marker` later holds them to."""
+    summary = {**summary, "outputs": {path.name: part_record(path) for path in outputs}}
+    write_atomic(marker, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
+    return {**summary, "skipped": False}
+
+
+class ShardMeter:
+    """What one shard's work cost on this thread, from construction to `figures()`: wall seconds,
+    model loads and their seconds, out-of-memory retries."""
+
+    def __init__(self) -> None:
+        self.start, self.loads = time.perf_counter(), thread_model_loads()
+        self.load_seconds, self.oom_retries = thread_load_seconds(), thread_oom_retries()
+
+    def figures(self) -> dict:
+        return {"seconds": round(time.perf_counter() - self.start, 4), "model_loads": thread_model_loads() - self.loads,
+                "load_seconds": round(thread_load_seconds() - self.load_seconds, 4),
+                "oom_retries": thread_oom_retries() - self.oom_retries}
+
+
+def run_marked(marker: Path, work: Callable[[], tuple[dict, list[Path]]], images_root: Path | None = None) -> dict:
+    """The one shard runner, for every kind of shard: the marker when the shard is done and proves
+    itself; else `work()` (the summary and the output files it wrote beside the marker), measured
+    by a `ShardMeter`, then the marker."""
+    if done := check_marker(marker, images_root=images_root)[0]:
+        return done
+    # Temporary files of a process killed mid-write: the shard is redone from scratch.
+    for stale in marker.parent.glob(f".{marker.name.removesuffix('.done.json')}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    meter = ShardMeter()
+    summary, outputs = work()
+    return finish_marker(marker, {**summary, **meter.figures()}, outputs)
+
+
+def marker_path(spec: BuildSpec, stage: str, fp: str, shard: int) -> Path:
+    return stage_dir(spec, stage, fp) / f"{shard_name(shard)}.done.json"
+
+
+def check_shard(spec: BuildSpec, stage: str, fp: str, shard: int, verify: bool = False) -> tuple[dict | None, str | None]:
+    """`check_marker` for a build stage's shard, its images checked in the build's store."""
+    return check_marker(marker_path(spec, stage, fp, shard), verify, build_dir(spec), f"{stage} shard {shard}")
 
 
 def check_columns(stage: Stage, rows_in: list[dict], rows_out: list[dict]) -> None:
@@ -391,53 +434,43 @@ def check_columns(stage: Stage, rows_in: list[dict], rows_out: list[dict]) -> No
 
 def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: Path | None) -> dict:
     """Process one shard of one stage, or return its marker when it is already done."""
-    if done := done_marker(spec, stage.name, fp, shard):
-        return done
     out_dir = stage_dir(spec, stage.name, fp)
-    marker = out_dir / f"{shard_name(shard)}.done.json"
-    # Temporary files of a process killed mid-write: the shard is redone from scratch.
-    for stale in out_dir.glob(f".{shard_name(shard)}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    start, loads_before, load_seconds_before, oom_before = time.perf_counter(), thread_model_loads(), thread_load_seconds(), thread_oom_retries()
-    device = current_device()
-    reset_peak_memory(device)
-    if upstream_dir is None:
-        rows = [{"index": i} for i in range(shard * spec.shard_size, min((shard + 1) * spec.shard_size, spec.num_source_images))]
-    else:
-        rows = read_rows(upstream_dir / f"{shard_name(shard)}.parquet")
-    context = StageContext(spec, stage, shard, source_root=ImageStore.of_stage_dir(upstream_dir).root if upstream_dir else None)
-    kept = stage.process(rows, context)
-    check_columns(stage, rows, kept)
-    dropped = [
-        {"id": d.row.get("id"), "index": d.row.get("index"), "stage": stage.name, "reason": d.reason, "detail": d.detail}
-        for d in context.drops
-    ]
-    parts = {f"{shard_name(shard)}.parquet": (kept, WORK), f"{shard_name(shard)}.dropped.parquet": (dropped, DROPPED)}
-    for name, (table, schema) in parts.items():
-        write_table(table, schema, out_dir / name)
-    summary = {
-        "stage": stage.name,
-        "shard": shard,
-        "fingerprint": fp,
-        "rows_in": len(rows),
-        "rows_out": len(kept),
-        "dropped": dict(sorted(Counter(d["reason"] for d in dropped).items())),
-        "seconds": round(time.perf_counter() - start, 4),
-        "model_seconds": round(context.model_seconds, 4),
-        "model_loads": thread_model_loads() - loads_before,
-        "load_seconds": round(thread_load_seconds() - load_seconds_before, 4),
-        "oom_retries": thread_oom_retries() - oom_before,
-        "device": device,
-        "peak_device_bytes": peak_memory_bytes(device),
-        # The models on this shard's device as it ends: the stage's own, nothing left from earlier stages.
-        "resident": sorted({role for role, _, on in resident_roles() if on == str(resolve_device(device or "auto"))}),
-        "execution": {name: role_execution(spec.roles[name]) for name in stage.roles},
-        "reads": sorted(context.reads_seen),
-        "outputs": {name: part_record(out_dir / name) for name in parts},
-        "images": dict(sorted(context.images_written.items())),
-    }
-    write_atomic(marker, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
-    return {**summary, "skipped": False}
+
+    def work() -> tuple[dict, list[Path]]:
+        device = current_device()
+        reset_peak_memory(device)
+        if upstream_dir is None:
+            rows = [{"index": i} for i in range(shard * spec.shard_size, min((shard + 1) * spec.shard_size, spec.num_source_images))]
+        else:
+            rows = read_rows(upstream_dir / f"{shard_name(shard)}.parquet")
+        context = StageContext(spec, stage, shard, source_root=ImageStore.of_stage_dir(upstream_dir).root if upstream_dir else None)
+        kept = stage.process(rows, context)
+        check_columns(stage, rows, kept)
+        dropped = [
+            {"id": d.row.get("id"), "index": d.row.get("index"), "stage": stage.name, "reason": d.reason, "detail": d.detail}
+            for d in context.drops
+        ]
+        parts = {out_dir / f"{shard_name(shard)}.parquet": (kept, WORK), out_dir / f"{shard_name(shard)}.dropped.parquet": (dropped, DROPPED)}
+        for path, (table, schema) in parts.items():
+            write_table(table, schema, path)
+        return {
+            "stage": stage.name,
+            "shard": shard,
+            "fingerprint": fp,
+            "rows_in": len(rows),
+            "rows_out": len(kept),
+            "dropped": dict(sorted(Counter(d["reason"] for d in dropped).items())),
+            "model_seconds": round(context.model_seconds, 4),
+            "device": device,
+            "peak_device_bytes": peak_memory_bytes(device),
+            # The models on this shard's device as it ends: the stage's own, nothing left from earlier stages.
+            "resident": sorted({role for role, _, on in resident_roles() if on == str(resolve_device(device or "auto"))}),
+            "execution": {name: role_execution(spec.roles[name]) for name in stage.roles},
+            "reads": sorted(context.reads_seen),
+            "images": dict(sorted(context.images_written.items())),
+        }, list(parts)
+
+    return run_marked(marker_path(spec, stage.name, fp, shard), work, build_dir(spec))
 
 
 # --- one build per output folder ------------------------------------------------------------------

@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 
 from data_specs.build import BuildSpec, MsicParams, canonical_json
 from data_specs.schemas import DROPPED, IMAGE
@@ -37,17 +34,17 @@ from music_model.roles import load_role
 from music_model.subjects.decimate import SUBJECT_TOKEN
 from music_model.subjects.preview import from_case, render_sheet
 from tasks.engine import ImageStore, build_dir, read_rows, role_content, stable_int, stage_dir, write_atomic, write_table
-from tasks.publish import (code_version, near_duplicate_sources, preview_ids, preview_markdown, read_filter_index, stream_rows,
-                           write_sheets)
+from tasks.publish import (code_version, drop_near_duplicates, preview_ids, preview_markdown, publish_folder, published_result,
+                           read_filter_index, stream_rows, with_features, write_sheets, yaml_header)
 
-CASES = pa.schema([
+BENCHMARK_CASES = pa.schema([
     ("case_id", pa.string()), ("subject_count", pa.int32()), ("instruction", pa.string()),
     ("prompt", pa.string()), ("prompt_cut", pa.bool_()), ("categories", pa.list_(pa.string())),
     ("references", pa.list_(IMAGE)), ("boxes", pa.list_(pa.list_(pa.float32()))),
     ("target", IMAGE), ("layout", pa.list_(pa.int32())), ("layout_text", pa.string()),
     ("cot", pa.string()), ("caption", pa.string()), ("sample_id", pa.string()), ("source_id", pa.string()),
 ])
-CASES_FEATURES = {
+BENCHMARK_CASES_FEATURES = {
     "case_id": {"dtype": "string", "_type": "Value"}, "subject_count": {"dtype": "int32", "_type": "Value"},
     "instruction": {"dtype": "string", "_type": "Value"}, "prompt": {"dtype": "string", "_type": "Value"},
     "prompt_cut": {"dtype": "bool", "_type": "Value"},
@@ -162,7 +159,7 @@ def case_hash(case: dict) -> str:
     return sha(canonical_json(content))
 
 
-def read_cases(msic: Path) -> list[dict]:
+def read_benchmark_cases(msic: Path) -> list[dict]:
     """Every case of a published MSIC folder."""
     files = sorted((msic / "data").glob("*.parquet"))
     if not files:
@@ -341,14 +338,11 @@ def msic_fingerprint(spec: BuildSpec, upstream: str) -> str:
 
 def published_msic(spec: BuildSpec, fingerprint: str) -> dict | None:
     """The result of the benchmark published with this fingerprint, or None (publish it)."""
-    marker = build_dir(spec) / "msic" / "publish.done.json"
-    if not marker.exists():
+    folder = build_dir(spec) / "msic"
+    result = published_result(folder, fingerprint)
+    if result is None:
         return None
-    done = json.loads(marker.read_text())
-    if done.get("fingerprint") != fingerprint:
-        return None
-    result = done["result"]
-    return {**result, "msic": str(marker.parent.resolve()), "counts": {int(k): v for k, v in result["counts"].items()}, "skipped": True}
+    return {**result, "msic": str(folder.resolve()), "counts": {int(k): v for k, v in result["counts"].items()}, "skipped": True}
 
 
 def publish_msic(spec: BuildSpec, filter_dir: Path, shards: int, fingerprint: str) -> dict:
@@ -359,13 +353,9 @@ def publish_msic(spec: BuildSpec, filter_dir: Path, shards: int, fingerprint: st
         return result
     # Selection reads the rows without their images; only the chosen cases' images are read.
     index = read_filter_index(filter_dir, shards)
-    duplicates = near_duplicate_sources(index.embeddings, spec.filter.near_duplicate_clip)
-    dropped = [{"id": r["id"], "index": r["index"], "stage": "publish-msic", "reason": "near_duplicate",
-                "detail": f"CLIP cosine {duplicates[r['source_id']][1]:.4f} >= {spec.filter.near_duplicate_clip} to source "
-                          f"{duplicates[r['source_id']][0]}"} for r in index.rows if r["source_id"] in duplicates]
+    kept, dropped, duplicates = drop_near_duplicates(spec, index, "publish-msic")
     write_table(dropped, DROPPED, stage_dir(spec, "publish-msic", fingerprint) / "dropped.parquet")
-    chosen = sorted((r["id"] for r in select_cases(spec, [r for r in index.rows if r["source_id"] not in duplicates])),
-                    key=lambda i: (index.shard_of[i], i))
+    chosen = sorted((r["id"] for r in select_cases(spec, kept)), key=lambda i: (index.shard_of[i], i))
     clip = load_role(spec.roles["clip"])
     count, limit = clip_text_budget(clip)
     cases = sorted((to_case(spec, r, lambda text: fit_clip_context(text, count, limit)) for r in stream_rows(filter_dir, index, chosen, ImageStore.of_stage_dir(filter_dir))),
@@ -377,44 +367,39 @@ def publish_msic(spec: BuildSpec, filter_dir: Path, shards: int, fingerprint: st
     cut = sum(c["prompt_cut"] for c in cases)
     manifest = {"name": spec.name, "version": spec.msic.version, "spec_hash": spec.spec_hash(), "code_version": code_version(),
                 "counts": {str(k): v for k, v in counts.items()}, "cases": {c["case_id"]: case_hash(c) for c in cases}}
-    out = build_dir(spec) / "msic"
-    staging = build_dir(spec) / f".msic-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    schema = CASES.with_metadata({"huggingface": json.dumps({"info": {"features": CASES_FEATURES}})})
-    table = pa.Table.from_pylist(cases, schema=schema)
-    write_atomic(staging / "data" / "test-00000-of-00001.parquet", lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    by_id = {c["case_id"]: c for c in cases}
-    sheets = [(i, render_sheet(from_case(by_id[i]))) for i in preview_ids(spec.seed, list(by_id))]
-    previews = [p.relative_to(staging).as_posix() for p in write_sheets(staging / "preview", sheets)]
-    header = {"pretty_name": f"MSIC benchmark {spec.msic.version} ({spec.name})",
-              "configs": [{"config_name": "default", "data_files": [{"split": "test", "path": "data/test-*.parquet"}]}]}
-    short = {k: v for k, v in counts.items() if v < spec.msic.cases_per_stratum}
-    (staging / "README.md").write_text(
-        f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n\n# MSIC benchmark {spec.msic.version}: {spec.name}\n\n"
-        "Multi-subject in-context generation cases (1-12 subjects) regenerated by the MUSIC pipeline by the paper's "
-        "recipe: the paper's own MSIC set was curated and never released, so scores on this set are not the "
-        "paper's MSIC scores (`docs/FIDELITY.md` of the pipeline's repository says what differs). Each case: instruction "
-        "(subjects as `<sN>` tags), `prompt` for CLIP-T (tags replaced by categories, cut at a word boundary to CLIP's "
-        "77-token context; `prompt_cut` marks a cut), reference images with categories and boxes, the pipeline's target "
-        "image (an upper-bound reference), layout and CoT.\n\n"
-        f"- cases: {len(cases)}; per subject count: {counts}\n"
-        + (f"- strata short of {spec.msic.cases_per_stratum} cases: {short}\n" if short else "")
-        + f"- near-duplicate sources removed before selection (CLIP >= {spec.filter.near_duplicate_clip}): {len(duplicates)}\n"
-        f"- CLIP-T prompts cut to fit 77 tokens: {cut} of {len(cases)}\n"
-        f"- spec hash: `{manifest['spec_hash']}`; code version: `{manifest['code_version']}`\n"
-        + _check_text(check)
-        + ("\n" + "\n".join(preview_markdown(staging, previews)) if previews else "")
-    )
-    result = {"cases": len(cases), "counts": counts, "near_duplicate_sources": len(duplicates), "prompts_cut": cut,
-              "contamination": check, "preview": previews}
-    (staging / "publish.done.json").write_text(json.dumps({"fingerprint": fingerprint, "result": result}, indent=1) + "\n")
-    old = build_dir(spec) / f".msic-old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
-    return {**result, "msic": str(out.resolve()), "skipped": False}
+
+    def write(staging: Path) -> dict:
+        table = pa.Table.from_pylist(cases, schema=with_features(BENCHMARK_CASES, BENCHMARK_CASES_FEATURES))
+        write_atomic(staging / "data" / "test-00000-of-00001.parquet", lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        by_id = {c["case_id"]: c for c in cases}
+        sheets = [(i, render_sheet(from_case(by_id[i]))) for i in preview_ids(spec.seed, list(by_id))]
+        previews = [p.relative_to(staging).as_posix() for p in write_sheets(staging / "preview", sheets)]
+        header = {"pretty_name": f"MSIC benchmark {spec.msic.version} ({spec.name})",
+                  "configs": [{"config_name": "default", "data_files": [{"split": "test", "path": "data/test-*.parquet"}]}]}
+        short = {k: v for k, v in counts.items() if v < spec.msic.cases_per_stratum}
+        (staging / "README.md").write_text(
+            f"{yaml_header(header)}# MSIC benchmark {spec.msic.version}: {spec.name}\n\n"
+            "Multi-subject in-context generation cases (1-12 subjects) regenerated by the MUSIC pipeline by the paper's "
+            "recipe: the paper's own MSIC set was curated and never released, so scores on this set are not the "
+            "paper's MSIC scores (`docs/FIDELITY.md` of the pipeline's repository says what differs). Each case: instruction "
+            "(subjects as `<sN>` tags), `prompt` for CLIP-T (tags replaced by categories, cut at a word boundary to CLIP's "
+            "77-token context; `prompt_cut` marks a cut), reference images with categories and boxes, the pipeline's target "
+            "image (an upper-bound reference), layout and CoT.\n\n"
+            f"- cases: {len(cases)}; per subject count: {counts}\n"
+            + (f"- strata short of {spec.msic.cases_per_stratum} cases: {short}\n" if short else "")
+            + f"- near-duplicate sources removed before selection (CLIP >= {spec.filter.near_duplicate_clip}): {duplicates}\n"
+            f"- CLIP-T prompts cut to fit 77 tokens: {cut} of {len(cases)}\n"
+            f"- spec hash: `{manifest['spec_hash']}`; code version: `{manifest['code_version']}`\n"
+            + _check_text(check)
+            + ("\n" + "\n".join(preview_markdown(staging, previews)) if previews else "")
+        )
+        return {"cases": len(cases), "counts": counts, "near_duplicate_sources": duplicates, "prompts_cut": cut,
+                "contamination": check, "preview": previews}
+
+    folder = build_dir(spec) / "msic"
+    result = publish_folder(folder, fingerprint, write)
+    return {**result, "msic": str(folder.resolve()), "skipped": False}
 
 
 def diff_manifests(a: dict, b: dict) -> dict[str, list[str]]:

@@ -23,7 +23,7 @@ import os
 import shutil
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -131,6 +131,66 @@ def near_duplicate_sources(embeddings: dict[str, np.ndarray], threshold: float) 
     return duplicates
 
 
+def drop_near_duplicates(spec: BuildSpec, index: FilterIndex, stage: str) -> tuple[list[dict], list[dict], int]:
+    """The index rows of sources no earlier kept source nearly duplicates (CLIP cosine at least the
+    filter section's threshold), the dropped rows of the others with their reason (for `stage`'s
+    dropped table), and how many sources were dropped."""
+    threshold = spec.filter.near_duplicate_clip
+    duplicates = near_duplicate_sources(index.embeddings, threshold)
+    kept, dropped = [], []
+    for row in index.rows:
+        if row["source_id"] in duplicates:
+            source, score = duplicates[row["source_id"]]
+            dropped.append(dropped_row(row, stage, "near_duplicate", f"CLIP cosine {score:.4f} >= {threshold} to source {source}"))
+        else:
+            kept.append(row)
+    return kept, dropped, len(duplicates)
+
+
+def dropped_row(row: dict, stage: str, reason: str, detail: str) -> dict:
+    return {"id": row["id"], "index": row["index"], "stage": stage, "reason": reason, "detail": detail}
+
+
+def with_features(schema: pa.Schema, features: dict) -> pa.Schema:
+    """`schema` carrying the Hugging Face features, so `datasets` decodes its images as images."""
+    return schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+
+
+def yaml_header(header: dict) -> str:
+    """A card's YAML front matter, as the Hub reads it."""
+    return f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n\n"
+
+
+def published_result(folder: Path, fingerprint: str) -> dict | None:
+    """What the publication in `folder` recorded, when it was made with this fingerprint; else None."""
+    try:
+        done = json.loads((folder / "publish.done.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return done.get("result") if done.get("fingerprint") == fingerprint else None
+
+
+def publish_folder(folder: Path, fingerprint: str, write: Callable[[Path], dict]) -> dict:
+    """The one way a publication is written: `write(staging)` fills a staging folder beside `folder`
+    and returns the result; the marker (fingerprint and result) goes in last, then the staging
+    folder replaces `folder` whole, so a reader never sees a half-written publication."""
+    staging = folder.with_name(f".{folder.name}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        result = write(staging)
+        (staging / "publish.done.json").write_text(json.dumps({"fingerprint": fingerprint, "result": result}, indent=1) + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = folder.with_name(f".{folder.name}-old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return result
+
+
 def preview_ids(seed: int, ids: list[str], count: int = PREVIEW_SAMPLES) -> list[str]:
     """A fixed random subset of `ids`: the same spec previews the same samples on every rebuild."""
     return sorted(sorted(ids, key=lambda i: stable_int(seed, i, "preview"))[:count])
@@ -165,10 +225,6 @@ def preview_markdown(folder: Path, previews: list[str], inline: bool = False, wi
     return lines + [""]
 
 
-def _dropped(row: dict, reason: str, detail: str) -> dict:
-    return {"id": row["id"], "index": row["index"], "stage": "publish", "reason": reason, "detail": detail}
-
-
 def published_row(row: dict) -> dict:
     subjects = row["subjects"]
     return {
@@ -179,10 +235,6 @@ def published_row(row: dict) -> dict:
         "masks": [s["mask"] for s in subjects], "regions": [s["region"] for s in subjects],
         "references": [s["reference"] for s in subjects],
     }
-
-
-def published_schema() -> pa.Schema:
-    return PUBLISHED.with_metadata({"huggingface": json.dumps({"info": {"features": PUBLISHED_FEATURES}})})
 
 
 def funnel(summaries: list[dict], publish_drops: Counter, published: int) -> list[dict]:
@@ -245,7 +297,7 @@ def card(spec: BuildSpec, stats: dict) -> str:
         "proves the machinery; real checkpoints give real data.\n" if tiny else ""
     )
     return (
-        f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n\n"
+        yaml_header(header) +
         f"# MUSIC training set: {spec.name}\n{warning}\n"
         "Multi-subject in-context generation samples made by an open implementation of the MUSIC data pipeline "
         "(arXiv 2604.07422) by the paper's recipe, with the deviations `docs/FIDELITY.md` of the pipeline's repository "
@@ -266,67 +318,52 @@ def card(spec: BuildSpec, stats: dict) -> str:
 
 def published_stats(spec: BuildSpec, fingerprint: str) -> dict | None:
     """The stats of the published dataset when it was published with this fingerprint."""
-    out = build_dir(spec) / "dataset"
-    marker = out / "publish.done.json"
-    if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
-        return {**json.loads((out / "stats.json").read_text()), "skipped": True}
-    return None
+    stats = published_result(build_dir(spec) / "dataset", fingerprint)
+    return None if stats is None else {**stats, "skipped": True}
 
 
 def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict], fingerprint: str) -> dict:
     """Write the published dataset (or return its stats when this fingerprint is already published)."""
     if stats := published_stats(spec, fingerprint):
         return stats
-    out = build_dir(spec) / "dataset"
     index = read_filter_index(filter_dir, shards)
-    duplicates = near_duplicate_sources(index.embeddings, spec.filter.near_duplicate_clip)
-    dropped = []
-    for row in index.rows:
-        if row["source_id"] in duplicates:
-            kept, score = duplicates[row["source_id"]]
-            dropped.append(_dropped(row, "near_duplicate", f"CLIP cosine {score:.4f} >= {spec.filter.near_duplicate_clip} to source {kept}"))
-    rows = sorted((r for r in index.rows if r["source_id"] not in duplicates), key=lambda r: r["id"])
+    kept, dropped, _ = drop_near_duplicates(spec, index, "publish")
+    rows = sorted(kept, key=lambda r: r["id"])
     cap = spec.publish.max_samples
     if cap is not None and len(rows) > cap:
-        dropped += [_dropped(r, "over_max_samples", f"sample {rank + 1} of {len(rows)} by id; max_samples {cap}")
+        dropped += [dropped_row(r, "publish", "over_max_samples", f"sample {rank + 1} of {len(rows)} by id; max_samples {cap}")
                     for rank, r in enumerate(rows) if rank >= cap]
         rows = rows[:cap]
-    drops = Counter(d["reason"] for d in dropped)
     write_table(dropped, DROPPED, stage_dir(spec, "publish", fingerprint) / "dropped.parquet")
-    staging = build_dir(spec) / f".dataset-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "data").mkdir(parents=True)
-    # Rows read a shard at a time and written as they come, a row group per (file, shard): memory is one shard.
-    per_file, files = spec.publish.rows_per_file, max(1, -(-len(rows) // spec.publish.rows_per_file))
-    previews = set(preview_ids(spec.seed, [r["id"] for r in rows]))
-    preview_rows = {}
-    stream = stream_rows(filter_dir, index, [r["id"] for r in rows], ImageStore.of_stage_dir(filter_dir))
-    schema = published_schema()
-    for number in range(files):
-        ids = [r["id"] for r in rows[number * per_file:(number + 1) * per_file]]
-        path = staging / "data" / f"train-{number:05d}-of-{files:05d}.parquet"
-        with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-            for _, run in itertools.groupby(ids, key=index.shard_of.get):  # consecutive ids of one shard
-                batch = [published_row(next(stream)) for _ in run]
-                preview_rows.update((r["id"], r) for r in batch if r["id"] in previews)
-                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
     counts = Counter(r["num_subjects"] for r in rows)
     stats = {
         "name": spec.name, "samples": len(rows), "sources": len({r["source_id"] for r in rows}),
         "subject_counts": {str(k): counts[k] for k in sorted(counts)},
-        "funnel": funnel(summaries, drops, len(rows)), "spec_hash": spec.spec_hash(), "code_version": code_version(),
-        "fingerprint": fingerprint, "execution": execution_settings(summaries),
+        "funnel": funnel(summaries, Counter(d["reason"] for d in dropped), len(rows)), "spec_hash": spec.spec_hash(),
+        "code_version": code_version(), "fingerprint": fingerprint, "execution": execution_settings(summaries),
     }
-    sheets = [(i, render_sheet(from_published(preview_rows[i]))) for i in sorted(previews)]
-    stats["preview"] = [p.relative_to(staging).as_posix() for p in write_sheets(staging / "preview", sheets)]
-    (staging / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
-    (staging / "README.md").write_text(card(spec, stats))
-    _plots(staging / "plots", stats["funnel"], counts)
-    (staging / "publish.done.json").write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
-    # Swap the finished folder in; a reader never sees a half-written dataset.
-    old = build_dir(spec) / f".dataset-old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
-    return {**stats, "skipped": False}
+
+    def write(staging: Path) -> dict:
+        (staging / "data").mkdir()
+        # Rows read a shard at a time and written as they come, a row group per (file, shard): memory is one shard.
+        per_file, files = spec.publish.rows_per_file, max(1, -(-len(rows) // spec.publish.rows_per_file))
+        previews = set(preview_ids(spec.seed, [r["id"] for r in rows]))
+        preview_rows = {}
+        stream = stream_rows(filter_dir, index, [r["id"] for r in rows], ImageStore.of_stage_dir(filter_dir))
+        schema = with_features(PUBLISHED, PUBLISHED_FEATURES)
+        for number in range(files):
+            ids = [r["id"] for r in rows[number * per_file:(number + 1) * per_file]]
+            path = staging / "data" / f"train-{number:05d}-of-{files:05d}.parquet"
+            with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+                for _, run in itertools.groupby(ids, key=index.shard_of.get):  # consecutive ids of one shard
+                    batch = [published_row(next(stream)) for _ in run]
+                    preview_rows.update((r["id"], r) for r in batch if r["id"] in previews)
+                    writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+        sheets = [(i, render_sheet(from_published(preview_rows[i]))) for i in sorted(previews)]
+        written = {**stats, "preview": [p.relative_to(staging).as_posix() for p in write_sheets(staging / "preview", sheets)]}
+        (staging / "stats.json").write_text(json.dumps(written, indent=1) + "\n")
+        (staging / "README.md").write_text(card(spec, written))
+        _plots(staging / "plots", written["funnel"], counts)
+        return written
+
+    return {**publish_folder(build_dir(spec) / "dataset", fingerprint, write), "skipped": False}

@@ -49,7 +49,7 @@ def pytest_collection_modifyitems(session, config, items):
         import sys
 
         assert "prefect" not in sys.modules, "a test module imported prefect at collection; import it inside tests"
-        from flows.server import spawn_server
+        from flows.ops.server import spawn_server
 
         _server["process"], _server["api_url"] = spawn_server(port=0)
         os.environ["PREFECT_API_URL"] = _server["api_url"]
@@ -57,7 +57,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 def pytest_unconfigure(config):
     if "process" in _server:
-        from flows.server import stop_server
+        from flows.ops.server import stop_server
 
         stop_server()
     shutil.rmtree(_server.get("home", ""), ignore_errors=True)
@@ -72,7 +72,7 @@ def music_home() -> Path:
 def prefect_api() -> str:
     """The API URL of the session's real Prefect server, once it answers."""
     if "process" in _server:
-        from flows.server import wait_healthy
+        from flows.ops.server import wait_healthy
 
         wait_healthy(_server["process"], _server["api_url"])
     return os.environ["PREFECT_API_URL"]

@@ -10,15 +10,15 @@ from music_model.zoo.arch import (ARCH_BY_HUB_ID, ARCHES, TINY_SUFFIX, ensure_ar
 
 # Published parameter counts (model cards / checkpoint headers); SAM 2.1's 224M includes the video
 # memory modules that the image model (Sam2Model) does not have.
-PUBLISHED = {
+PUBLISHED_PARAMS = {
     "qwen3_8b": 8.19e9, "qwen2_5_vl_7b": 8.29e9, "flux_dev": 11.90e9 + 4.76e9 + 0.123e9 + 0.084e9,
     "grounding_dino_base": 233e6, "sam2_1_large": 217e6, "clip_l14": 427.6e6, "clip_b32": 151.3e6, "dino_vits16": 21.7e6,
 }
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED))
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
 def test_parameter_counts_match_the_published_models(name):
-    assert param_count(name) == pytest.approx(PUBLISHED[name], rel=0.01)
+    assert param_count(name) == pytest.approx(PUBLISHED_PARAMS[name], rel=0.01)
 
 
 def test_param_bytes_follow_the_dtype():

@@ -153,7 +153,7 @@ def test_worker_pinned_to_a_gpu_runs_its_flow_runs_on_that_gpu(prefect_api, tmp_
     from prefect.deployments import run_deployment
     from test_ops import stop
 
-    from flows.deploy import ensure_process_pool
+    from flows.ops.deploy import ensure_process_pool
 
     pool = "music-test-gpu-pin"
     ensure_process_pool(pool)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.plan import BUILD_STAGES, STAGE_UNITS, read_bench
+from tasks.cost_plan import BUILD_STAGES, STAGE_UNITS, read_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ from music_model.media.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMA
 from music_model.roles import load_role
 from music_model.scoring.metrics import (SCALE, Scorer, UnreadableImage, bootstrap_estimate, cosine_matrix, decode_image, pair_means,
                                  rowwise_cosine)
-from music_model.scoring.multisubject import CasesError, _assign, by_subject_count, decode_case, read_cases, score_cases
+from music_model.scoring.multisubject import CasesError, _assign, by_subject_count, decode_case, read_cases_table, score_cases
 from music_model.scoring.passn import passn_curve, selection_weights
 
 COMMON = {"device": "cpu", "dtype": "float32", "batch_size": 4}
@@ -347,20 +347,20 @@ def test_bad_cases_are_dropped_with_reasons(tmp_path, dreambench_dir):
 
 def test_a_bad_cases_table_fails_before_any_work(tmp_path, dreambench_dir):
     with pytest.raises(CasesError, match="not found"):
-        read_cases(tmp_path / "absent.parquet")
+        read_cases_table(tmp_path / "absent.parquet")
     (tmp_path / "text.parquet").write_text("case_id,instruction\n")
     with pytest.raises(CasesError, match="not a readable Parquet"):
-        read_cases(tmp_path / "text.parquet")
+        read_cases_table(tmp_path / "text.parquet")
     pq.write_table(pa.table({"case_id": ["a"], "instruction": ["x"]}), tmp_path / "thin.parquet")
     with pytest.raises(CasesError, match="missing columns categories, references, generated"):
-        read_cases(tmp_path / "thin.parquet")
+        read_cases_table(tmp_path / "thin.parquet")
     pq.write_table(pa.Table.from_pylist([], schema=CASES), tmp_path / "empty.parquet")
     with pytest.raises(CasesError, match="no cases"):
-        read_cases(tmp_path / "empty.parquet")
+        read_cases_table(tmp_path / "empty.parquet")
     row = synthetic_cases(dreambench_dir, [("cat",)], candidates=1)[0]
     pq.write_table(pa.Table.from_pylist([row, row], schema=CASES), tmp_path / "twice.parquet")
     with pytest.raises(CasesError, match="duplicate case_id 'case-0'"):
-        read_cases(tmp_path / "twice.parquet")
+        read_cases_table(tmp_path / "twice.parquet")
     without_prompt = pa.Table.from_pylist([row], schema=CASES).drop_columns(["prompt"])
     pq.write_table(without_prompt, tmp_path / "no-prompt.parquet")
-    assert read_cases(tmp_path / "no-prompt.parquet").column("prompt").to_pylist() == [None]
+    assert read_cases_table(tmp_path / "no-prompt.parquet").column("prompt").to_pylist() == [None]

@@ -233,7 +233,7 @@ def test_server_profile_names_the_server_and_keeps_the_users_profiles(tmp_path):
     user's own profiles and their active choice, owner-only like Prefect's own file."""
     from prefect.settings import PREFECT_API_URL, PREFECT_PROFILES_PATH, load_profiles, temporary_settings
 
-    from flows.server import save_profile
+    from flows.ops.server import save_profile
 
     path = tmp_path / "profiles.toml"
     path.write_text('active = "mine"\n\n[profiles.mine]\nPREFECT_API_URL = "http://10.0.0.1:4200/api"\n')

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data_specs.build import load_build_spec, parse_build_spec
-from tasks.plan import PlanError, Rates, format_plan, funnel, measured_rates, plan, project_hours, read_bench
+from tasks.cost_plan import PlanError, Rates, format_plan, funnel, measured_rates, plan, project_hours, read_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def test_music_10k_plan_loads_no_model(tmp_path):
     """The plan of ~65 GB of checkpoints runs offline in a small process: sizes come from the meta device."""
     out = tmp_path / "plan.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MUSIC_HOME": str(tmp_path / "home")}
-    command = ("import resource; from flows.cli import app; "
+    command = ("import resource; from flows.cli.main import app; "
                f"app(['plan', 'data_specs/music_10k.yaml', '--json', {str(out)!r}], standalone_mode=False); "
                "print('max_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     done = subprocess.run([sys.executable, "-c", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -160,7 +160,7 @@ def test_subject_stage_drops_the_thinning_model_misses_are_scaled_in(tmp_path):
 
 
 def test_disk_counts_each_image_once_in_the_build_and_every_embedding_in_the_published_set():
-    from tasks.plan import PNG_BYTES_PER_PIXEL, disk
+    from tasks.cost_plan import PNG_BYTES_PER_PIXEL, disk
 
     spec = load_build_spec("data_specs/music_10k.yaml")
     expected = funnel(spec)

@@ -91,7 +91,7 @@ def test_publish_writes_a_seeded_preview_shown_in_the_card(published):
 
 
 def test_music_show_renders_the_previewed_samples_or_the_ones_asked_for(published, tmp_path):
-    from flows.cli import app
+    from flows.cli.main import app
 
     dataset, stats, result = published
     runner = CliRunner()

@@ -238,7 +238,7 @@ def generate_msic_shard(model: MusicModel, cases: Sequence[GenerationCase], out_
     return case_rows, records
 
 
-def generate_dreambench_shard(model: MusicModel, bench, images_dir: Path, subjects: Sequence[str], prompt_indices: Sequence[int],
+def generate_dreambench_images(model: MusicModel, bench, images_dir: Path, subjects: Sequence[str], prompt_indices: Sequence[int],
                               candidates: int, seed: int, reference_index: int = 0) -> tuple[dict, list[dict]]:
     """Render the DreamBench grid cells of `subjects` that have no image yet, by the naming convention
     (`<subject>/<PP>_<K>.png`): the prompt with `<s1>` in the rare token's place is the instruction,

@@ -50,7 +50,7 @@ class Case:
     candidate_index: list[int]  # each kept candidate's position in the case's `generated` list
 
 
-def read_cases(path: str | Path) -> pa.Table:
+def read_cases_table(path: str | Path) -> pa.Table:
     """The cases table, checked as a whole: the file, its columns and types, unique non-empty IDs."""
     path = Path(path).expanduser()
     if not path.is_file():

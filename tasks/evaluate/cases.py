@@ -4,7 +4,6 @@ scores by subject count, Pass@N, the report with its plot)."""
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -13,13 +12,13 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from data_specs.eval import CANDIDATE_SCORES, CASE_DROPS, SUBJECT_SCORES, EvalSpec
-from music_model.roles import load_role, thread_model_loads
+from music_model.roles import load_role
 from music_model.scoring.metrics import PROTOCOL, SCALE, Scorer
 from music_model.scoring.multisubject import CASE_METRICS, by_subject_count, decode_case, score_cases
 from music_model.scoring.passn import passn_curve
-from tasks.engine import shard_name, write_atomic, write_table
-from tasks.evaluate.common import (LABELS, comparison_rows, done_shard, figure, finish_shard, gather, markdown_table, passn_outputs,
-                                   published_note, save_figure, tiny_note, with_ci, write_json)
+from tasks.engine import run_marked, shard_name, write_atomic, write_table
+from tasks.evaluate.common import (LABELS, comparison_rows, figure, gather, markdown_table, passn_outputs,
+                                   published_note, save_figure, shard_marker, tiny_note, with_ci, write_json)
 
 
 def read_row_range(path: str | Path, start: int, stop: int) -> list[dict]:
@@ -42,30 +41,29 @@ def score_cases_shard(spec_json: str, cases_path: str, start: int, stop: int, sh
     """Score cases [start, stop) of a cases table: decode (dropping what does not decode, with the
     reason), then UNO-style, CLIP-T, grounded and selector scores in batched passes."""
     work = Path(work_dir)
-    if done := done_shard(work, shard):
-        return done
-    spec = EvalSpec.model_validate_json(spec_json)
-    begin, loads = time.perf_counter(), thread_model_loads()
-    base_dir = Path(cases_path).expanduser().resolve().parent
-    rows = read_row_range(cases_path, start, stop)
-    cases, drops = [], []
-    for row in rows:
-        case, case_drops = decode_case(row, base_dir)
-        drops.extend(case_drops)
-        if case is not None:
-            cases.append(case)
-    candidate_rows, subject_rows = [], []
-    if cases:
-        scorer = Scorer.from_specs(spec.roles["dino"], spec.roles["clip"], spec.roles["clip_select"] if with_selection else None)
-        candidate_rows, subject_rows = score_cases(scorer, load_role(spec.roles["detector"]), cases, spec.grounding, with_selection)
-    write_table(candidate_rows, CANDIDATE_SCORES, work / f"{shard_name(shard)}.candidates.parquet")
-    write_table(subject_rows, SUBJECT_SCORES, work / f"{shard_name(shard)}.subjects.parquet")
-    write_table(drops, CASE_DROPS, work / f"{shard_name(shard)}.dropped.parquet")
-    return finish_shard(work, shard, {
-        "shard": shard, "rows_in": len(rows), "cases": len(cases), "scored": len(candidate_rows),
-        "dropped": dict(Counter(d["reason"] for d in drops)), "seconds": round(time.perf_counter() - begin, 3),
-        "model_loads": thread_model_loads() - loads,
-    })
+
+    def scored() -> tuple[dict, list[Path]]:
+        spec = EvalSpec.model_validate_json(spec_json)
+        base_dir = Path(cases_path).expanduser().resolve().parent
+        rows = read_row_range(cases_path, start, stop)
+        cases, drops = [], []
+        for row in rows:
+            case, case_drops = decode_case(row, base_dir)
+            drops.extend(case_drops)
+            if case is not None:
+                cases.append(case)
+        candidate_rows, subject_rows = [], []
+        if cases:
+            scorer = Scorer.from_specs(spec.roles["dino"], spec.roles["clip"], spec.roles["clip_select"] if with_selection else None)
+            candidate_rows, subject_rows = score_cases(scorer, load_role(spec.roles["detector"]), cases, spec.grounding, with_selection)
+        outputs = {work / f"{shard_name(shard)}.{kind}.parquet": (table, schema) for kind, table, schema in
+                   (("candidates", candidate_rows, CANDIDATE_SCORES), ("subjects", subject_rows, SUBJECT_SCORES), ("dropped", drops, CASE_DROPS))}
+        for path, (table, schema) in outputs.items():
+            write_table(table, schema, path)
+        return {"shard": shard, "rows_in": len(rows), "cases": len(cases), "scored": len(candidate_rows),
+                "dropped": dict(Counter(d["reason"] for d in drops))}, list(outputs)
+
+    return run_marked(shard_marker(work, shard), scored)
 
 
 def finish_cases(spec: EvalSpec, cases_path: str, work_dir: Path, shards: int, cases_in: int, extra: dict) -> dict:

@@ -1,5 +1,5 @@
 """What the DreamBench and the multi-subject evaluations share: shard bookkeeping (chunks, input
-fingerprints, done markers, gathering shard files), report pieces (JSON without NaN, Markdown tables,
+fingerprints, marker paths, gathering shard files; the markers themselves are `tasks.engine`'s), report pieces (JSON without NaN, Markdown tables,
 the paper's published rows, the Pass@N section) and the plotting set-up."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_specs.eval import PUBLISHED, PUBLISHED_SOURCE, EvalSpec
+from data_specs.eval import PAPER_FIGURES, PAPER_FIGURES_SOURCE, EvalSpec
 from tasks.engine import shard_name, write_atomic, write_table
 
 LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "uno_dino": "DINO (UNO)", "uno_clip_i": "CLIP-I (UNO)",
@@ -43,15 +43,8 @@ def files_digest(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def done_shard(work_dir: Path, shard: int) -> dict | None:
-    """The marker of a shard already scored with these inputs, or None."""
-    marker = work_dir / f"{shard_name(shard)}.done.json"
-    return {**json.loads(marker.read_text()), "skipped": True} if marker.exists() else None
-
-
-def finish_shard(work_dir: Path, shard: int, summary: dict) -> dict:
-    write_atomic(work_dir / f"{shard_name(shard)}.done.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
-    return {**summary, "skipped": False}
+def shard_marker(work_dir: Path, shard: int) -> Path:
+    return work_dir / f"{shard_name(shard)}.done.json"
 
 
 def gather(work_dir: Path, shards: int, kind: str, schema: pa.Schema) -> list[dict]:
@@ -112,8 +105,8 @@ def published_note(benchmark: str) -> list[str]:
 
 def comparison_rows(benchmark: str, measured: list[dict]) -> list[dict]:
     """The paper's published rows beside ours, each labelled with where its numbers come from."""
-    published = [{"row": f"{p['method']} ({p['setting']})", "source": PUBLISHED_SOURCE, "dino": p["dino"],
-                  "clip_i": p["clip_i"], "clip_t": p["clip_t"]} for p in PUBLISHED if p["benchmark"] == benchmark]
+    published = [{"row": f"{p['method']} ({p['setting']})", "source": PAPER_FIGURES_SOURCE, "dino": p["dino"],
+                  "clip_i": p["clip_i"], "clip_t": p["clip_t"]} for p in PAPER_FIGURES if p["benchmark"] == benchmark]
     return published + measured
 
 

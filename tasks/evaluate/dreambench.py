@@ -4,7 +4,6 @@ scores, Pass@N, the report with its per-subject plot)."""
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -13,14 +12,14 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from data_specs.eval import DREAMBENCH_DROPS, DREAMBENCH_SCORES, EvalSpec
-from music_model.roles import load_role, thread_model_loads
+from music_model.roles import load_role
 from music_model.scoring.dreambench import (DreamBench, GeneratedImage, Scan, coverage, generate_missing, load_dreambench,
                                             score_generated, summarise)
 from music_model.scoring.metrics import METRICS, PROTOCOL, SCALE, Scorer
 from music_model.scoring.passn import passn_curve
-from tasks.engine import shard_name, write_atomic, write_table
-from tasks.evaluate.common import (LABELS, comparison_rows, done_shard, figure, finish_shard, gather, markdown_table, passn_outputs,
-                                   published_note, save_figure, tiny_note, with_ci, write_json)
+from tasks.engine import ShardMeter, run_marked, shard_name, write_atomic, write_table
+from tasks.evaluate.common import (LABELS, comparison_rows, figure, gather, markdown_table, passn_outputs,
+                                   published_note, save_figure, shard_marker, tiny_note, with_ci, write_json)
 
 PLAN = pa.schema([("subject", pa.string()), ("prompt_index", pa.int32()), ("sample", pa.int32()), ("path", pa.string())])
 
@@ -30,39 +29,38 @@ def write_plan(scan: Scan, path: Path) -> None:
     write_table(rows, PLAN, path)
 
 
-def generate_dreambench_shard(spec_json: str, bench_root: str, images_dir: str, subjects: list[str], shard: int) -> dict:
+def generate_missing_cells(spec_json: str, bench_root: str, images_dir: str, subjects: list[str], shard: int) -> dict:
     """Render the grid cells of `subjects` that have no image yet with the spec's generator."""
     spec = EvalSpec.model_validate_json(spec_json)
     params = spec.generation
     bench = load_dreambench(bench_root, check_images=False)
-    start, loads = time.perf_counter(), thread_model_loads()
+    meter = ShardMeter()
     prompts = params.prompt_indices or list(range(min(len(bench.templates(s)) for s in subjects)))
     counts = generate_missing(load_role(spec.generator), bench, images_dir, subjects, prompts, params.images_per_prompt,
                               params.width, params.height, params.seed, params.unique_token, params.reference_index)
-    return {"shard": shard, "subjects": subjects, **counts, "seconds": round(time.perf_counter() - start, 3),
-            "model_loads": thread_model_loads() - loads}
+    return {"shard": shard, "subjects": subjects, **counts, **meter.figures()}
 
 
 def score_dreambench_shard(spec_json: str, bench_root: str, plan_path: str, subjects: list[str], shard: int,
                            work_dir: str, with_selection: bool) -> dict:
     """Score every planned image of `subjects` (references and images embedded once, in batches)."""
     work = Path(work_dir)
-    if done := done_shard(work, shard):
-        return done
-    spec = EvalSpec.model_validate_json(spec_json)
-    start, loads = time.perf_counter(), thread_model_loads()
-    bench = load_dreambench(bench_root, check_images=False)
-    wanted = set(subjects)
-    images = [GeneratedImage(r["subject"], r["prompt_index"], r["sample"], Path(r["path"]))
-              for r in pq.read_table(plan_path).to_pylist() if r["subject"] in wanted]
-    scorer = Scorer.from_specs(spec.roles["dino"], spec.roles["clip"], spec.roles["clip_select"] if with_selection else None)
-    rows, drops = score_generated(scorer, bench, images, with_selection)
-    write_table(rows, DREAMBENCH_SCORES, work / f"{shard_name(shard)}.scores.parquet")
-    write_table(drops, DREAMBENCH_DROPS, work / f"{shard_name(shard)}.dropped.parquet")
-    return finish_shard(work, shard, {
-        "shard": shard, "rows_in": len(images), "scored": len(rows), "dropped": dict(Counter(d["reason"] for d in drops)),
-        "seconds": round(time.perf_counter() - start, 3), "model_loads": thread_model_loads() - loads,
-    })
+
+    def scored() -> tuple[dict, list[Path]]:
+        spec = EvalSpec.model_validate_json(spec_json)
+        bench = load_dreambench(bench_root, check_images=False)
+        wanted = set(subjects)
+        images = [GeneratedImage(r["subject"], r["prompt_index"], r["sample"], Path(r["path"]))
+                  for r in pq.read_table(plan_path).to_pylist() if r["subject"] in wanted]
+        scorer = Scorer.from_specs(spec.roles["dino"], spec.roles["clip"], spec.roles["clip_select"] if with_selection else None)
+        rows, drops = score_generated(scorer, bench, images, with_selection)
+        outputs = {work / f"{shard_name(shard)}.scores.parquet": (rows, DREAMBENCH_SCORES),
+                   work / f"{shard_name(shard)}.dropped.parquet": (drops, DREAMBENCH_DROPS)}
+        for path, (table, schema) in outputs.items():
+            write_table(table, schema, path)
+        return {"shard": shard, "rows_in": len(images), "scored": len(rows), "dropped": dict(Counter(d["reason"] for d in drops))}, list(outputs)
+
+    return run_marked(shard_marker(work, shard), scored)
 
 
 def finish_dreambench(spec: EvalSpec, bench: DreamBench, scan: Scan, work_dir: Path, shards: int, extra: dict) -> dict:
@@ -139,7 +137,7 @@ def plot_subjects(subject_rows: list[dict], path: Path) -> None:
 
 @task(name="generate-dreambench", task_run_name="generate-shard-{shard:05d}")
 def generate_task(spec_json: str, bench_root: str, images_dir: str, subjects: list[str], shard: int) -> dict:
-    return generate_dreambench_shard(spec_json, bench_root, images_dir, subjects, shard)
+    return generate_missing_cells(spec_json, bench_root, images_dir, subjects, shard)
 
 
 @task(name="score-dreambench", task_run_name="score-dreambench-shard-{shard:05d}")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from flows.cli_shared import BUSY_EXIT, fail, quiet_model_progress_bars, refuse_if_building, start_server
+from flows.cli.shared import BUSY_EXIT, fail, quiet_model_progress_bars, refuse_if_building, start_server
 
 msic_app = typer.Typer(help="The MSIC benchmark (1-12 subjects per case).", no_args_is_help=True)
 
@@ -80,10 +80,10 @@ def check_overlap_cmd(
     or a target or reference whose CLIP and DINO embeddings nearly duplicate a training image's."""
     from data_specs.build import load_build_spec
     from data_specs.roles import SpecError
-    from tasks.msic import OverlapError, check_overlap, embedders, read_cases
+    from tasks.msic import OverlapError, check_overlap, embedders, read_benchmark_cases
 
     try:
-        cases = read_cases(msic)
+        cases = read_benchmark_cases(msic)
         built = None
         if not exact_only:
             spec = spec or msic / ".." / "spec.yaml"

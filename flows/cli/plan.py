@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from flows.cli_shared import fail
+from flows.cli.shared import fail
 
 
 def plan_command(
@@ -19,7 +19,7 @@ def plan_command(
     the projected GPU-hours; loads no model."""
     from data_specs.build import load_build_spec
     from data_specs.roles import SpecError
-    from tasks.plan import PlanError, format_plan, plan, read_bench
+    from tasks.cost_plan import PlanError, format_plan, plan, read_bench
 
     try:
         parsed = load_build_spec(spec)

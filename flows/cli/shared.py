@@ -1,7 +1,6 @@
 """What the `music` command and its sub-command modules share: the one-line error exit, starting the
-Prefect server, quieting model progress bars. `cli.py` assembles the sub-command modules
-(`eval_cli`, `msic_cli`, `model_cli`, `plan_cli`, `show_cli`); they and it import this module, and
-it imports none of them, so the command modules form a tree with no circle."""
+Prefect server, quieting model progress bars. `main.py` assembles the sub-command modules (`eval`,
+`msic`, `model`, `plan`, `show`); they and it import this module, and it imports none of them."""
 from __future__ import annotations
 
 from typing import NoReturn
@@ -30,7 +29,7 @@ def refuse_if_building(spec, wait: bool) -> None:
 def start_server(loads_models: bool = True) -> None:
     """Start (or reuse) the local Prefect server and print its UI address. Call it before anything
     imports prefect, which reads its settings at import."""
-    from flows.server import ensure_server, ui_url
+    from flows.ops.server import ensure_server, ui_url
 
     typer.echo(f"Prefect UI: {ui_url(ensure_server())}")
     if loads_models:

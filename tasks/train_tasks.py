@@ -13,9 +13,7 @@ Generation writes under `<run>/generated/`::
 """
 from __future__ import annotations
 
-import json
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,10 +23,9 @@ from prefect import task
 
 from data_specs.eval import CASES
 from data_specs.train import TrainSpec
-from music_model.music.model import GENERATION, generate_dreambench_shard, generate_msic_shard, load_model, read_msic_cases
+from music_model.music.model import GENERATION, generate_dreambench_images, generate_msic_shard, load_model, read_msic_cases
 from music_model.music.training import read_history, train
-from music_model.roles import thread_model_loads
-from tasks.engine import shard_name, write_atomic, write_table
+from tasks.engine import run_marked, shard_name, write_atomic, write_table
 
 MAX_PLOTTED = 2000
 
@@ -66,32 +63,21 @@ def train_run(spec_json: str, on_step: Callable[[dict], None] | None = None) -> 
     return {**summary, "plot": str(plot)}
 
 
-def _done(marker: Path) -> dict | None:
-    return {**json.loads(marker.read_text()), "skipped": True} if marker.exists() else None
-
-
-def _finish(marker: Path, summary: dict) -> dict:
-    write_atomic(marker, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
-    return {**summary, "skipped": False}
-
-
 def generate_msic_part(spec_json: str, adapters: str | None, cases_path: str, start: int, stop: int, shard: int, out_dir: str) -> dict:
     """Candidates for MSIC cases [start, stop): images, the cases-table rows and the seeds, then a marker."""
     out = Path(out_dir)
-    marker = out / "parts" / f"{shard_name(shard)}.done.json"
-    if done := _done(marker):
-        return done
-    spec = TrainSpec.model_validate_json(spec_json)
-    begin, loads = time.perf_counter(), thread_model_loads()
-    model = load_model(spec, adapters)
-    rows, records = generate_msic_shard(model, read_msic_cases(cases_path, start, stop), out, spec.generation.candidates,
-                                        spec.generation.seed)
-    write_table(rows, CASES, out / "parts" / f"{shard_name(shard)}.cases.parquet")
-    write_table(records, GENERATION, out / "parts" / f"{shard_name(shard)}.generation.parquet")
-    return _finish(marker, {"shard": shard, "cases": len(rows), "images": len(records),
-                            "plans_repaired": sum(bool(r["repairs"]) for r in records),
-                            "plans_rejected": sum(r["plan_error"] is not None for r in records),
-                            "seconds": round(time.perf_counter() - begin, 3), "model_loads": thread_model_loads() - loads})
+
+    def generated() -> tuple[dict, list[Path]]:
+        spec = TrainSpec.model_validate_json(spec_json)
+        rows, records = generate_msic_shard(load_model(spec, adapters), read_msic_cases(cases_path, start, stop), out,
+                                            spec.generation.candidates, spec.generation.seed)
+        outputs = [out / "parts" / f"{shard_name(shard)}.cases.parquet", out / "parts" / f"{shard_name(shard)}.generation.parquet"]
+        write_table(rows, CASES, outputs[0])
+        write_table(records, GENERATION, outputs[1])
+        return {"shard": shard, "cases": len(rows), "images": len(records), "plans_repaired": sum(bool(r["repairs"]) for r in records),
+                "plans_rejected": sum(r["plan_error"] is not None for r in records)}, outputs
+
+    return run_marked(out / "parts" / f"{shard_name(shard)}.done.json", generated)
 
 
 def merge_msic_parts(out_dir: str, shards: int) -> dict:
@@ -113,17 +99,17 @@ def generate_dreambench_part(spec_json: str, adapters: str | None, bench_root: s
     from music_model.scoring.dreambench import load_dreambench
 
     out = Path(out_dir)
-    marker = out / "parts" / f"{shard_name(shard)}.done.json"
-    if done := _done(marker):
-        return done
-    spec = TrainSpec.model_validate_json(spec_json)
-    begin, loads = time.perf_counter(), thread_model_loads()
-    bench = load_dreambench(bench_root, check_images=False)
-    counts, records = generate_dreambench_shard(load_model(spec, adapters), bench, Path(images_dir), subjects, prompt_indices,
-                                                spec.generation.candidates, spec.generation.seed)
-    write_table(records, GENERATION, out / "parts" / f"{shard_name(shard)}.generation.parquet")
-    return _finish(marker, {"shard": shard, "subjects": subjects, **counts, "seconds": round(time.perf_counter() - begin, 3),
-                            "model_loads": thread_model_loads() - loads})
+
+    def generated() -> tuple[dict, list[Path]]:
+        spec = TrainSpec.model_validate_json(spec_json)
+        bench = load_dreambench(bench_root, check_images=False)
+        counts, records = generate_dreambench_images(load_model(spec, adapters), bench, Path(images_dir), subjects, prompt_indices,
+                                                     spec.generation.candidates, spec.generation.seed)
+        outputs = [out / "parts" / f"{shard_name(shard)}.generation.parquet"]
+        write_table(records, GENERATION, outputs[0])
+        return {"shard": shard, "subjects": subjects, **counts}, outputs
+
+    return run_marked(out / "parts" / f"{shard_name(shard)}.done.json", generated)
 
 
 # --- Prefect task wrappers ------------------------------------------------------------------------------

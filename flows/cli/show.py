@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from flows.cli_shared import fail
+from flows.cli.shared import fail
 
 # What each published folder holds: its Parquet files, its ID column, and how a row becomes a sheet.
 KINDS = {"dataset": ("train-*.parquet", "id", "from_published"), "msic": ("test-*.parquet", "case_id", "from_case")}

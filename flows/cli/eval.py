@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from data_specs.roles import SpecError
-from flows.cli_shared import fail, start_server
+from flows.cli.shared import fail, start_server
 
 eval_app = typer.Typer(help="Score generated images: DreamBench and multi-subject cases (DINO, CLIP-I, CLIP-T; raw cosines).",
                        no_args_is_help=True)
@@ -84,11 +84,11 @@ def msic(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON here."),
 ) -> None:
     """Multi-subject cases: UNO-style and grounded scores, missing rate, worst subject, by subject count, Pass@N."""
-    from music_model.scoring.multisubject import CasesError, read_cases
+    from music_model.scoring.multisubject import CasesError, read_cases_table
 
     try:
         parsed = _spec(spec, output, name)
-        table = read_cases(cases)
+        table = read_cases_table(cases)
         typer.echo(f"{len(table)} cases in {cases}")
     except (SpecError, CasesError, FileNotFoundError, ValueError) as error:
         fail(error)

@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from data_specs.roles import SpecError
-from flows.cli_shared import fail, quiet_model_progress_bars, start_server
+from flows.cli.shared import fail, quiet_model_progress_bars, start_server
 
 generate_app = typer.Typer(help="Generate with the MUSIC model (plan, then render; Pass@N; seeds recorded).", no_args_is_help=True)
 

@@ -8,12 +8,12 @@ from typing import Optional
 
 import typer
 
-from flows.cli_shared import BUSY_EXIT, fail, refuse_if_building, start_server
-from flows.eval_cli import eval_app
-from flows.model_cli import generate_app, pipeline_command, train_command
-from flows.msic_cli import msic_app
-from flows.plan_cli import plan_command
-from flows.show_cli import show
+from flows.cli.shared import BUSY_EXIT, fail, refuse_if_building, start_server
+from flows.cli.eval import eval_app
+from flows.cli.model import generate_app, pipeline_command, train_command
+from flows.cli.msic import msic_app
+from flows.cli.plan import plan_command
+from flows.cli.show import show
 
 app = typer.Typer(help="MUSIC pipeline: data generation, MSIC benchmark, scoring and training.", no_args_is_help=True)
 zoo_app = typer.Typer(help="The tiny model zoo (deterministic random checkpoints for every role).", no_args_is_help=True)
@@ -172,7 +172,7 @@ def server(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand is None:
         import os
 
-        from flows.server import PROFILE, ensure_server, save_profile, ui_url
+        from flows.ops.server import PROFILE, ensure_server, save_profile, ui_url
 
         external = os.environ.get("PREFECT_API_URL")
         api = ensure_server()
@@ -191,7 +191,7 @@ def server(ctx: typer.Context) -> None:
 @server_app.command("stop")
 def server_stop() -> None:
     """Stop the server this state folder started."""
-    from flows.server import stop_server
+    from flows.ops.server import stop_server
 
     typer.echo("stopped" if stop_server() else "no server of ours was running")
 
@@ -199,10 +199,10 @@ def server_stop() -> None:
 @app.command("deploy")
 def deploy() -> None:
     """Register prefect.yaml's deployments (and their process work pools) on the server."""
-    from flows.server import ensure_server, ui_url
+    from flows.ops.server import ensure_server, ui_url
 
     api = ensure_server()
-    from flows.deploy import deployments, register
+    from flows.ops.deploy import deployments, register
 
     done = register()
     if done.returncode != 0:
@@ -225,14 +225,14 @@ def worker(
     import os
 
     from flows.runners import RunnerError, check_runner
-    from flows.server import ensure_server, ui_url
+    from flows.ops.server import ensure_server, ui_url
 
     try:
         check_runner(runner, ray_address)
     except RunnerError as error:
         fail(error)
     api = ensure_server()
-    from flows.deploy import worker_process
+    from flows.ops.deploy import worker_process
 
     command, env = worker_process(pool, gpu, runner, ray_address, name)
     typer.echo(f"Prefect UI: {ui_url(api)}  worker: {command[-1]}  pool: {pool}  CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '(all)')}")
