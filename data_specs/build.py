@@ -85,6 +85,24 @@ class PublishParams(_Section):
     max_samples: int | None = Field(None, ge=1, description="cap on published samples (deterministic: lowest IDs)")
 
 
+class TargetParams(_Section):
+    """Build to a target: sources are made in waves until `samples` publishable samples exist (with
+    `mix`, that many of each subject count), and exactly that many are published;
+    `num_source_images` is then the ceiling on sources."""
+
+    samples: int = Field(ge=1, description="samples to publish")
+    mix: dict[int, float] | None = Field(None, description="subject count -> share of the published samples (normalised)")
+
+    @field_validator("mix")
+    @classmethod
+    def _mix(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        if value is None:
+            return None
+        if not value or any(share < 0 for share in value.values()) or sum(value.values()) <= 0:
+            raise ValueError(f"mix: shares must be non-negative with a positive sum, got {value}")
+        return dict(sorted((count, share) for count, share in value.items() if share > 0))
+
+
 class MsicParams(_Section):
     """The benchmark build: cases stratified by subject count, drawn from the decimated samples."""
 
@@ -107,7 +125,7 @@ class MsicParams(_Section):
 class BuildSpec(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][\w.\-]*$")
     seed: int = 0
-    num_source_images: int = Field(ge=1)
+    num_source_images: int = Field(ge=1, description="source images to make (with a target: the most it may make)")
     subject_counts: dict[int, float] = Field(description="subject count (2..12) -> sampling weight")
     categories: str = "objects365"
     shard_size: int = Field(16, ge=1)
@@ -124,6 +142,7 @@ class BuildSpec(_Section):
     filter: FilterParams = FilterParams()
     publish: PublishParams = PublishParams()
     msic: MsicParams | None = None
+    target: TargetParams | None = None
 
     @field_validator("subject_counts")
     @classmethod
@@ -154,6 +173,20 @@ class BuildSpec(_Section):
         missing = [role for role in needed if role not in self.roles]
         if missing:
             raise ValueError(f"roles: missing {', '.join(missing)}")
+        return self
+
+    @model_validator(mode="after")
+    def _target_reachable(self) -> "BuildSpec":
+        if self.target is None:
+            return self
+        if self.publish.max_samples is not None:
+            raise ValueError("target and publish.max_samples both cap the published samples: keep target.samples")
+        if self.msic is not None:
+            raise ValueError("target: a benchmark build (msic) selects its cases by strata, not by a target")
+        low, high = max(self.filter.min_subjects, self.decimate.min_subjects), min(self.filter.max_subjects, max(self.subject_counts))
+        outside = [count for count in (self.target.mix or {}) if not low <= count <= high]
+        if outside:
+            raise ValueError(f"target.mix: subject counts {outside} cannot be published (this spec publishes {low}..{high})")
         return self
 
     def spec_hash(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +19,11 @@ from flows.run_names import run_name
 from flows.runners import default_task_runner, shard_placement
 from music_model.roles import release_roles
 from tasks.build_tasks import enter_stage, publish_dataset, stage_shard
-from tasks.engine import build_dir, build_lock, check_shard, fingerprint, num_shards, root_fingerprint, stage_dir, write_atomic
-from tasks.publish import preview_markdown, publish_fingerprint, published_stats
+from tasks import waves
+from tasks.cost_plan import funnel
+from tasks.engine import (build_dir, build_lock, check_shard, fingerprint, num_shards, root_fingerprint, shard_input, stage_dir,
+                          write_atomic)
+from tasks.publish import preview_markdown, publish_fingerprint, publishable, published_stats
 from tasks.stages import STAGES
 
 
@@ -54,11 +58,25 @@ def peak_gib(results: list[dict]) -> float | None:
     return round(max(peaks) / 2**30, 2) if peaks else None
 
 
-def report(spec: BuildSpec, tables: list[dict], stats: dict, wall: float, out: Path) -> str:
+def cost_per_sample(summaries: list[dict], samples: int) -> dict[str, float | None]:
+    """Model-seconds (GPU-seconds on a GPU) per published sample, by stage and in all: every shard
+    the published set came from counts, whichever run made it (its marker keeps its seconds)."""
+    seconds: dict[str, float] = {}
+    for summary in summaries:
+        seconds[summary["stage"]] = seconds.get(summary["stage"], 0.0) + summary.get("model_seconds", 0.0)
+    seconds["all"] = sum(seconds.values())
+    return {stage: round(total / samples, 4) if samples else None for stage, total in seconds.items()}
+
+
+def report(spec: BuildSpec, tables: list[dict], stats: dict, wall: float, out: Path, costs: dict[str, float | None],
+           notes: list[str]) -> str:
+    cost = ", ".join(f"{stage} {value}" for stage, value in costs.items() if value is not None) or "-"
     lines = [
         f"# Build report: {spec.name}", "",
+        *[f"**{note}**" if note.startswith("short") else f"- {note}" for note in notes],
         f"- published samples: {stats['samples']} (from {stats['sources']} source images)",
-        f"- subject counts: {stats['subject_counts']}", f"- wall time: {wall:.1f} s", f"- output: {out}", "",
+        f"- subject counts: {stats['subject_counts']}", f"- wall time: {wall:.1f} s", f"- output: {out}",
+        f"- model-seconds per published sample (GPU-seconds on a GPU; every shard counted, whichever run made it): {cost}", "",
         "| stage | shards (skipped) | in | kept | dropped by reason | task s | model s | samples/s | loads | load s | peak GiB | OOM halvings |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -76,15 +94,24 @@ def report(spec: BuildSpec, tables: list[dict], stats: dict, wall: float, out: P
 
 @dataclass
 class StagesRun:
-    """What running the stages left: the last stage's output and what every shard reported."""
+    """What running the stages left: the last stage's output and what every shard reported (a
+    shard's first report in this run: done before it, or made by it, whichever wave asked)."""
 
     spec_json: str
     shards: int
     upstream: str
-    upstream_dir: Path
-    summaries: list[dict] = field(default_factory=list)
-    tables: list[dict] = field(default_factory=list)
+    upstream_dir: Path | None
+    results: dict[str, dict[int, dict]] = field(default_factory=dict)  # stage -> shard -> marker
+    walls: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds in this run
     task_runs: int = 0
+
+    @property
+    def summaries(self) -> list[dict]:
+        return [result for shards in self.results.values() for _, result in sorted(shards.items())]
+
+    @property
+    def tables(self) -> list[dict]:
+        return [stage_table(stage, [r for _, r in sorted(shards.items())], self.walls[stage]) for stage, shards in self.results.items()]
 
 
 def lock_holder_record(what: str) -> dict:
@@ -92,17 +119,18 @@ def lock_holder_record(what: str) -> dict:
     return {"what": what, "flow_run": f"{runtime.flow_run.name} ({runtime.flow_run.id})"}
 
 
-def run_stages(spec: BuildSpec, verify: bool = False) -> StagesRun:
-    """Every stage over every shard, resuming from completed shards whose parts prove themselves
-    (size and footer; with `verify` their sha256 too): a part that fails is redone, with one log
-    line naming it. Shared by the training-set and MSIC builds; call inside a flow, under the
-    build's lock."""
+def run_stages(spec: BuildSpec, verify: bool = False, shards: int | None = None, run: StagesRun | None = None) -> StagesRun:
+    """Every stage over the first `shards` shards (all of them by default), resuming from completed
+    shards made from the same input whose parts prove themselves (size and footer; with `verify`
+    their sha256 too): a part that fails is redone, with one log line naming it. `run` carries a
+    build's earlier waves. Shared by the training-set and MSIC builds; call inside a flow, under
+    the build's lock."""
     logger = get_run_logger()
     out = build_dir(spec).resolve()
     write_atomic(out / "spec.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)))
-    shards, spec_json = num_shards(spec), spec.model_dump_json()
-    upstream, upstream_dir = root_fingerprint(spec), None
-    run = StagesRun(spec_json, shards, upstream, out)
+    shards = num_shards(spec) if shards is None else shards
+    run = run or StagesRun(spec.model_dump_json(), shards, root_fingerprint(spec), None)
+    run.shards, upstream, upstream_dir = shards, root_fingerprint(spec), None
     with stop_promptly(), shard_placement() as placement:
         for stage in STAGES:
             enter_stage(spec, stage.name)  # the registry frees the models this stage does not use
@@ -111,18 +139,19 @@ def run_stages(spec: BuildSpec, verify: bool = False) -> StagesRun:
             progress = create_progress_artifact(0.0, key=artifact_key(spec.name, stage.name, "progress"),
                                                 description=f"{stage.name}: shards done of {shards}")
             # Completed shards are read from their markers: a rerun submits task runs only for work.
+            seen = run.results.setdefault(stage.name, {})
             results = []
             for k in range(shards):
-                marker, problem = check_shard(spec, stage.name, fp, k, verify)
+                marker, problem = check_shard(spec, stage.name, fp, k, verify, shard_input(spec, k, upstream_dir))
                 if problem:
                     logger.warning(problem)
                 if marker:
-                    results.append(marker)
+                    results.append(seen.get(k, marker))
             todo = [k for k in range(shards) if k not in {r["shard"] for r in results}]
             task_placement, submitting = placement.for_stage(stage.name, len(todo))
             with submitting:
                 futures = stage_shard.with_options(tags=[f"stage:{stage.name}"]).map(
-                    stage_name=unmapped(stage.name), spec_json=unmapped(spec_json), shard=todo,
+                    stage_name=unmapped(stage.name), spec_json=unmapped(run.spec_json), shard=todo,
                     fingerprint=unmapped(fp), upstream_dir=unmapped(str(upstream_dir) if upstream_dir else None),
                     placement=unmapped(task_placement),
                 ) if todo else []
@@ -131,18 +160,36 @@ def run_stages(spec: BuildSpec, verify: bool = False) -> StagesRun:
                 update_progress_artifact(progress, 100.0 * len(results) / shards)
             update_progress_artifact(progress, 100.0)
             run.task_runs += len(todo)
-            results.sort(key=lambda r: r["shard"])
-            table = stage_table(stage.name, results, time.perf_counter() - stage_start)
-            run.tables.append(table)
-            run.summaries.extend(results)
+            seen.update((r["shard"], r) for r in results)
+            run.walls[stage.name] = run.walls.get(stage.name, 0.0) + time.perf_counter() - stage_start
+            table = stage_table(stage.name, [seen[k] for k in range(shards)], run.walls[stage.name])
             create_table_artifact([table], key=artifact_key(spec.name, stage.name),
                                   description=f"{stage.name}: kept, dropped by reason, time, throughput")
             logger.info("%-10s kept %d of %d (%s) in %.1f s", stage.name, table["kept"], table["rows_in"],
-                        table["dropped_by_reason"], table["wall_seconds"])
+                        table["dropped_by_reason"], time.perf_counter() - stage_start)
             upstream, upstream_dir = fp, stage_dir(spec, stage.name, fp)
     release_roles()
     run.upstream, run.upstream_dir = upstream, upstream_dir
     return run
+
+
+def run_waves(spec: BuildSpec, verify: bool = False) -> tuple[StagesRun, list[int], list[dict]]:
+    """Build to the spec's target (`tasks.waves`): waves of sources until the target is met or the
+    ceiling reached; the run, the sources made after each wave and the publishable index rows."""
+    logger = get_run_logger()
+    sources, made, run = waves.first_wave(spec, funnel(spec)["per_source_by_count"]), [], None
+    while True:
+        run = run_stages(spec, verify, -(-sources // spec.shard_size), run)
+        made.append(sources)
+        rows = publishable(spec, run.upstream_dir, run.shards)
+        counts = Counter(row["num_subjects"] for row in rows)
+        following = waves.next_wave(spec, sources, counts)
+        logger.info("wave %d: %d sources made; publishable by subject count %s; target %s; %s", len(made), sources,
+                    dict(sorted(counts.items())), waves.wanted(spec),
+                    "next wave to %d sources" % following if following > sources else "done")
+        if following == sources:
+            return run, made, rows
+        sources = following
 
 
 @flow(name="build-training-set", flow_run_name=run_name("build"), log_prints=True,
@@ -155,19 +202,32 @@ def build_training_set(spec_path: str, verify: bool = False, wait: bool = False)
     started = time.perf_counter()
     spec = load_build_spec(spec_path)
     with build_lock(spec, lock_holder_record("build"), wait, logger.info):
-        run = run_stages(spec, verify)
-        publish_fp = publish_fingerprint(spec, run.upstream)
+        if spec.target is None:
+            run, made, short = run_stages(spec, verify), None, None
+        else:
+            run, made, rows = run_waves(spec, verify)
+            short = waves.short_of_target(spec, Counter(r["num_subjects"] for r in rows), made[-1])
+        publish_fp = publish_fingerprint(spec, run.upstream, run.shards)
         stats = published_stats(spec, publish_fp)
         if stats is None:
-            stats = publish_dataset(run.spec_json, str(run.upstream_dir), run.shards, run.summaries, publish_fp)
+            stats = publish_dataset(run.spec_json, str(run.upstream_dir), run.shards, run.summaries, publish_fp, made)
             run.task_runs += 1
         wall = time.perf_counter() - started
         dataset = build_dir(spec).resolve() / "dataset"
-        text = report(spec, run.tables, stats, wall, dataset)
+        costs = cost_per_sample(run.summaries, stats["samples"])
+        notes = [short.line(spec)] if short else []
+        if spec.target is not None:
+            enough = waves.sufficed(spec, rows)
+            notes.append(f"sources made {made[-1]} in {len(made)} waves ({', '.join(map(str, made))}); the fewest that would have "
+                         f"sufficed, known only now: {enough if enough is not None else 'more than were made'}")
+        text = report(spec, run.tables, stats, wall, dataset, costs, notes)
         previews = stats.get("preview", [])
         write_atomic(dataset / "report.md", lambda tmp: tmp.write_text("\n".join([text, *preview_markdown(dataset, previews)])))
         create_markdown_artifact("\n".join([text, *preview_markdown(dataset, previews, inline=True)]),
                                  key=artifact_key(spec.name, "report"), description=f"build report of {spec.name}")
+    if short:
+        logger.warning(short.line(spec))
     logger.info("published %d samples to %s", stats["samples"], dataset)
     return {"dataset": str(dataset), "samples": stats["samples"], "task_runs": run.task_runs, "wall_seconds": round(wall, 2),
-            "model_loads": sum(t["model_loads"] for t in run.tables), "stages": run.tables, "funnel": stats["funnel"]}
+            "model_loads": sum(t["model_loads"] for t in run.tables), "stages": run.tables, "funnel": stats["funnel"],
+            "waves": made, "short": short.line(spec) if short else None, "model_seconds_per_sample": costs}

@@ -35,7 +35,7 @@ def build_msic(spec_path: str, verify: bool = False, wait: bool = False) -> dict
         raise ValueError(f"{spec_path}: not a benchmark spec (it has no `msic` section)")
     with build_lock(spec, lock_holder_record("msic"), wait, logger.info):
         run = run_stages(spec, verify)
-        fingerprint = msic_fingerprint(spec, run.upstream)
+        fingerprint = msic_fingerprint(spec, run.upstream, run.shards)
         result = published_msic(spec, fingerprint)
         if result is None:
             result = publish_msic_task(run.spec_json, str(run.upstream_dir), run.shards, spec.msic.version, fingerprint)

@@ -80,6 +80,7 @@ def stage_shard(stage_name: str, spec_json: str, shard: int, fingerprint: str, u
 
 
 @task(name="publish", task_run_name="publish-{fingerprint}")
-def publish_dataset(spec_json: str, filter_dir: str, shards: int, summaries: list[dict], fingerprint: str) -> dict:
+def publish_dataset(spec_json: str, filter_dir: str, shards: int, summaries: list[dict], fingerprint: str,
+                    waves: list[int] | None = None) -> dict:
     spec = BuildSpec.model_validate_json(spec_json)
-    return publish.publish(spec, Path(filter_dir), shards, summaries, fingerprint)
+    return publish.publish(spec, Path(filter_dir), shards, summaries, fingerprint, waves)

@@ -4,6 +4,7 @@ images no current shard names. `music clean SPEC` lists them with the bytes they
 `--yes`, removes them; the build then still resumes to the same bytes."""
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 
 from data_specs.build import BuildSpec
 from music_model.paths import folder_bytes
-from tasks.engine import build_dir, fingerprint, root_fingerprint
+from tasks.engine import build_dir, fingerprint, num_shards, root_fingerprint
 from tasks.msic import msic_fingerprint
 from tasks.publish import publish_fingerprint
 from tasks.stages import STAGES
@@ -24,9 +25,11 @@ def current_fingerprints(spec: BuildSpec) -> dict[str, str]:
     for stage in STAGES:
         upstream = current[stage.name] = fingerprint(stage, spec, upstream)
     if spec.msic:
-        current["publish-msic"] = msic_fingerprint(spec, upstream)
+        current["publish-msic"] = msic_fingerprint(spec, upstream, num_shards(spec))
     else:
-        current["publish"] = publish_fingerprint(spec, upstream)
+        # A target build publishes from the shards its waves made: the published marker says which.
+        published = json.loads(marker.read_text()) if (marker := build_dir(spec) / "dataset" / "publish.done.json").exists() else {}
+        current["publish"] = (published.get("fingerprint") if spec.target else None) or publish_fingerprint(spec, upstream, num_shards(spec))
     return current
 
 

@@ -36,6 +36,7 @@ from data_specs.build import BuildSpec
 from data_specs.roles import RoleSpec, model_kind
 from music_model.paths import zoo_dir
 from music_model.zoo.arch import ARCH_BY_HUB_ID, param_bytes, param_count
+from tasks import waves
 from tasks.engine import num_shards
 from tasks.stages import BY_NAME, STAGES
 
@@ -191,11 +192,29 @@ def funnel(spec: BuildSpec, rates: Rates = NO_DROPS) -> dict[str, Any]:
     kept = sum(r for k, r in decimated.items() if spec.filter.min_subjects <= k <= spec.filter.max_subjects)
     record("filter", decimated, kept, units=sources)
     samples = kept * rates.near_duplicate_keep
-    cap = spec.publish.max_samples
+    cap = spec.target.samples if spec.target else spec.publish.max_samples  # a target publishes exactly its samples
     published = min(samples, cap) if cap is not None else samples
     per_source = samples / spec.num_source_images
+    by_count = {k: r * rates.near_duplicate_keep / spec.num_source_images for k, r in sorted(decimated.items())
+                if spec.filter.min_subjects <= k <= spec.filter.max_subjects}
     return {"stages": stages, "samples": samples, "published": published, "max_samples": cap, "per_source": per_source,
-            "sources_for_cap": math.ceil(cap / per_source) if cap and per_source else None}
+            "per_source_by_count": by_count, "sources_for_cap": math.ceil(cap / per_source) if cap and per_source else None}
+
+
+def target_projection(spec: BuildSpec, upper: dict[str, Any], expected: dict[str, Any] | None) -> dict[str, Any]:
+    """For a build to a target: the first wave (from the no-drop prior, as the build sizes it) and,
+    with measured keep rates, the sources the target needs and so the waves after the first."""
+    first = waves.first_wave(spec, upper["per_source_by_count"])
+    result: dict[str, Any] = {"samples": spec.target.samples, "wanted": waves.wanted(spec), "first_wave": first,
+                              "ceiling": spec.num_source_images, "sources": None, "waves": None}
+    if expected is not None:
+        per_source = waves.by_key(spec, expected["per_source_by_count"])
+        needed = max((math.ceil(need / per_source[key]) if per_source[key] else None) or spec.num_source_images + 1
+                     for key, need in result["wanted"].items())
+        result["sources"] = needed
+        result["reachable"] = needed <= spec.num_source_images
+        result["waves"] = 1 if needed <= first else 2  # the second wave is sized from the first one's yields
+    return result
 
 
 # --- disk ---
@@ -311,11 +330,14 @@ def plan(spec: BuildSpec, bench: dict[str, Any] | None = None) -> dict[str, Any]
         "models": stage_models(spec), "upper_bound": funnel(spec),
     }
     result["disk"] = disk(spec, result["upper_bound"])
+    expected = None
     if bench is not None:
         expected = funnel(spec, measured_rates(bench))
         hours = project_hours(expected, bench)
         result |= {"device": bench.get("device", "?"), "expected": expected, "hours": hours,
                    "gpu_hours": sum(row["hours"] for row in hours), "disk": disk(spec, expected)}
+    if spec.target is not None:
+        result["target"] = target_projection(spec, result["upper_bound"], expected)
     return result
 
 
@@ -360,6 +382,8 @@ def format_plan(result: dict[str, Any]) -> str:
             lines.append(f"  {row['stage']:10s} {row['units']:10.0f} {row['unit']:9s} {rate:>16s}  load {row['load_seconds']:6.1f} s"
                          f"  {row['hours']:8.2f} h")
         lines.append(f"  total {result['gpu_hours']:.1f} GPU-hours")
+    if "target" in result:
+        lines += ["", *_target_lines(result["target"])]
     space = result["disk"]
     lines += ["", f"disk ({'measured keep rates' if 'expected' in result else 'upper bound'}; PNG at "
                   f"{space['png_bytes_per_pixel']} bytes a pixel, an assumption; each image stored once):"]
@@ -369,6 +393,22 @@ def format_plan(result: dict[str, Any]) -> str:
     lines += [f"  build folder {_gib(space['intermediate_bytes'])}{ratio}; published set {_gib(space['published_bytes'])}; "
               f"free disk for both: {_gib(space['intermediate_bytes'] + space['published_bytes'])}"]
     return "\n".join(lines)
+
+
+def _target_lines(target: dict[str, Any]) -> list[str]:
+    wanted = ", ".join(f"{count} of {key} subjects" if key else "any subject count" for key, count in target["wanted"].items())
+    lines = [f"target: {target['samples']} samples ({wanted}); num_source_images {target['ceiling']} is the ceiling, "
+             "and the figures above are at the ceiling",
+             f"  wave 1: {target['first_wave']} sources (the no-drop prior: never more than the target needs); "
+             "each later wave is sized from the yields measured so far"]
+    if target["sources"] is None:
+        lines.append("  with --bench (measured keep rates) the plan projects the sources and waves the target needs")
+    elif target["reachable"]:
+        lines.append(f"  at the measured keep rates: about {target['sources']} sources in about {target['waves']} waves")
+    else:
+        lines.append(f"  at the measured keep rates the target needs about {target['sources']} sources: more than the ceiling "
+                     f"({target['ceiling']}); raise num_source_images or lower the target")
+    return lines
 
 
 def _funnel_lines(expected: dict[str, Any]) -> list[str]:

@@ -301,11 +301,32 @@ def fingerprint(stage: Stage, spec: BuildSpec, upstream: str) -> str:
 
 
 def root_fingerprint(spec: BuildSpec) -> str:
-    """What every stage depends on: the sampling inputs of compose."""
+    """What every stage depends on: the sampling inputs of compose. Not the number of sources: a
+    source is addressed by its index, so more sources (a raised count, another wave) add shards
+    and rerun none; the one shard whose range a new count changes is redone by `shard_input`."""
     categories = hashlib.sha256(spec.categories_path().read_bytes()).hexdigest()
-    payload = {"seed": spec.seed, "name": spec.name, "n": spec.num_source_images, "counts": spec.subject_counts,
-               "categories": categories, "shard_size": spec.shard_size}
+    payload = {"seed": spec.seed, "name": spec.name, "counts": spec.subject_counts, "categories": categories,
+               "shard_size": spec.shard_size}
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
+
+
+def source_range(spec: BuildSpec, shard: int) -> range:
+    """The source indices of a shard: whole shards, the last one cut at `num_source_images`."""
+    return range(shard * spec.shard_size, min((shard + 1) * spec.shard_size, spec.num_source_images))
+
+
+def shard_input(spec: BuildSpec, shard: int, upstream_dir: Path | None) -> str:
+    """What a shard is made from: its source range (compose) or the sha256 of its upstream part, as
+    that part's marker records it. A marker is reused only for the same input, so a shard whose
+    upstream part was redone (or whose range grew) is redone too, and a resumed build equals a fresh one."""
+    if upstream_dir is None:
+        sources = source_range(spec, shard)
+        return f"sources {sources.start}-{sources.stop}"
+    part = upstream_dir / f"{shard_name(shard)}.parquet"
+    try:
+        return json.loads((upstream_dir / f"{shard_name(shard)}.done.json").read_text())["outputs"][part.name]["sha256"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):  # rows given without a marker (a test's, a notebook's)
+        return file_sha256(part)
 
 
 def build_dir(spec: BuildSpec) -> Path:
@@ -412,9 +433,16 @@ def marker_path(spec: BuildSpec, stage: str, fp: str, shard: int) -> Path:
     return stage_dir(spec, stage, fp) / f"{shard_name(shard)}.done.json"
 
 
-def check_shard(spec: BuildSpec, stage: str, fp: str, shard: int, verify: bool = False) -> tuple[dict | None, str | None]:
-    """`check_marker` for a build stage's shard, its images checked in the build's store."""
-    return check_marker(marker_path(spec, stage, fp, shard), verify, build_dir(spec), f"{stage} shard {shard}")
+def check_shard(spec: BuildSpec, stage: str, fp: str, shard: int, verify: bool = False,
+                expected_input: str | None = None) -> tuple[dict | None, str | None]:
+    """`check_marker` for a build stage's shard, its images checked in the build's store; with
+    `expected_input`, a marker made from another input (`shard_input`) is redone too."""
+    path = marker_path(spec, stage, fp, shard)
+    marker, problem = check_marker(path, verify, build_dir(spec), f"{stage} shard {shard}")
+    if marker is not None and expected_input is not None and marker.get("input") != expected_input:
+        path.unlink(missing_ok=True)
+        return None, f"redoing {stage} shard {shard} of {path.parent}: its input changed ({marker.get('input')} -> {expected_input})"
+    return marker, problem
 
 
 def check_columns(stage: Stage, rows_in: list[dict], rows_out: list[dict]) -> None:
@@ -433,14 +461,16 @@ def check_columns(stage: Stage, rows_in: list[dict], rows_out: list[dict]) -> No
 
 
 def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: Path | None) -> dict:
-    """Process one shard of one stage, or return its marker when it is already done."""
+    """Process one shard of one stage, or return its marker when it is already done from the same input."""
     out_dir = stage_dir(spec, stage.name, fp)
+    made_from = shard_input(spec, shard, upstream_dir)
+    check_shard(spec, stage.name, fp, shard, expected_input=made_from)  # a marker of another input is removed
 
     def work() -> tuple[dict, list[Path]]:
         device = current_device()
         reset_peak_memory(device)
         if upstream_dir is None:
-            rows = [{"index": i} for i in range(shard * spec.shard_size, min((shard + 1) * spec.shard_size, spec.num_source_images))]
+            rows = [{"index": i} for i in source_range(spec, shard)]
         else:
             rows = read_rows(upstream_dir / f"{shard_name(shard)}.parquet")
         context = StageContext(spec, stage, shard, source_root=ImageStore.of_stage_dir(upstream_dir).root if upstream_dir else None)
@@ -457,6 +487,7 @@ def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: 
             "stage": stage.name,
             "shard": shard,
             "fingerprint": fp,
+            "input": made_from,
             "rows_in": len(rows),
             "rows_out": len(kept),
             "dropped": dict(sorted(Counter(d["reason"] for d in dropped).items())),

@@ -325,13 +325,13 @@ def _check_text(check: dict | None) -> str:
 # --- publish --------------------------------------------------------------------------------------
 
 
-def msic_fingerprint(spec: BuildSpec, upstream: str) -> str:
+def msic_fingerprint(spec: BuildSpec, upstream: str, shards: int) -> str:
     """What the published benchmark depends on: the msic section, the near-duplicate threshold, the
-    filter stage's fingerprint, the embedders of the overlap check and the training set it checks
-    (each data file's name, size and modification time: a rewritten set is checked again)."""
+    filter stage's fingerprint and shard count, the embedders of the overlap check and the training
+    set it checks (each data file's name, size and modification time: a rewritten set is checked again)."""
     training = Path(spec.msic.training_dataset).expanduser() if spec.msic.training_dataset else None
     files = [(p.relative_to(training).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in _training_files(training)] if training else None
-    payload = {"msic": spec.msic.model_dump(mode="json"), "near_duplicate": spec.filter.near_duplicate_clip, "upstream": upstream,
+    payload = {"msic": spec.msic.model_dump(mode="json"), "near_duplicate": spec.filter.near_duplicate_clip, "upstream": upstream, "shards": shards,
                "roles": {name: role_content(spec.roles[name]) for name in ("clip", "dino")}, "training": files}
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
 

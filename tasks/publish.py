@@ -37,15 +37,18 @@ from PIL import Image
 from data_specs.build import BuildSpec, canonical_json
 from data_specs.schemas import DROPPED, PUBLISHED, PUBLISHED_FEATURES
 from music_model.subjects.preview import from_published, render_sheet
+from tasks import waves
 from tasks.engine import ImageStore, build_dir, read_rows, shard_name, stable_int, stage_dir, write_atomic, write_table
 
 PREVIEW_SAMPLES = 6
 
 
-def publish_fingerprint(spec: BuildSpec, upstream: str) -> str:
+def publish_fingerprint(spec: BuildSpec, upstream: str, shards: int) -> str:
     """What the published files depend on: the publish section, the near-duplicate threshold (the
-    filter section's, read only here) and the filter stage's fingerprint."""
-    payload = {"publish": spec.publish.model_dump(), "near_duplicate": spec.filter.near_duplicate_clip, "upstream": upstream}
+    filter section's, read only here), the target, the filter stage's fingerprint and how many of
+    its shards there are (the fingerprint does not count sources)."""
+    payload = {"publish": spec.publish.model_dump(), "near_duplicate": spec.filter.near_duplicate_clip,
+               "target": spec.target.model_dump(mode="json") if spec.target else None, "upstream": upstream, "shards": shards}
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
 
 
@@ -145,6 +148,12 @@ def drop_near_duplicates(spec: BuildSpec, index: FilterIndex, stage: str) -> tup
         else:
             kept.append(row)
     return kept, dropped, len(duplicates)
+
+
+def publishable(spec: BuildSpec, filter_dir: Path, shards: int) -> list[dict]:
+    """The index rows of the first `shards` filter shards that publish could publish: near-duplicate
+    sources removed as publish removes them (no image is read)."""
+    return drop_near_duplicates(spec, read_filter_index(filter_dir, shards), "publish")[0]
 
 
 def dropped_row(row: dict, stage: str, reason: str, detail: str) -> dict:
@@ -277,6 +286,16 @@ def _plots(folder: Path, stages: list[dict], counts: Counter) -> None:
     plt.close(figure)
 
 
+def target_line(target: dict | None) -> str:
+    """The card's line on a build to a target: what was asked, the waves, the yield per source."""
+    if not target:
+        return ""
+    mix = f" (per subject count {target['mix']})" if target["mix"] else ""
+    return (f"- built to a target of {target['samples']} samples{mix}: {target['sources_made']} sources made in "
+            f"{len(target['waves'])} waves (sources after each: {target['waves']}), {target['samples_per_source']} "
+            "published samples per source made\n")
+
+
 def card(spec: BuildSpec, stats: dict) -> str:
     header = {
         "pretty_name": f"MUSIC multi-subject training set ({spec.name})",
@@ -305,7 +324,8 @@ def card(spec: BuildSpec, stats: dict) -> str:
         "a target image, one re-rendered reference image per subject, an instruction naming subjects by `<sN>` "
         "tags, a vision chain of thought (JSON) and an 8x8 layout of subject IDs (0 = background).\n\n"
         f"- samples: {stats['samples']}\n- subject counts: {stats['subject_counts']}\n"
-        f"- spec hash: `{stats['spec_hash']}`\n- code version: `{stats['code_version']}`\n- seed: {spec.seed}\n\n"
+        f"- spec hash: `{stats['spec_hash']}`\n- code version: `{stats['code_version']}`\n- seed: {spec.seed}\n"
+        + target_line(stats.get("target")) + "\n"
         f"## Models\n\n| role | backend | model | run with (not part of the content) |\n|---|---|---|---|\n{models}\n\n"
         f"## Funnel\n\n| stage | in | out | dropped |\n|---|---|---|---|\n{funnel_rows}\n\n"
         "## Columns\n\n`id`, `source_id` (the undecimated sample it derives from), `num_subjects`, `image` (target), "
@@ -322,15 +342,21 @@ def published_stats(spec: BuildSpec, fingerprint: str) -> dict | None:
     return None if stats is None else {**stats, "skipped": True}
 
 
-def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict], fingerprint: str) -> dict:
-    """Write the published dataset (or return its stats when this fingerprint is already published)."""
+def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict], fingerprint: str,
+            made: list[int] | None = None) -> dict:
+    """Write the published dataset (or return its stats when this fingerprint is already published).
+    `made`: a target build's sources after each wave."""
     if stats := published_stats(spec, fingerprint):
         return stats
     index = read_filter_index(filter_dir, shards)
     kept, dropped, _ = drop_near_duplicates(spec, index, "publish")
     rows = sorted(kept, key=lambda r: r["id"])
     cap = spec.publish.max_samples
-    if cap is not None and len(rows) > cap:
+    if spec.target is not None:
+        rows, over = waves.choose(spec, rows)
+        dropped += [dropped_row(r, "publish", "over_target", f"beyond target.samples {spec.target.samples}"
+                                + (f" (mix {spec.target.mix})" if spec.target.mix else "")) for r in over]
+    elif cap is not None and len(rows) > cap:
         dropped += [dropped_row(r, "publish", "over_max_samples", f"sample {rank + 1} of {len(rows)} by id; max_samples {cap}")
                     for rank, r in enumerate(rows) if rank >= cap]
         rows = rows[:cap]
@@ -342,6 +368,11 @@ def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict
         "funnel": funnel(summaries, Counter(d["reason"] for d in dropped), len(rows)), "spec_hash": spec.spec_hash(),
         "code_version": code_version(), "fingerprint": fingerprint, "execution": execution_settings(summaries),
     }
+    if spec.target is not None:
+        made = made or []
+        stats["target"] = {"samples": spec.target.samples, "mix": {str(k): v for k, v in waves.wanted(spec).items()} if spec.target.mix else None,
+                           "waves": made, "sources_made": made[-1] if made else None,
+                           "samples_per_source": round(len(rows) / made[-1], 4) if made else None}
 
     def write(staging: Path) -> dict:
         (staging / "data").mkdir()

@@ -229,7 +229,7 @@ def test_every_shipped_spec_parses_and_says_what_it_claims():
     real = [specs["music_10k.yaml"], specs["msic.yaml"]]
     for spec in real:  # the real configurations name hub checkpoints, never the tiny zoo
         assert not any(role.model.startswith("zoo:") for role in spec.roles.values())
-    assert specs["music_10k.yaml"].publish.max_samples == 10000
+    assert specs["music_10k.yaml"].target.samples == 10000 and specs["music_10k.yaml"].publish.max_samples is None
     assert specs["msic.yaml"].msic.strata == list(range(1, 13)) and specs["msic.yaml"].msic.cases_per_stratum == 20
     assert not specs["train_music.yaml"].planner.model.startswith("zoo:")
     for name in ("tiny.yaml", "msic_tiny.yaml"):

@@ -249,6 +249,19 @@ def test_publish_drops_near_duplicates_and_samples_over_the_cap(chain, tmp_path)
     assert stats["funnel"][-1]["dropped"] == {"near_duplicate": len(duplicates), "over_max_samples": 2}
 
 
+def test_publish_to_a_target_drops_the_samples_beyond_it(chain, tmp_path):
+    spec, out = chain
+    rows = sorted(out["filter"][1], key=lambda r: r["id"])
+    assert len(rows) >= 2
+    data = spec.model_dump(mode="json") | {"output_root": str(tmp_path), "target": {"samples": len(rows) - 1}}
+    targeted = parse_build_spec(data)
+    stats = publish.publish(targeted, out["filter"][3], 1, [out[stage][0] for stage in out], "target-test", [6])
+    dropped = read_rows(stage_dir(targeted, "publish", "target-test") / "dropped.parquet")
+    assert [(d["id"], d["reason"]) for d in dropped] == [(rows[-1]["id"], "over_target")]
+    assert dropped[0]["detail"] == f"beyond target.samples {len(rows) - 1}"
+    assert stats["samples"] == len(rows) - 1 and stats["target"]["waves"] == [6]
+
+
 def test_every_drop_reason_of_the_stages_is_tested():
     """A new `ctx.drop(row, "<reason>", ...)` in tasks/ needs its test here (llm_invalid_output: the
     test that shows it has no cause left)."""

@@ -37,11 +37,13 @@ def test_music_10k_plan_loads_no_model(tmp_path):
     assert peak_rss < 8 * 2**30, f"plan used {peak_rss / 2**30:.1f} GiB: weights were materialised"
     assert not (tmp_path / "home" / "zoo").exists()  # neither zoo entries nor arch folders were built
     result = json.loads(out.read_text())
-    assert (result["shards"], result["task_runs"]) == (94, 9 * 94 + 1)
+    assert (result["shards"], result["task_runs"]) == (125, 9 * 125 + 1)  # at the ceiling of 8,000 sources
     upper = result["upper_bound"]
     # {2: 3, 3: 3, 4: 3, 5: 2, 6: 2, 7..12: 1}: a source with n subjects gives n - 1 samples
-    assert upper["samples"] == pytest.approx(6000 * 87 / 19)
-    assert upper["published"] == 10000
+    assert upper["samples"] == pytest.approx(8000 * 87 / 19)
+    assert upper["published"] == 10000  # the target
+    # wave 1: the target at the no-drop yield, in whole shards of 64
+    assert result["target"]["first_wave"] == -(-math.ceil(10000 / (87 / 19)) // 64) * 64 == 2240
     by_stage = {row["stage"]: row for row in result["models"]}
     from music_model.zoo.arch import param_bytes
 
@@ -166,7 +168,7 @@ def test_disk_counts_each_image_once_in_the_build_and_every_embedding_in_the_pub
     expected = funnel(spec)
     space = disk(spec, expected)
     by_stage = {row["stage"]: row for row in space["stages"]}
-    assert by_stage["synthesize"]["images_bytes"] == pytest.approx(6000 * 1024 * 1024 * PNG_BYTES_PER_PIXEL)
+    assert by_stage["synthesize"]["images_bytes"] == pytest.approx(8000 * 1024 * 1024 * PNG_BYTES_PER_PIXEL)
     # a reference per subject rerender keeps; decimated siblings add rows, never images
     subjects = {s["stage"]: s["subjects_in"] for s in expected["stages"]}
     assert by_stage["rerender"]["images_bytes"] == pytest.approx(subjects["annotate"] * 512 * 512 * PNG_BYTES_PER_PIXEL)

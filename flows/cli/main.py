@@ -133,6 +133,10 @@ def build(
         typer.echo(f"  {table['stage']:10s} in {table['rows_in']:5d}  kept {table['kept']:5d}  {table['dropped_by_reason']}")
     typer.echo(f"Published {result['samples']} samples to {result['dataset']} in {result['wall_seconds']:.1f} s "
                f"({result['task_runs']} task runs, {result['model_loads']} model loads)")
+    if result.get("waves"):
+        typer.echo(f"Target: {result['waves'][-1]} sources made in {len(result['waves'])} waves ({', '.join(map(str, result['waves']))})")
+    if result.get("short"):
+        typer.echo(f"Short: {result['short']}")
 
 
 @app.command("clean")
