@@ -168,3 +168,33 @@ def test_one_build_per_folder_and_a_dead_holder_frees_it(chain, tmp_path):
     released.set()
     waiter.join(timeout=5)
     assert waited["seconds"] >= 0.4 and lock_holder(spec) is None
+
+
+def test_a_shard_whose_source_range_grew_is_redone_and_so_are_the_shards_made_from_it(chain, tmp_path):
+    """Fingerprints do not count sources: 6 sources in shards of 4, then 8, share one fingerprint;
+    the last shard's range grew (4-6 to 4-8), so it is redone, and the synthesize shard made from its
+    old part is redone too, while shard 0 is reused."""
+    from tasks.engine import shard_input
+    from tasks.stages import BY_NAME
+
+    spec, _ = chain
+    six = _shard_spec(spec, tmp_path, num_source_images=6, shard_size=4)
+    eight = _shard_spec(spec, tmp_path, num_source_images=8, shard_size=4)
+    compose, synthesize = BY_NAME["compose"], BY_NAME["synthesize"]
+    assert root_fingerprint(six) == root_fingerprint(eight)
+    compose_fp = fingerprint(compose, six, root_fingerprint(six))
+    synthesize_fp = fingerprint(synthesize, six, compose_fp)
+    composed = stage_dir(six, "compose", compose_fp)
+    for shard in (0, 1):
+        run_shard(compose, six, shard, compose_fp, None)
+        run_shard(synthesize, six, shard, synthesize_fp, composed)
+
+    assert check_shard(eight, "compose", compose_fp, 0, expected_input=shard_input(eight, 0, None))[0] is not None
+    marker, problem = check_shard(eight, "compose", compose_fp, 1, expected_input=shard_input(eight, 1, None))
+    assert marker is None and "its input changed (sources 4-6 -> sources 4-8)" in problem
+    redone = run_shard(compose, eight, 1, compose_fp, None)
+    assert not redone["skipped"] and redone["rows_in"] == 4 and redone["input"] == "sources 4-8"
+    marker, problem = check_shard(eight, "synthesize", synthesize_fp, 1, expected_input=shard_input(eight, 1, composed))
+    assert marker is None and "its input changed" in problem
+    assert run_shard(synthesize, eight, 1, synthesize_fp, composed)["rows_in"] == 4
+    assert run_shard(synthesize, eight, 0, synthesize_fp, composed)["skipped"]
