@@ -291,6 +291,8 @@ def target_line(target: dict | None) -> str:
     if not target:
         return ""
     mix = f" (per subject count {target['mix']})" if target["mix"] else ""
+    if not target["waves"]:  # published outside the build flow (a benchmark's own stages)
+        return f"- built to a target of {target['samples']} samples{mix}\n"
     return (f"- built to a target of {target['samples']} samples{mix}: {target['sources_made']} sources made in "
             f"{len(target['waves'])} waves (sources after each: {target['waves']}), {target['samples_per_source']} "
             "published samples per source made\n")

@@ -73,3 +73,13 @@ def test_a_build_short_of_its_target_says_why_in_one_line():
     assert line == ("short of the target by 9 3-subject samples: the ceiling of 48 sources (num_source_images) was reached, "
                     "at 3-subject samples 0.125 per source; raise num_source_images to about 120")
     assert waves.short_of_target(spec, Counter({2: 15, 3: 15}), 48) is None
+
+
+def test_the_card_line_names_the_waves_when_the_build_made_them():
+    from tasks.publish import target_line
+
+    made = {"samples": 10, "mix": {"2": 6, "3": 4}, "waves": [8, 12], "sources_made": 12, "samples_per_source": 0.8333}
+    assert target_line(made) == ("- built to a target of 10 samples (per subject count {'2': 6, '3': 4}): 12 sources made in "
+                                 "2 waves (sources after each: [8, 12]), 0.8333 published samples per source made\n")
+    assert target_line({**made, "waves": [], "sources_made": None}) == "- built to a target of 10 samples (per subject count {'2': 6, '3': 4})\n"
+    assert target_line(None) == ""
