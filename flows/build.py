@@ -215,7 +215,8 @@ def build_training_set(spec_path: str, verify: bool = False, wait: bool = False)
         wall = time.perf_counter() - started
         dataset = build_dir(spec).resolve() / "dataset"
         costs = cost_per_sample(run.summaries, stats["samples"])
-        notes = [short.line(spec)] if short else []
+        short_line = short.line(spec) if short else None
+        notes = [short_line] if short_line else []
         if spec.target is not None:
             enough = waves.sufficed(spec, rows)
             notes.append(f"sources made {made[-1]} in {len(made)} waves ({', '.join(map(str, made))}); the fewest that would have "
@@ -225,9 +226,9 @@ def build_training_set(spec_path: str, verify: bool = False, wait: bool = False)
         write_atomic(dataset / "report.md", lambda tmp: tmp.write_text("\n".join([text, *preview_markdown(dataset, previews)])))
         create_markdown_artifact("\n".join([text, *preview_markdown(dataset, previews, inline=True)]),
                                  key=artifact_key(spec.name, "report"), description=f"build report of {spec.name}")
-    if short:
-        logger.warning(short.line(spec))
+    if short_line:
+        logger.warning(short_line)
     logger.info("published %d samples to %s", stats["samples"], dataset)
     return {"dataset": str(dataset), "samples": stats["samples"], "task_runs": run.task_runs, "wall_seconds": round(wall, 2),
             "model_loads": sum(t["model_loads"] for t in run.tables), "stages": run.tables, "funnel": stats["funnel"],
-            "waves": made, "short": short.line(spec) if short else None, "model_seconds_per_sample": costs}
+            "waves": made, "short": short_line, "model_seconds_per_sample": costs}

@@ -209,7 +209,8 @@ def target_projection(spec: BuildSpec, upper: dict[str, Any], expected: dict[str
                               "ceiling": spec.num_source_images, "sources": None, "waves": None}
     if expected is not None:
         per_source = waves.by_key(spec, expected["per_source_by_count"])
-        needed = max((math.ceil(need / per_source[key]) if per_source[key] else None) or spec.num_source_images + 1
+        # a subject count the rates never yield: more than the ceiling, however many sources
+        needed = max(math.ceil(need / per_source[key]) if per_source[key] else spec.num_source_images + 1
                      for key, need in result["wanted"].items())
         result["sources"] = needed
         result["reachable"] = needed <= spec.num_source_images

@@ -368,12 +368,12 @@ def part_problem(path: Path, record: dict, verify: bool) -> str | None:
     return None
 
 
-def check_marker(marker: Path, verify: bool = False, images_root: Path | None = None,
-                 label: str | None = None) -> tuple[dict | None, str | None]:
+def check_marker(marker: Path, verify: bool = False, images_root: Path | None = None, label: str | None = None,
+                 made_from: str | None = None) -> tuple[dict | None, str | None]:
     """The one proof of a finished shard of any kind (a build stage's, an evaluation's, a
     generation's): (marker, None) when every output it records still proves itself (and, under
-    `images_root`, every image it records); (None, why) when one does not, the marker removed so the
-    shard is redone; (None, None) for a shard still to do."""
+    `images_root`, every image it records) and, with `made_from`, it was made from that input;
+    (None, why) when not, the marker removed so the shard is redone; (None, None) for a shard still to do."""
     try:
         done = json.loads(marker.read_text())
     except FileNotFoundError:
@@ -387,6 +387,8 @@ def check_marker(marker: Path, verify: bool = False, images_root: Path | None = 
     if images_root is not None:
         problems += [problem for relative, size in done.get("images", {}).items()
                      if (problem := image_problem(images_root, relative, size, verify))]
+    if made_from is not None and done.get("input") != made_from:
+        problems.append(f"its input changed ({done.get('input')} -> {made_from})")
     if problems:
         marker.unlink(missing_ok=True)
         return None, f"redoing {label or marker.name.removesuffix('.done.json')} of {marker.parent}: {'; '.join(problems)}"
@@ -415,18 +417,20 @@ class ShardMeter:
                 "oom_retries": thread_oom_retries() - self.oom_retries}
 
 
-def run_marked(marker: Path, work: Callable[[], tuple[dict, list[Path]]], images_root: Path | None = None) -> dict:
+def run_marked(marker: Path, work: Callable[[], tuple[dict, list[Path]]], images_root: Path | None = None,
+               made_from: str | None = None) -> dict:
     """The one shard runner, for every kind of shard: the marker when the shard is done and proves
-    itself; else `work()` (the summary and the output files it wrote beside the marker), measured
-    by a `ShardMeter`, then the marker."""
-    if done := check_marker(marker, images_root=images_root)[0]:
+    itself (made from `made_from`, when given); else `work()` (the summary and the output files it
+    wrote beside the marker), measured by a `ShardMeter`, then the marker, recording the input."""
+    if done := check_marker(marker, images_root=images_root, made_from=made_from)[0]:
         return done
     # Temporary files of a process killed mid-write: the shard is redone from scratch.
     for stale in marker.parent.glob(f".{marker.name.removesuffix('.done.json')}.*.tmp"):
         stale.unlink(missing_ok=True)
     meter = ShardMeter()
     summary, outputs = work()
-    return finish_marker(marker, {**summary, **meter.figures()}, outputs)
+    made = {} if made_from is None else {"input": made_from}
+    return finish_marker(marker, {**summary, **made, **meter.figures()}, outputs)
 
 
 def marker_path(spec: BuildSpec, stage: str, fp: str, shard: int) -> Path:
@@ -437,12 +441,7 @@ def check_shard(spec: BuildSpec, stage: str, fp: str, shard: int, verify: bool =
                 expected_input: str | None = None) -> tuple[dict | None, str | None]:
     """`check_marker` for a build stage's shard, its images checked in the build's store; with
     `expected_input`, a marker made from another input (`shard_input`) is redone too."""
-    path = marker_path(spec, stage, fp, shard)
-    marker, problem = check_marker(path, verify, build_dir(spec), f"{stage} shard {shard}")
-    if marker is not None and expected_input is not None and marker.get("input") != expected_input:
-        path.unlink(missing_ok=True)
-        return None, f"redoing {stage} shard {shard} of {path.parent}: its input changed ({marker.get('input')} -> {expected_input})"
-    return marker, problem
+    return check_marker(marker_path(spec, stage, fp, shard), verify, build_dir(spec), f"{stage} shard {shard}", expected_input)
 
 
 def check_columns(stage: Stage, rows_in: list[dict], rows_out: list[dict]) -> None:
@@ -463,8 +462,6 @@ def check_columns(stage: Stage, rows_in: list[dict], rows_out: list[dict]) -> No
 def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: Path | None) -> dict:
     """Process one shard of one stage, or return its marker when it is already done from the same input."""
     out_dir = stage_dir(spec, stage.name, fp)
-    made_from = shard_input(spec, shard, upstream_dir)
-    check_shard(spec, stage.name, fp, shard, expected_input=made_from)  # a marker of another input is removed
 
     def work() -> tuple[dict, list[Path]]:
         device = current_device()
@@ -487,7 +484,6 @@ def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: 
             "stage": stage.name,
             "shard": shard,
             "fingerprint": fp,
-            "input": made_from,
             "rows_in": len(rows),
             "rows_out": len(kept),
             "dropped": dict(sorted(Counter(d["reason"] for d in dropped).items())),
@@ -501,7 +497,7 @@ def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: 
             "images": dict(sorted(context.images_written.items())),
         }, list(parts)
 
-    return run_marked(marker_path(spec, stage.name, fp, shard), work, build_dir(spec))
+    return run_marked(marker_path(spec, stage.name, fp, shard), work, build_dir(spec), shard_input(spec, shard, upstream_dir))
 
 
 # --- one build per output folder ------------------------------------------------------------------
