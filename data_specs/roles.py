@@ -30,6 +30,8 @@ Offload = Literal["none", "model", "sequential"]
 # like a path is a local path and must exist.
 _HUB_ID = re.compile(r"^(hf-hub:)?[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+_GIT_REF = re.compile(r"^[\w.\-/]+$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 class SpecError(ValueError):
@@ -52,6 +54,8 @@ class RoleSpec(BaseModel):
 
     `model` is a hub ID, a local path, `zoo:<name>` or `arch:<name>`. `options` carries backend
     keyword arguments (inference steps, max new tokens, thresholds) that are part of the cache key.
+    `revision` (hub models only) is a branch, tag or commit of the hub repository; preflight
+    resolves it to a commit, which the build records and loads (a 40-hex commit pins it for good).
     `offload` is for GPUs the model does not fit: `model` (diffusers' model CPU offload; accelerate's
     device_map for transformers) or `sequential` (diffusers' sequential offload: least memory, slowest).
     """
@@ -61,6 +65,7 @@ class RoleSpec(BaseModel):
     role: Role
     backend: str
     model: str = Field(min_length=1)
+    revision: str | None = None
     dtype: DType = "auto"
     device: str = "auto"
     batch_size: int = 4
@@ -94,6 +99,24 @@ class RoleSpec(BaseModel):
             raise ValueError(f"not a hub ID, local path or zoo:<name>: {value!r}")
         return value
 
+    @field_validator("revision")
+    @classmethod
+    def _git_ref(cls, value: str | None) -> str | None:
+        if value is not None and not _GIT_REF.match(value):
+            raise ValueError(f"must be a branch, tag or commit of the hub repository, got {value!r}")
+        return value
+
+    @property
+    def pinned(self) -> bool:
+        """The revision is a commit, so what the role loads can never change."""
+        return self.revision is not None and bool(_COMMIT.match(self.revision))
+
+    @model_validator(mode="after")
+    def _revision_of_hub_model(self) -> "RoleSpec":
+        if self.revision is not None and model_kind(self.model) != "hub":
+            raise ValueError(f"revision: only a hub model has revisions; {self.model!r} is a {model_kind(self.model)} model")
+        return self
+
     @model_validator(mode="after")
     def _backend_serves_role(self) -> "RoleSpec":
         allowed = ROLE_BACKENDS[self.role]
@@ -112,9 +135,10 @@ def one_line(error: ValidationError, prefix: str = "") -> str:
     first = error.errors()[0]
     loc = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "")
     message = first["msg"].removeprefix("Value error, ")
-    if message.startswith("backend: "):  # raised by the model validator, which pydantic locates at the root
-        loc = ".".join(p for p in (loc, "backend") if p)
-        message = message.removeprefix("backend: ")
+    for field in ("backend", "revision"):  # raised by a model validator, which pydantic locates at the root
+        if message.startswith(f"{field}: "):
+            loc = ".".join(p for p in (loc, field) if p)
+            message = message.removeprefix(f"{field}: ")
     return f"{loc}: {message}" if loc else message
 
 

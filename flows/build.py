@@ -23,6 +23,7 @@ from tasks import waves
 from tasks.cost_plan import funnel
 from tasks.engine import (build_dir, build_lock, check_shard, fingerprint, num_shards, root_fingerprint, shard_input, stage_dir,
                           write_atomic)
+from tasks.preflight import preflight
 from tasks.publish import preview_markdown, publish_fingerprint, publishable, published_stats
 from tasks.stages import STAGES
 
@@ -202,6 +203,7 @@ def build_training_set(spec_path: str, verify: bool = False, wait: bool = False)
     started = time.perf_counter()
     spec = load_build_spec(spec_path)
     with build_lock(spec, lock_holder_record("build"), wait, logger.info):
+        spec = preflight(spec)  # before any task: every model loadable, the disk enough, the commits the folder's
         if spec.target is None:
             run, made, short = run_stages(spec, verify), None, None
         else:

@@ -14,6 +14,7 @@ from flows.ops.monitor import on_flow_running
 from flows.run_names import run_name
 from flows.runners import default_task_runner
 from tasks.engine import build_lock
+from tasks.preflight import preflight
 from tasks.msic import msic_fingerprint, publish_msic, published_msic
 from tasks.publish import preview_markdown
 
@@ -34,6 +35,7 @@ def build_msic(spec_path: str, verify: bool = False, wait: bool = False) -> dict
     if spec.msic is None:
         raise ValueError(f"{spec_path}: not a benchmark spec (it has no `msic` section)")
     with build_lock(spec, lock_holder_record("msic"), wait, logger.info):
+        spec = preflight(spec)  # before any task: every model loadable, the disk enough, the commits the folder's
         run = run_stages(spec, verify)
         fingerprint = msic_fingerprint(spec, run.upstream, run.shards)
         result = published_msic(spec, fingerprint)

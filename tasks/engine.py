@@ -46,6 +46,9 @@ from music_model.roles.slots import current_device, describe_holders, write_hold
 
 # How a role runs, not what it makes: recorded in markers and the card, never fingerprinted.
 EXECUTION_FIELDS = ("batch_size", "device", "offload")
+# A hub revision names weights, but the build folder pins them (`tasks.preflight`: a resume whose
+# commits changed is refused), so pinning the commit a build already uses keeps every shard.
+PINNED_BY_FOLDER = ("revision",)
 UNITS = ("rows", "subjects", "sources")
 
 
@@ -178,7 +181,7 @@ def spec_values(spec: BuildSpec, paths: tuple[str, ...]) -> dict[str, Any]:
 
 
 def role_content(role: RoleSpec) -> dict:
-    return role.model_dump(mode="json", exclude=set(EXECUTION_FIELDS))
+    return role.model_dump(mode="json", exclude={*EXECUTION_FIELDS, *PINNED_BY_FOLDER})
 
 
 def role_execution(role: RoleSpec) -> dict:

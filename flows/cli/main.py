@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from flows.cli.shared import BUSY_EXIT, fail, refuse_if_building, start_server
+from flows.cli.shared import BUSY_EXIT, fail, fail_lines, refuse_failed_preflight, refuse_if_building, start_server
 from flows.cli.eval import eval_app
 from flows.cli.model import generate_app, pipeline_command, train_command
 from flows.cli.msic import msic_app
@@ -80,11 +80,16 @@ def zoo_list() -> None:
 
 @roles_app.command("check")
 def roles_check(
+    spec: Optional[Path] = typer.Argument(None, help="A build spec: preflight its roles and disk without loading a model."),
     device: Optional[str] = typer.Option(None, help="Override every role's device (cpu, cuda, cuda:N)."),
     dtype: Optional[str] = typer.Option(None, help="Override every role's dtype (float32, bfloat16, float16)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON here."),
 ) -> None:
-    """Load every role x backend from the zoo and run a batch of 2 through it, with timings."""
+    """With SPEC: the build's preflight (every model found, reachable and accessible, its commit, its
+    licence; the disk), loading nothing. Without: load every role x backend from the zoo and run a
+    batch of 2 through it, with timings."""
+    if spec is not None:
+        return preflight_roles(spec, json_out)
     from music_model.roles.smoke import check_roles, zoo_role_specs
 
     rows = check_roles(zoo_role_specs(device, dtype))
@@ -95,6 +100,27 @@ def roles_check(
         json_out.write_text(json.dumps(rows, indent=1))
     if not all(row["ok"] for row in rows):
         raise typer.Exit(1)
+
+
+def preflight_roles(spec: Path, json_out: Optional[Path]) -> None:
+    from data_specs.build import load_build_spec
+    from data_specs.roles import SpecError
+    from tasks.preflight import check_against_folder
+
+    try:
+        parsed = load_build_spec(spec)
+    except (SpecError, FileNotFoundError, ValueError) as error:
+        fail(error)
+    result, problems = check_against_folder(parsed)
+    for role in result.roles:
+        commit = role.commit[:12] if role.commit else ("not built yet" if role.source == "zoo" else "-")
+        state = "FAILED" if role.problem else "ok"
+        typer.echo(f"{role.role:10s} {role.model:40s} {role.source:6s} {commit:14s} {role.licence.get('license', '-'):12s} {state}")
+    typer.echo(f"disk       about {result.needed_bytes / 2**30:.2f} GiB to write, {result.free_bytes / 2**30:.2f} GiB free at {result.disk_path}")
+    if json_out:
+        json_out.write_text(json.dumps({"roles": result.record(), "problems": problems}, indent=1))
+    if problems:
+        fail_lines(problems, 1)
 
 
 @app.command("build")
@@ -117,16 +143,20 @@ def build(
     except (SpecError, FileNotFoundError, ValueError, RunnerError) as error:
         fail(error)
     refuse_if_building(parsed, wait)
+    refuse_failed_preflight(parsed)
     start_server()
     from flows.build import build_training_set
     from flows.runners import make_task_runner
     from tasks.engine import BuildLocked, build_dir
+    from tasks.preflight import PreflightError
 
     typer.echo(f"Output: {build_dir(parsed).resolve()}")
     try:
         result = build_training_set.with_options(task_runner=make_task_runner(runner, ray_address))(str(spec), verify, wait)
     except BuildLocked as error:  # another run took the folder between the check and the flow
         fail(error, BUSY_EXIT)
+    except PreflightError as error:  # the hub or the folder changed since the check
+        fail_lines(error.problems)
     if json_out:
         json_out.write_text(json.dumps(result, indent=1))
     for table in result["stages"]:

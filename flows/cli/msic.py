@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from flows.cli.shared import BUSY_EXIT, fail, quiet_model_progress_bars, refuse_if_building, start_server
+from flows.cli.shared import BUSY_EXIT, fail, fail_lines, quiet_model_progress_bars, refuse_failed_preflight, refuse_if_building, start_server
 
 msic_app = typer.Typer(help="The MSIC benchmark (1-12 subjects per case).", no_args_is_help=True)
 
@@ -38,14 +38,18 @@ def build(
     if parsed.msic is None:
         fail(f"{spec}: not a benchmark spec (no `msic` section)")
     refuse_if_building(parsed, wait)
+    refuse_failed_preflight(parsed)
     start_server()
     from flows.msic import build_msic
     from tasks.engine import BuildLocked
+    from tasks.preflight import PreflightError
 
     try:
         result = build_msic(str(spec), verify, wait)
     except BuildLocked as error:
         fail(error, BUSY_EXIT)
+    except PreflightError as error:  # the hub or the folder changed since the check
+        fail_lines(error.problems)
     if json_out:
         json_out.write_text(json.dumps(result, indent=1))
     typer.echo(f"Published {result['cases']} cases to {result['msic']} in {result['wall_seconds']:.1f} s; per subject count: {result['counts']}")

@@ -26,6 +26,22 @@ def refuse_if_building(spec, wait: bool) -> None:
         fail(busy_message(spec, holder), BUSY_EXIT)
 
 
+def refuse_failed_preflight(spec) -> None:
+    """Exit 2 with one line per problem when the spec's models, the disk or the folder's recorded
+    commits would stop the build (`tasks.preflight`): before the server starts or a task runs."""
+    from tasks.preflight import check_against_folder
+
+    _, problems = check_against_folder(spec)
+    if problems:
+        fail_lines(problems)
+
+
+def fail_lines(problems: list[str], code: int = 2) -> NoReturn:
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
+    raise typer.Exit(code)
+
+
 def start_server(loads_models: bool = True) -> None:
     """Start (or reuse) the local Prefect server and print its UI address. Call it before anything
     imports prefect, which reads its settings at import."""

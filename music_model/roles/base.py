@@ -135,7 +135,7 @@ class Role:
         elif self.device.type != "cpu":
             kwargs["device_map"] = {"": self.device}
         with self._on_device():
-            model = model_class.from_pretrained(self.path, dtype=self.dtype, **kwargs)
+            model = model_class.from_pretrained(self.path, dtype=self.dtype, revision=self.spec.revision, **kwargs)
         return model.eval()
 
     def load_pipeline(self) -> Any:
@@ -155,7 +155,7 @@ class Role:
             direct = self.device.type == "cuda" and self.spec.offload == "none"
             with self._on_device():
                 pipeline = DiffusionPipeline.from_pretrained(
-                    self.path, dtype=self.dtype, trust_remote_code=self.spec.trust_remote_code,
+                    self.path, dtype=self.dtype, trust_remote_code=self.spec.trust_remote_code, revision=self.spec.revision,
                     **({"device_map": "cuda"} if direct else {}))
         for component in pipeline.components.values():
             if isinstance(component, torch.nn.Module):

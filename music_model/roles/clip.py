@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data_specs.roles import RoleSpec, model_kind
+from data_specs.roles import RoleSpec, SpecError, model_kind
 from music_model.media.preprocess import clip_transform
 from music_model.roles.base import Role, check_options
 
@@ -87,8 +87,8 @@ class TransformersClip(ClipRole):
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         self.model = self.load_pretrained(CLIPModel)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=spec.trust_remote_code)
-        processor = AutoImageProcessor.from_pretrained(self.path, trust_remote_code=spec.trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+        processor = AutoImageProcessor.from_pretrained(self.path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
         config = self.model.config
         self.embed_dim = config.projection_dim
         self.image_size = config.vision_config.image_size
@@ -122,6 +122,8 @@ class OpenClipClip(ClipRole):
     def __init__(self, spec: RoleSpec):
         super().__init__(spec)
         check_options(spec, ("pretrained",))
+        if spec.revision is not None:  # open_clip's hub loader takes a repo name, never a revision
+            raise SpecError(f"revision: the open_clip backend cannot load a revision of {spec.model}; use a local copy of it")
         import open_clip
 
         name = open_clip_name(spec, self.path)

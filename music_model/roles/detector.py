@@ -74,7 +74,7 @@ class TransformersDetector(Role):
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         remote = spec.trust_remote_code
-        self.processor = AutoProcessor.from_pretrained(self.path, trust_remote_code=remote)
+        self.processor = AutoProcessor.from_pretrained(self.path, trust_remote_code=remote, revision=spec.revision)
         self.model = self.load_pretrained(AutoModelForZeroShotObjectDetection, trust_remote_code=remote)
         self.max_text_len = self.model.config.max_text_len
         self.box_threshold = float(spec.options.get("box_threshold", BOX_THRESHOLD))

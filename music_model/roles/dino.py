@@ -27,7 +27,7 @@ class TransformersDino(ImageEmbeddingRole):
         check_options(spec, ("image_size",))
         from transformers import AutoConfig, AutoModel, ViTModel
 
-        config = AutoConfig.from_pretrained(self.path, trust_remote_code=spec.trust_remote_code)
+        config = AutoConfig.from_pretrained(self.path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
         if config.model_type == "vit":  # the embedding is the CLS token, the pooler is not used
             self.model = self.load_pretrained(ViTModel, add_pooling_layer=False)
         else:

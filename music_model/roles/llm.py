@@ -25,7 +25,7 @@ class TransformersLLM(Role):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(
-            self.path, trust_remote_code=spec.trust_remote_code, padding_side="left"
+            self.path, trust_remote_code=spec.trust_remote_code, padding_side="left", revision=spec.revision
         )
         if not self.tokenizer.chat_template:
             raise ValueError(f"model {spec.model}: the tokenizer has no chat template; the llm role needs a chat model")
