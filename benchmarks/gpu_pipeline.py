@@ -92,7 +92,7 @@ def bench_spec(tiny: bool, sources: int, subjects: int, device: str, output_root
         dtype = "float32" if device == "cpu" else "bfloat16"
         roles[name] = {**role, "model": f"arch:{arch}{TINY_SUFFIX if tiny else ''}", "device": device, "dtype": dtype}
     opened = {
-        "compose": {**base["compose"], "require_plausible": False},
+        "compose": {**base["compose"], "require_plausible": False, "require_named": False},
         "detect": {**base["detect"], "min_box_area": 0.0, "box_threshold": 0.0, "text_threshold": 0.0},
         "verify": {**base["verify"], "require_match": False},
         "rerender": {**base["rerender"], "min_dino": -1.0, "max_dino": 1.0},

@@ -25,6 +25,8 @@ class ComposeParams(_Section):
 
     max_caption_chars: int = Field(240, ge=16, le=2000)
     require_plausible: bool = Field(True, description="drop combinations the LLM judges implausible")
+    require_named: bool = Field(True, description="retry, then drop, a caption that does not name every category")
+    caption_attempts: int = Field(3, ge=1, description="captions tried (each with a new seed) before a sample is dropped")
 
 
 class SynthesizeParams(_Section):
@@ -33,7 +35,11 @@ class SynthesizeParams(_Section):
 
 
 class DetectParams(_Section):
-    min_box_area: float = Field(0.01, ge=0, lt=1, description="boxes under this fraction of the image are dropped")
+    min_box_area: float = Field(0.01, ge=0, lt=1, description="a subject whose best box is under this fraction of the "
+                                                               "image is removed")
+    max_box_overlap: float = Field(0.9, ge=0, le=1, description="two subjects whose boxes overlap more than this (IoU) "
+                                                               "are one object named twice: the lower-scoring one is "
+                                                               "removed (1: never)")
     box_threshold: float = Field(0.35, ge=0, le=1)
     text_threshold: float = Field(0.25, ge=0, le=1)
 
@@ -42,6 +48,7 @@ class VerifyParams(_Section):
     min_subjects: int = Field(2, ge=1, description="a sample with fewer verified subjects is dropped")
     crop_margin: float = Field(0.1, ge=0, le=1, description="context around a box in the crop the VLM judges")
     require_match: bool = Field(True, description="remove subjects the VLM rejects (tiny specs: a random VLM's verdict)")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="the VLM's p(yes) a subject needs to be kept")
 
 
 class RerenderParams(_Section):

@@ -17,6 +17,8 @@ SUBJECT = pa.struct(
         ("mask", RLE),
         ("region", pa.string()),  # "mask" or "box": which one CLIP matched better to the category
         ("area", pa.float32()),  # fraction of the image covered by the chosen region
+        ("verify_confidence", pa.float32()),  # verify's p(yes); null when the VLM could not read the crop
+        ("mask_clip_margin", pa.float32()),  # layout: CLIP score of the mask view minus the box view's
     ]
 )
 
@@ -43,6 +45,21 @@ WORK = pa.schema(
 
 DROPPED = pa.schema(
     [("id", pa.string()), ("index", pa.int64()), ("stage", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
+)
+
+# A stage's scores table (`Stage(scores=...)`, `part-0000k.scores.parquet`): every candidate it scored
+# against a threshold, kept or not, so a score's distribution is whole (`music calibrate`).
+SCORES = pa.schema(
+    [
+        ("id", pa.string()),
+        ("index", pa.int64()),
+        ("stage", pa.string()),
+        ("name", pa.string()),  # the score: a SUBJECT field name where it is one (reference_dino)
+        ("subject", pa.int32()),  # the subject's id in the stage's input rows (null: a row's score)
+        ("category", pa.string()),
+        ("value", pa.float32()),
+        ("passed", pa.bool_()),  # within the stage's thresholds for this score
+    ]
 )
 
 PUBLISHED = pa.schema(

@@ -1,6 +1,11 @@
 """annotate: the VLM sees the target with its labelled boxes and writes the instruction (subjects
 named by `<sN>` tokens) and the vision CoT (each subject's role and placement, their relations).
 
+The prompt gives the image size and each box in the frame the VLM sees (`vlm.frame_size`: the
+size its processor resizes the image to), so its answer's coordinates and the prompt's agree, and
+ends with the answer's JSON fields and bounds. Every text is ended at a whole word, with no cut
+`<sN` tag (`structured.end_at_word`); a text with nothing left counts as not written.
+
 Repair rules, applied in this order: a sample whose instruction names an unknown subject is
 dropped; subjects the instruction does not name are appended as "with <s1> (dog), ..."; CoT
 entries with unknown IDs are removed and missing ones are filled from the subject's category and
@@ -15,7 +20,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field
 
 from music_model.media.images import draw_labelled_boxes, pixel_box
-from music_model.roles.structured import bounded_text
+from music_model.roles.structured import bounded_text, describe_schema, end_at_word
 from music_model.subjects.decimate import mentioned, token
 from tasks.engine import Stage, StageContext
 
@@ -28,26 +33,32 @@ PROMPT = (
 )
 
 
+NOTE_CHARS = 80  # a subject's role, and its placement
+RELATION_CHARS = 100
+
+
 @lru_cache(maxsize=None)  # one class per bound, so its compiled grammar is cached
 def annotation_schema(max_instruction: int, max_relations: int) -> type[BaseModel]:
     class SubjectNote(BaseModel):
-        id: Annotated[int, Field(ge=1, le=12)]
-        role: bounded_text(80)
-        placement: bounded_text(80)
+        id: Annotated[int, Field(ge=1, le=12)] = Field(description="the number N of the subject's tag <sN>")
+        role: bounded_text(NOTE_CHARS) = Field(description="its role in the scene")
+        placement: bounded_text(NOTE_CHARS) = Field(description="where it is placed")
 
     class Annotation(BaseModel):
-        instruction: bounded_text(max_instruction)
-        subjects: Annotated[list[SubjectNote], Field(max_length=12)]
-        relations: Annotated[list[bounded_text(100)], Field(max_length=max_relations)]
+        instruction: bounded_text(max_instruction) = Field(description="the instruction, naming subjects only by their tags")
+        subjects: Annotated[list[SubjectNote], Field(max_length=12)] = Field(description="one entry per subject")
+        relations: Annotated[list[bounded_text(RELATION_CHARS)], Field(max_length=max_relations)] = Field(
+            description="relations between subjects, naming them by their tags")
 
     return Annotation
 
 
-def prompt(subjects: list[dict], width: int, height: int) -> str:
-    """The annotate prompt: each subject's tag, category and pixel box, as drawn on the image."""
+def prompt(subjects: list[dict], width: int, height: int, schema: type[BaseModel]) -> str:
+    """The annotate prompt: the image size and each subject's tag, category and pixel box, in the
+    `width` x `height` frame the VLM sees the image in; then the answer's fields and bounds."""
     listed = "; ".join(f"{token(s['id'])} {s['category']} [{', '.join(str(v) for v in pixel_box(s['box'], width, height))}]"
                        for s in subjects)
-    return PROMPT.format(width=width, height=height, subjects=listed)
+    return PROMPT.format(width=width, height=height, subjects=listed) + "\n" + describe_schema(schema)
 
 
 def placement_words(box) -> str:
@@ -58,23 +69,25 @@ def placement_words(box) -> str:
     return f"{vertical} {horizontal} of the image"
 
 
-def repair(annotation: BaseModel, subjects: list[dict]) -> tuple[str, dict] | None:
-    """The instruction and CoT after the repair rules, or None when the instruction is unusable."""
+def repair(annotation: BaseModel, subjects: list[dict], max_instruction: int) -> tuple[str, dict] | None:
+    """The instruction and CoT after the repair rules, or None when the instruction is unusable;
+    each text first ended at a whole word (a note or relation with nothing left is left out)."""
     ids = {s["id"] for s in subjects}
-    instruction = annotation.instruction.strip()
+    instruction = end_at_word(annotation.instruction, max_instruction).strip()
     if not mentioned(instruction) <= ids:
         return None
     missing = [s for s in subjects if s["id"] not in mentioned(instruction)]
     if missing:
-        instruction += " with " + ", ".join(f"{token(s['id'])} ({s['category']})" for s in missing)
+        instruction = (instruction + " with " + ", ".join(f"{token(s['id'])} ({s['category']})" for s in missing)).lstrip()
     notes = {}
     for note in annotation.subjects:
-        if note.id in ids and note.id not in notes and mentioned(note.role + note.placement) <= ids:
-            notes[note.id] = {"id": note.id, "role": note.role, "placement": note.placement}
+        role, placement = end_at_word(note.role, NOTE_CHARS), end_at_word(note.placement, NOTE_CHARS)
+        if note.id in ids and note.id not in notes and role and placement and mentioned(role + placement) <= ids:
+            notes[note.id] = {"id": note.id, "role": role, "placement": placement}
     cot_subjects = [
         notes.get(s["id"], {"id": s["id"], "role": s["category"], "placement": placement_words(s["box"])}) for s in subjects
     ]
-    relations = [r for r in annotation.relations if mentioned(r) <= ids]
+    relations = [r for r in (end_at_word(r, RELATION_CHARS) for r in annotation.relations) if r and mentioned(r) <= ids]
     return instruction, {"subjects": cot_subjects, "relations": relations}
 
 
@@ -87,14 +100,18 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
         image = ctx.image(row["image"])
         labels = [token(s["id"]) for s in row["subjects"]]
         images.append([draw_labelled_boxes(image, [s["box"] for s in row["subjects"]], labels)])
-        prompts.append(prompt(row["subjects"], *image.size))
+        try:
+            frame = vlm.frame_size(*image.size)
+        except ValueError:  # an image the processor rejects: generate fails its row, with the reason
+            frame = image.size
+        prompts.append(prompt(row["subjects"], *frame, schema))
     results = ctx.timed(vlm.generate, images, prompts, schema, [ctx.seed(r["index"]) for r in rows])
     kept = []
     for row, result in zip(rows, results):
         if not result.ok:
             ctx.drop(row, "vlm_invalid_output", result.error or "")
             continue
-        repaired = repair(result.value, row["subjects"])
+        repaired = repair(result.value, row["subjects"], params.max_instruction_chars)
         if repaired is None:
             ctx.drop(row, "unknown_subject_in_instruction", result.value.instruction)
             continue
@@ -104,4 +121,6 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
 
 
 # Version 2: legible colour tags, pixel boxes in the prompt, schema-derived token budget, explicit sampling.
-STAGE = Stage("annotate", 2, process, roles=("vlm",), reads=("annotate",), writes=("instruction", "cot"))
+# Version 3: boxes in the frame the VLM sees, the answer's fields and bounds in the prompt, texts
+# ended at a whole word.
+STAGE = Stage("annotate", 3, process, roles=("vlm",), reads=("annotate",), writes=("instruction", "cot"))

@@ -6,7 +6,8 @@ the spec only through a view of its declared fields (any other read raises `Cont
 column it writes that it did not declare, or that `schemas.WORK` lacks, fails the shard.
 
 A stage's output for shard k lives at `stages/<stage>/<fingerprint>/part-0000k.parquet`, with its
-dropped rows beside it and a `.done.json` marker written last. The fingerprint hashes the stage's
+dropped rows beside it (and its scores table, for a stage that declares scores) and a
+`.done.json` marker written last. The fingerprint hashes the stage's
 name, version, the values of the fields it reads, its roles' content settings (backend, model,
 dtype, options: what decides the output) and the upstream fingerprint, so changing a field reruns
 the stages that read it and what follows, and nothing else. Execution settings (batch size, device,
@@ -37,7 +38,7 @@ from pydantic import BaseModel
 
 from data_specs.build import BuildSpec, canonical_json
 from data_specs.roles import RoleSpec
-from data_specs.schemas import DROPPED, WORK
+from data_specs.schemas import DROPPED, SCORES, WORK
 from music_model.roles import (load_role, peak_memory_bytes, reset_peak_memory, resident_roles, thread_load_seconds,
                                thread_model_loads, thread_oom_retries)
 from music_model.media.images import from_struct, to_struct
@@ -129,6 +130,9 @@ class Stage:
       section: `"detect"`); they, and only they, are fingerprinted.
     - `writes`: the `schemas.WORK` columns it adds or rewrites; a new column it does not declare fails.
     - `unit`: what its work is proportional to (the cost plan): rows, subjects or distinct sources.
+    - `scores`: the scores it records with `ctx.score` for every candidate it judges against a
+      threshold, kept or not, in `part-0000k.scores.parquet` beside its part (`schemas.SCORES`): a
+      dropped candidate's score lives nowhere else, and `music calibrate` needs the whole distribution.
     """
 
     name: str
@@ -138,6 +142,7 @@ class Stage:
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
     unit: str = "rows"
+    scores: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for path in self.reads:
@@ -256,6 +261,7 @@ class StageContext:
     shard: int
     model_seconds: float = 0.0
     drops: list[Drop] = field(default_factory=list)
+    scores: list[dict] = field(default_factory=list)
     reads_seen: set[str] = field(default_factory=set)
     images_written: dict[str, int] = field(default_factory=dict)
     source_root: Path | None = None  # the build folder the input rows' image paths are relative to
@@ -285,6 +291,16 @@ class StageContext:
 
     def drop(self, row: dict, reason: str, detail: str = "") -> None:
         self.drops.append(Drop(row, reason, detail[:500]))
+
+    def score(self, row: dict, name: str, value: float, passed: bool, subject: dict | None = None) -> None:
+        """Record a candidate's score `name` (declared in `Stage(scores=...)`) for the scores table:
+        a subject's (with its id and category) or, without `subject`, the row's."""
+        if name not in self.stage.scores:
+            raise ContractError(f"stage {self.stage.name} records score {name!r}, which its Stage(scores=...) does not declare")
+        self.scores.append({"id": row.get("id"), "index": row.get("index"), "stage": self.stage.name, "name": name,
+                            "subject": None if subject is None else subject["id"],
+                            "category": None if subject is None else subject["category"], "value": float(value),
+                            "passed": bool(passed)})
 
     def timed(self, method: Callable, *args, **kwargs):
         """Call a role's method under that role's lock, counting the time as model compute."""
@@ -436,6 +452,11 @@ def run_marked(marker: Path, work: Callable[[], tuple[dict, list[Path]]], images
     return finish_marker(marker, {**summary, **made, **meter.figures()}, outputs)
 
 
+def scores_path(folder: Path, shard: int) -> Path:
+    """A shard's scores table (`Stage(scores=...)`) in its stage folder."""
+    return folder / f"{shard_name(shard)}.scores.parquet"
+
+
 def marker_path(spec: BuildSpec, stage: str, fp: str, shard: int) -> Path:
     return stage_dir(spec, stage, fp) / f"{shard_name(shard)}.done.json"
 
@@ -481,6 +502,8 @@ def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: 
             for d in context.drops
         ]
         parts = {out_dir / f"{shard_name(shard)}.parquet": (kept, WORK), out_dir / f"{shard_name(shard)}.dropped.parquet": (dropped, DROPPED)}
+        if stage.scores:
+            parts[scores_path(out_dir, shard)] = (context.scores, SCORES)
         for path, (table, schema) in parts.items():
             write_table(table, schema, path)
         return {

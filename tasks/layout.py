@@ -1,12 +1,17 @@
 """segment + layout: the segmenter turns each box into a mask; the mask is kept over the box only
 when CLIP matches the masked region to the category text better than the box crop (paper); the
-chosen regions are projected onto the 8x8 grid (tau = lambda * mean IoU) with its text form."""
+chosen regions are projected onto the 8x8 grid (tau = lambda * mean IoU) with its text form.
+
+CLIP sees both views in one frame (`subject_view`): the subject's box padded to a square, the
+mask view grey outside the mask, so its centre crop holds the whole subject (not the middle third
+of a tall one) and the two scores differ only by the region. Each subject keeps the difference
+as `mask_clip_margin` (mask score minus box score)."""
 from __future__ import annotations
 
 import numpy as np
 
 from music_model.media import masks as rle
-from music_model.media.images import crop, masked
+from music_model.media.images import subject_view
 from music_model.subjects.layout import box_to_mask, layout_grid, layout_to_text
 from tasks.engine import Stage, StageContext
 
@@ -20,8 +25,8 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     mask_views, box_views, texts = [], [], []
     for row, image, masks in zip(rows, images, all_masks):
         for subject, mask in zip(row["subjects"], masks):
-            mask_views.append(masked(image, mask))
-            box_views.append(crop(image, subject["box"]))
+            mask_views.append(subject_view(image, subject["box"], mask))
+            box_views.append(subject_view(image, subject["box"]))
             texts.append(f"a photo of a {subject['category']}")
     if texts:
         text_emb = ctx.timed(clip.embed_texts, texts)
@@ -32,16 +37,18 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
         width, height = image.size
         subjects, regions = [], []
         for subject, mask in zip(row["subjects"], masks):
-            use_mask = bool(mask.any()) and mask_score[position] > box_score[position]
+            margin = float(mask_score[position] - box_score[position])
+            use_mask = bool(mask.any()) and margin > 0
             position += 1
             region = mask if use_mask else box_to_mask(np.array(subject["box"]), height, width)
             regions.append(region)
             subjects.append({**subject, "mask": rle.encode(mask), "region": "mask" if use_mask else "box",
-                             "area": float(region.mean())})
+                             "area": float(region.mean()), "mask_clip_margin": margin})
         grid = layout_grid(np.stack(regions), [s["id"] for s in subjects], lam=params.lam, grid=params.grid)
         kept.append({**row, "subjects": subjects, "layout": grid.tolist(), "layout_text": layout_to_text(grid, params.grid)})
     return kept
 
 
-STAGE = Stage("layout", 1, process, roles=("segmenter", "clip"), reads=("layout",), writes=("subjects", "layout", "layout_text"),
+# 2: mask and box views framed alike (the box, padded to a square); the CLIP margin kept per subject
+STAGE = Stage("layout", 2, process, roles=("segmenter", "clip"), reads=("layout",), writes=("subjects", "layout", "layout_text"),
               unit="subjects")

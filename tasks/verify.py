@@ -1,19 +1,31 @@
-"""verify: the VLM judges each detected box against its category; failed subjects are removed and
-a sample with fewer than `min_subjects` left is dropped."""
+"""verify: the VLM judges each detected box and its label, as the paper asks: is the outlined box
+a {category}? It reads the answer's yes/no token probabilities from one forward pass (no sampling,
+so a borderline crop gets the same verdict on every run) and keeps a subject when p(yes) reaches
+`min_confidence`, storing p(yes) as the subject's `verify_confidence`. A sample with fewer than
+`min_subjects` kept is dropped (`too_few_verified`). Every candidate's p(yes), kept or not, goes
+to the stage's scores table, for `music calibrate`."""
 from __future__ import annotations
 
-from pydantic import BaseModel
+import math
 
-from music_model.media.images import crop
-from music_model.roles.structured import bounded_text
+from PIL import Image, ImageDraw
+
+from music_model.media.images import TAG_COLOURS, crop, pixel_box
 from tasks.engine import Stage, StageContext
 
-PROMPT = "Is the main object in this image a {category}, shown whole and clearly? Answer and give a short reason."
+# Not "shown whole and clearly": occluded and interacting subjects are what multi-subject scenes are made of.
+PROMPT = ("A detector found an object in this image and labelled it \"{category}\"; the red box outlines it. "
+          "Is the box and its label correct, that is, does the red box hold a {category}? Answer Yes or No.")
+BOX_COLOUR = TAG_COLOURS[0]
 
 
-class Verdict(BaseModel):
-    match: bool
-    reason: bounded_text(80)
+def outlined_crop(image: Image.Image, box, margin: float) -> Image.Image:
+    """The crop the VLM judges: the box grown by `margin` of its size, with the box outlined."""
+    outlined = image.copy()
+    left, top, right, bottom = pixel_box(box, *outlined.size)
+    width = max(1, round(max(right - left, bottom - top) / 100))
+    ImageDraw.Draw(outlined).rectangle([left, top, right - 1, bottom - 1], outline=BOX_COLOUR, width=width)
+    return crop(outlined, box, margin)
 
 
 def renumber(subjects: list[dict]) -> list[dict]:
@@ -23,18 +35,19 @@ def renumber(subjects: list[dict]) -> list[dict]:
 def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     params = ctx.spec.verify
     vlm = ctx.role("vlm")
-    jobs = []  # (row number, subject) for every subject of the shard, judged in one batched call
+    jobs = []  # (row number, subject, crop) for every subject of the shard, judged in one batched call
     for number, row in enumerate(rows):
         image = ctx.image(row["image"])
-        jobs.extend((number, subject, crop(image, subject["box"], params.crop_margin)) for subject in row["subjects"])
-    results = ctx.timed(
-        vlm.generate, [[c] for _, _, c in jobs], [PROMPT.format(category=s["category"]) for _, s, _ in jobs], Verdict,
-        [ctx.seed(rows[n]["index"], str(s["id"])) for n, s, _ in jobs],
-    )
+        jobs.extend((number, subject, outlined_crop(image, subject["box"], params.crop_margin)) for subject in row["subjects"])
+    confidences = ctx.timed(vlm.yes_probability, [[c] for _, _, c in jobs], [PROMPT.format(category=s["category"]) for _, s, _ in jobs])
     passed: dict[int, list[dict]] = {n: [] for n in range(len(rows))}
-    for (number, subject, _), result in zip(jobs, results):
-        if not params.require_match or (result.ok and result.value.match):
-            passed[number].append(subject)
+    for (number, subject, _), confidence in zip(jobs, confidences):
+        readable = not math.isnan(confidence)  # NaN: the processor rejected the crop
+        confident = readable and confidence >= params.min_confidence
+        if readable:
+            ctx.score(rows[number], "verify_confidence", confidence, confident, subject)
+        if confident or not params.require_match:
+            passed[number].append({**subject, "verify_confidence": float(confidence) if readable else None})
     kept = []
     for number, row in enumerate(rows):
         subjects = renumber(passed[number])
@@ -45,5 +58,7 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     return kept
 
 
-# 3: explicit sampling, schema-derived token budget
-STAGE = Stage("verify", 3, process, roles=("vlm",), reads=("verify",), writes=("subjects", "num_subjects"), unit="subjects")
+# 4: the paper's question (box and label correct) on the crop with its box drawn, decided by p(yes)
+# from one forward pass against min_confidence (was: a sampled yes/no and an unused reason).
+STAGE = Stage("verify", 4, process, roles=("vlm",), reads=("verify",), writes=("subjects", "num_subjects"), unit="subjects",
+              scores=("verify_confidence",))

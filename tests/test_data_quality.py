@@ -101,7 +101,7 @@ def test_tags_are_at_least_three_percent_of_the_image_height_on_a_filled_box(lab
 
 def test_annotate_prompt_gives_each_box_in_pixels_beside_its_tag():
     subjects = [{"id": 1, "category": "dog", "box": [0.1, 0.2, 0.5, 0.9]}, {"id": 2, "category": "cutting board", "box": [0.5, 0.5, 1.0, 1.0]}]
-    text = annotate.prompt(subjects, 1024, 768)
+    text = annotate.prompt(subjects, 1024, 768, annotate.annotation_schema(300, 6))
     assert "(1024x768 pixels)" in text
     assert "<s1> dog [102, 153, 512, 692]" in text and "<s2> cutting board [512, 384, 1024, 768]" in text
 
@@ -142,14 +142,11 @@ def qwen_tokenizer():
 
 
 def schemas():
-    from tasks.verify import Verdict
-
     paper = parse_build_spec(yaml.safe_load(shipped("music_10k.yaml").read_text()))
     return {
         "annotate (paper: 300 chars, 6 relations, 12 subjects)": annotate.annotation_schema(paper.annotate.max_instruction_chars,
                                                                                             paper.annotate.max_relations),
         "compose (paper: 240 chars)": compose.composition_schema(paper.compose.max_caption_chars),
-        "verify": Verdict,
     }
 
 

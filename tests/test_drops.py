@@ -108,11 +108,13 @@ def test_compose_answers_always_fit_so_no_sample_is_lost_as_llm_invalid_output(c
     `max_new_tokens` says, and the llm role rejects no prompt. A model forced to ramble is cut at the
     schema's bound, and every sample keeps its answer."""
     spec, out = chain
-    llm = forced_checkpoint("qwen3", {'"': "a", "a": "a"}, tmp_path / "llm-rambles")  # "aaaa..." for ever
+    llm = forced_checkpoint("qwen3", {'"': "a", "a": " a", " a": " a"}, tmp_path / "llm-rambles")  # "a a a..." for ever
     rambling = variant(spec, tmp_path, roles={"llm": {"model": str(llm), "options": {"max_new_tokens": 1, "max_attempts": 1}}})
     summary, kept, dropped = rerun(compose, rambling, None)
     assert dropped == {} and summary["dropped"] == {}
-    assert {r["caption"] for r in kept.values()} == {"a" * spec.compose.max_caption_chars}
+    # Cut at the bound, then ended at its last whole word (structured.end_at_word).
+    for row in kept.values():
+        assert re.fullmatch(r"a( a)+", row["caption"]) and len(row["caption"]) >= spec.compose.max_caption_chars - 3, row["caption"]
     assert [r["categories"] for r in kept.values()] == [r["categories"] for r in out["compose"][1]]
 
 
@@ -130,7 +132,7 @@ def test_detect_drops_samples_with_too_few_boxes(chain, tmp_path):
             assert len(kept[row["id"]]["subjects"]) == detected[row["id"]]
         else:
             assert dropped[row["id"]]["reason"] == "too_few_detected"
-            found, total = map(int, re.fullmatch(r"(\d+) of (\d+) categories found", dropped[row["id"]]["detail"]).groups())
+            found, total = map(int, re.match(r"(\d+) of (\d+) categories kept", dropped[row["id"]]["detail"]).groups())
             assert found == detected.get(row["id"], found) < need and total == len(row["categories"])
 
 
@@ -170,8 +172,11 @@ def test_annotate_drops_an_instruction_naming_an_unknown_subject(chain, tmp_path
     # {"instruction": "<s3>", "subjects": [], "relations": []} for every sample
     vlm = forced_checkpoint("qwen2_5_vl", {'"': "<", "<": "s", "s": "3", "3": ">", ">": '"', "[": "]"}, tmp_path / "vlm-s3")
     forced = variant(spec, tmp_path, roles={"vlm": {"model": str(vlm)}})
-    _, kept, dropped = rerun(annotate, forced, out["rerender"][3])
-    rows = out["rerender"][1]
+    first, *others = out["rerender"][1]  # a 2-subject sample beside the others, whatever the random verify kept
+    rows = [{**first, "subjects": first["subjects"][:2], "num_subjects": 2}, *others]
+    upstream = out["rerender"][3].parent / "crafted-two-subjects"  # in the chain's build: its rows' images are there
+    write_table(rows, WORK, upstream / f"{shard_name(0)}.parquet")
+    _, kept, dropped = rerun(annotate, forced, upstream)
     assert {len(r["subjects"]) for r in rows} & {2} and {len(r["subjects"]) for r in rows} - {2}, "needs 2- and 3+-subject samples"
     for row in rows:
         if len(row["subjects"]) < 3:  # <s3> is no subject of a 2-subject sample

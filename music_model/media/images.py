@@ -42,14 +42,11 @@ def crop(image: Image.Image, box, margin: float = 0.0) -> Image.Image:
     return image.crop(pixel_box((x0 - dx, y0 - dy, x1 + dx, y1 + dy), *image.size))
 
 
-def masked(image: Image.Image, mask: np.ndarray, fill: int = 128) -> Image.Image:
-    """The image with everything outside `mask` painted grey, cropped to the mask's bounds."""
+def masked(image: Image.Image, mask: np.ndarray, fill: tuple[int, int, int] = NEUTRAL) -> Image.Image:
+    """The image with everything outside `mask` painted `fill`."""
     pixels = np.array(image.convert("RGB"))
     pixels[~mask] = fill
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return Image.fromarray(pixels)
-    return Image.fromarray(pixels[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
+    return Image.fromarray(pixels)
 
 
 def letterbox(image: Image.Image, size: tuple[int, int], fill: tuple[int, int, int] = NEUTRAL
@@ -68,6 +65,13 @@ def square(image: Image.Image, fill: tuple[int, int, int] = NEUTRAL) -> Image.Im
     encoders that centre-crop to a square."""
     side = max(image.size)
     return letterbox(image, (side, side), fill)[0]
+
+
+def subject_view(image: Image.Image, box, mask: np.ndarray | None = None) -> Image.Image:
+    """A subject as an encoder that centre-crops to a square should see it: its box, grey outside
+    `mask` when one is given, padded to a square. Mask and box views share one frame, so a score
+    compares the region, not the framing, and the whole subject is inside the encoder's crop."""
+    return square(crop(image if mask is None else masked(image, mask), box))
 
 
 def tag_font(image_height: int, labels: list[str]) -> ImageFont.FreeTypeFont:

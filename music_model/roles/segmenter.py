@@ -6,6 +6,7 @@ single mask output per box, the setting SAM's authors recommend for unambiguous 
 """
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,7 +76,7 @@ class TransformersSegmenter(BoxSegmenter):
         from transformers import AutoConfig, AutoModelForMaskGeneration, AutoProcessor
 
         remote = spec.trust_remote_code
-        model_type = AutoConfig.from_pretrained(self.path, trust_remote_code=remote).model_type
+        model_type = AutoConfig.from_pretrained(self.path, trust_remote_code=remote, revision=spec.revision).model_type
         if model_type not in _TRANSFORMERS_MODEL_TYPES:
             raise SpecError(
                 f"model: {spec.model} is a {model_type!r} checkpoint; the transformers segmenter serves "
@@ -83,8 +84,15 @@ class TransformersSegmenter(BoxSegmenter):
             )
         # SAM resizes the longest side and pads, so its post-processing must crop the padding away
         self._crop_padding = model_type == "sam"
-        self.processor = AutoProcessor.from_pretrained(self.path, trust_remote_code=remote)
+        self.processor = AutoProcessor.from_pretrained(self.path, trust_remote_code=remote, revision=spec.revision)
         self.model = self.load_pretrained(AutoModelForMaskGeneration, trust_remote_code=remote)
+        if self.dtype != torch.float32:
+            # Box corners are pixels at 1024, where bf16 steps by 4 px, and the prompt encoder casts
+            # them to its own dtype before their sin/cos encoding. So boxes stay float32 and the
+            # prompt encoder gets a float32 copy of that encoding (SAM ties it to the image-wide one,
+            # which stays in the model's dtype); the mask decoder casts the box embeddings to its dtype.
+            encoder = self.model.prompt_encoder
+            encoder.shared_embedding = copy.deepcopy(encoder.shared_embedding).float()
 
     @torch.inference_mode()
     def _segment_batch(self, images: list[Image.Image], boxes: list[np.ndarray]) -> list[np.ndarray]:
@@ -95,7 +103,7 @@ class TransformersSegmenter(BoxSegmenter):
         inputs = self.processor(images=images, input_boxes=padded, return_tensors="pt")
         outputs = self.model(
             pixel_values=inputs["pixel_values"].to(self.device, self.dtype),
-            input_boxes=inputs["input_boxes"].to(self.device, self.dtype),
+            input_boxes=inputs["input_boxes"].to(self.device, torch.float32),  # exact corners: see __init__
             multimask_output=False,
         )
         sizes = [inputs["original_sizes"]]

@@ -19,6 +19,10 @@ Token budget: `schema_token_budget` bounds the longest JSON text a schema admits
 list and integer is bounded) in UTF-8 bytes, and a generated token is at least one byte, so a
 budget of that many tokens (+1 for the end token) never cuts a valid answer, whatever the
 tokenizer. A spec's `max_new_tokens` can raise the budget, never lower it.
+
+Prompts end with `describe_schema` (the fields and bounds the grammar enforces), and a stage passes
+each bounded text through `end_at_word`: at its bound the grammar forced the closing quote, maybe
+mid-word or mid-tag.
 """
 from __future__ import annotations
 
@@ -63,8 +67,9 @@ def bounded_text(max_length: int, min_length: int = 1) -> Any:
     return Annotated[str, StringConstraints(pattern=pattern)]
 
 
-# The pattern bounded_text writes, read back by the token budget: group 1 is max_length - 1.
-_BOUNDED_PATTERN = re.compile(re.escape(f"^{_SAFE_FIRST_CHAR}{_SAFE_CHAR}{{") + r"\d+,(\d+)\}\$")
+# The pattern bounded_text writes, read back by the token budget and the prompts' field list:
+# groups 1 and 2 are min_length - 1 and max_length - 1.
+_BOUNDED_PATTERN = re.compile(re.escape(f"^{_SAFE_FIRST_CHAR}{_SAFE_CHAR}{{") + r"(\d+),(\d+)\}\$")
 
 
 def bounded_int(ge: int, le: int) -> Any:
@@ -192,7 +197,7 @@ def max_json_bytes(node: Mapping[str, Any], defs: Mapping[str, Any] | None = Non
         return 2 + count * max_json_bytes(node.get("items", {}), defs, f"{where}[]") + comma * max(count - 1, 0)
     if kind == "string":
         if "pattern" in node and (match := _BOUNDED_PATTERN.fullmatch(node["pattern"])):
-            return 2 + _MAX_UTF8_BYTES * (int(match.group(1)) + 1)
+            return 2 + _MAX_UTF8_BYTES * (int(match.group(2)) + 1)
         if "maxLength" in node:
             return 2 + _MAX_ESCAPED_BYTES * node["maxLength"]
         raise ValueError(f"{where or 'schema'}: a string without a length bound (use bounded_text)")
@@ -205,6 +210,92 @@ def max_json_bytes(node: Mapping[str, Any], defs: Mapping[str, Any] | None = Non
     if kind == "null":
         return len("null")
     raise ValueError(f"{where or 'schema'}: type {kind!r} has no length bound")
+
+
+# --- the answer format a prompt states, and texts cut at their bound ------------------------------
+
+
+def describe_schema(schema: type[BaseModel]) -> str:
+    """The answer format a prompt ends with: the JSON fields of `schema` in the order the grammar
+    writes them, each with its description, type and bounds, read from the schema itself so that a
+    prompt never drifts from the grammar that constrains its answer.
+
+    >>> class Note(BaseModel):
+    ...     ok: bool
+    ...     text: bounded_text(40) = Field(description="why")
+    >>> print(describe_schema(Note))
+    Answer with one JSON object with these fields, in this order:
+    - "ok": true or false
+    - "text" (why): text of at most 40 characters
+    """
+    raw = schema.model_json_schema()
+    return "\n".join(["Answer with one JSON object with these fields, in this order:", *_field_lines(raw, raw.get("$defs", {}), "")])
+
+
+def _field_lines(node: Mapping[str, Any], defs: Mapping[str, Any], indent: str) -> list[str]:
+    lines = []
+    for name, value in node.get("properties", {}).items():
+        about = f" ({value['description']})" if value.get("description") else ""
+        first, *nested = _describe(value, defs, indent + "  ")
+        lines += [f'{indent}- "{name}"{about}: {first}', *nested]
+    return lines
+
+
+def _count_phrase(low: int, high: int | None, unit: str) -> str:
+    if high is None:
+        return f"at least {low} {unit}" if low else f"any number of {unit}"
+    return f"{low} to {high} {unit}" if low else f"at most {high} {unit}"
+
+
+def _describe(node: Mapping[str, Any], defs: Mapping[str, Any], indent: str) -> list[str]:
+    """A schema node as a phrase, followed by the lines of its fields when it is an object."""
+    if "$ref" in node:
+        return _describe(defs[node["$ref"].rsplit("/", 1)[-1]], defs, indent)
+    if "const" in node or "enum" in node:
+        values = [node["const"]] if "const" in node else node["enum"]
+        return ["one of " + ", ".join(json.dumps(v, ensure_ascii=False) for v in values)]
+    if "anyOf" in node:
+        return [" or ".join(_describe(option, defs, indent)[0] for option in node["anyOf"])]
+    kind = node.get("type")
+    if kind == "object":
+        return ["an object with these fields:", *_field_lines(node, defs, indent)]
+    if kind == "array":
+        first, *nested = _describe(node.get("items", {}), defs, indent)
+        return [f"a list of {_count_phrase(node.get('minItems', 0), node.get('maxItems'), 'items')}, each {first}", *nested]
+    if kind == "string":
+        if "pattern" in node and (match := _BOUNDED_PATTERN.fullmatch(node["pattern"])):
+            low, high = int(match.group(1)) + 1, int(match.group(2)) + 1
+        else:
+            low, high = node.get("minLength", 0), node.get("maxLength")
+        return [f"text of {_count_phrase(low if low > 1 else 0, high, 'characters')}"]
+    if kind == "integer" and "minimum" in node and "maximum" in node:
+        return [f"an integer from {node['minimum']} to {node['maximum']}"]
+    return [{"integer": "an integer", "number": "a number", "boolean": "true or false", "null": "null"}.get(kind, "any JSON value")]
+
+
+# A last word is whole when the text ends in one of these; after a letter, a digit, an apostrophe,
+# a hyphen or an unclosed `<sN` the word (or tag) may have run on past the bound.
+_WORD_ENDS = ".!?,;:)]>"
+_DANGLING = ",;:-([" + " \t"
+_OPEN_TAG = re.compile(r"<(s\d*)?$")
+
+
+def end_at_word(text: str, max_length: int) -> str:
+    """A `bounded_text(max_length)` value ended at a whole word. Shorter text ended where the
+    model chose, and is returned as it is. Text at the bound was cut there by the grammar (it forces
+    the closing quote), so a last word or `<sN>` tag that may run on is removed, then the separators
+    left before it; "" when no whole word is left.
+
+    >>> end_at_word("a dog beside <s1", 16)
+    'a dog beside'
+    >>> end_at_word("a dog and a cat.", 16)
+    'a dog and a cat.'
+    """
+    if len(text) < max_length:
+        return text
+    if not (text[-1].isspace() or text[-1] in _WORD_ENDS):
+        text = re.sub(r"\S+$", "", text)
+    return _OPEN_TAG.sub("", text.rstrip(_DANGLING)).rstrip(_DANGLING)
 
 
 def attempt_seed(seed: int, attempt: int) -> int:
