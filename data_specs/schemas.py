@@ -79,6 +79,12 @@ PUBLISHED = pa.schema(
         ("masks", pa.list_(RLE)),
         ("regions", pa.list_(pa.string())),
         ("references", pa.list_(IMAGE)),
+        # Quality scores, per subject (aligned with subject_ids) and per sample: the card says what each means.
+        ("detector_scores", pa.list_(pa.float32())),
+        ("verify_confidences", pa.list_(pa.float32())),
+        ("reference_dino", pa.list_(pa.float32())),
+        ("mask_clip_margins", pa.list_(pa.float32())),
+        ("near_duplicate_clip", pa.float32()),
     ]
 )
 
@@ -102,4 +108,7 @@ PUBLISHED_FEATURES = {
     },
     "regions": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "List"},
     "references": {"feature": {"_type": "Image"}, "_type": "List"},
+    **{name: {"feature": {"dtype": "float32", "_type": "Value"}, "_type": "List"}
+       for name in ("detector_scores", "verify_confidences", "reference_dino", "mask_clip_margins")},
+    "near_duplicate_clip": {"dtype": "float32", "_type": "Value"},
 }

@@ -10,8 +10,8 @@ as every stage keeps its dropped table.
 
 Publishing streams: near-duplicates, the cap and the order are decided on the filter rows without
 their images (`read_filter_index`); the rows are then read a shard at a time and written a file
-at a time, so memory is one shard and one file's rows plus an embedding a source, whatever the
-sample count."""
+at a time, so memory is one shard and one file's rows plus an embedding a source (twice while
+`nearest_earlier` scores the published sources), whatever the sample count."""
 from __future__ import annotations
 
 import base64
@@ -35,19 +35,24 @@ import yaml
 from PIL import Image
 
 from data_specs.build import BuildSpec, canonical_json
+from data_specs.roles import model_kind
 from data_specs.schemas import DROPPED, PUBLISHED, PUBLISHED_FEATURES
+from music_model.roles.hub import licence_of
 from music_model.subjects.preview import from_published, render_sheet
 from tasks import waves
 from tasks.engine import ImageStore, build_dir, read_rows, shard_name, stable_int, stage_dir, write_atomic, write_table
+from tasks.preflight import recorded
 
 PREVIEW_SAMPLES = 6
+# Bumped when the published files change for the same inputs. 2: the quality-score columns.
+PUBLISH_VERSION = 2
 
 
 def publish_fingerprint(spec: BuildSpec, upstream: str, shards: int) -> str:
     """What the published files depend on: the publish section, the near-duplicate threshold (the
     filter section's, read only here), the target, the filter stage's fingerprint and how many of
     its shards there are (the fingerprint does not count sources)."""
-    payload = {"publish": spec.publish.model_dump(), "near_duplicate": spec.filter.near_duplicate_clip,
+    payload = {"version": PUBLISH_VERSION, "publish": spec.publish.model_dump(), "near_duplicate": spec.filter.near_duplicate_clip,
                "target": spec.target.model_dump(mode="json") if spec.target else None, "upstream": upstream, "shards": shards}
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
 
@@ -115,23 +120,49 @@ def stream_rows(filter_dir: Path, index: FilterIndex, ids: list[str], store: Ima
                "subjects": [{**s, "reference": store.embedded(s["reference"])} for s in row["subjects"]]}
 
 
-def near_duplicate_sources(embeddings: dict[str, np.ndarray], threshold: float) -> dict[str, tuple[str, float]]:
-    """source_id -> (the earlier kept source it nearly duplicates, their CLIP cosine >= threshold),
-    sources taken in ID order."""
+def near_duplicate_scores(embeddings: dict[str, np.ndarray], threshold: float) -> dict[str, tuple[str, float]]:
+    """source_id -> (the earlier kept source most like it, their CLIP cosine) for every source but
+    the first, sources taken in ID order: the cosine publish holds to `threshold`. A source at or
+    above it is a near duplicate, and later sources are not compared with it."""
     kept_ids: list[str] = []
     kept_vectors: list[np.ndarray] = []
-    duplicates = {}
+    nearest = {}
     for source in sorted(embeddings):
         vector = embeddings[source]
         if kept_vectors:
             scores = np.stack(kept_vectors) @ vector
             best = int(np.argmax(scores))
+            nearest[source] = (kept_ids[best], float(scores[best]))
             if scores[best] >= threshold:
-                duplicates[source] = (kept_ids[best], float(scores[best]))
                 continue
         kept_ids.append(source)
         kept_vectors.append(vector)
-    return duplicates
+    return nearest
+
+
+def near_duplicate_sources(embeddings: dict[str, np.ndarray], threshold: float) -> dict[str, tuple[str, float]]:
+    """source_id -> (the earlier kept source it nearly duplicates, their CLIP cosine >= threshold),
+    sources taken in ID order."""
+    return {source: near for source, near in near_duplicate_scores(embeddings, threshold).items() if near[1] >= threshold}
+
+
+def nearest_earlier(embeddings: dict[str, np.ndarray], sources: list[str], block: int = 1024) -> dict[str, float]:
+    """The published `near_duplicate_clip`: per source of `sources` (the published ones), the highest
+    CLIP cosine (clipped to [-1, 1]) of its target to the target of any other of them with a lower
+    ID; -1.0, the lowest cosine, for the first. So keeping the rows under t leaves no two sources at
+    t or above and keeps the lowest ID of each group (a cosine to every other source would drop the
+    whole group). Computed a block of sources at a time (memory: block x sources)."""
+    order = sorted(set(sources))
+    if not order:
+        return {}
+    matrix = np.stack([embeddings[source] for source in order])
+    nearest = np.full(len(order), -1.0, np.float32)
+    for start in range(1, len(order), block):
+        stop = min(start + block, len(order))
+        similarity = matrix[start:stop] @ matrix[:stop].T
+        similarity[np.arange(stop)[None, :] >= np.arange(start, stop)[:, None]] = -np.inf  # itself and later IDs
+        nearest[start:stop] = np.clip(similarity.max(1), -1.0, 1.0)
+    return dict(zip(order, nearest.tolist()))
 
 
 def drop_near_duplicates(spec: BuildSpec, index: FilterIndex, stage: str) -> tuple[list[dict], list[dict], int]:
@@ -234,7 +265,8 @@ def preview_markdown(folder: Path, previews: list[str], inline: bool = False, wi
     return lines + [""]
 
 
-def published_row(row: dict) -> dict:
+def published_row(row: dict, near_duplicate_clip: float | None = None) -> dict:
+    """A filter row as published; `near_duplicate_clip`: its source's (`nearest_earlier`)."""
     subjects = row["subjects"]
     return {
         "id": row["id"], "source_id": row["source_id"], "num_subjects": row["num_subjects"], "image": row["image"],
@@ -243,6 +275,9 @@ def published_row(row: dict) -> dict:
         "categories": [s["category"] for s in subjects], "boxes": [s["box"] for s in subjects],
         "masks": [s["mask"] for s in subjects], "regions": [s["region"] for s in subjects],
         "references": [s["reference"] for s in subjects],
+        "detector_scores": [s["score"] for s in subjects], "reference_dino": [s["reference_dino"] for s in subjects],
+        "verify_confidences": [s["verify_confidence"] for s in subjects],
+        "mask_clip_margins": [s["mask_clip_margin"] for s in subjects], "near_duplicate_clip": near_duplicate_clip,
     }
 
 
@@ -298,15 +333,96 @@ def target_line(target: dict | None) -> str:
             "published samples per source made\n")
 
 
+def quality_scores_section(spec: BuildSpec) -> str:
+    """The card's section on the quality-score columns: what each means, its range, what this build
+    kept and a one-line `datasets` filter. Only the spec goes in, so one spec gives one text."""
+    detect, rerender = spec.detect, spec.rerender
+    rows = [
+        ("detector_scores", "subject", "the detector's score of the subject's box for its category (detect)", "0 to 1",
+         f">= `detect.box_threshold` {detect.box_threshold}"),
+        ("verify_confidences", "subject", "the VLM's p(yes) that the outlined box and its label are correct (verify)", "0 to 1",
+         f">= `verify.min_confidence` {spec.verify.min_confidence}" if spec.verify.require_match else "any (verify.require_match off)"),
+        ("reference_dino", "subject", "cosine of the `dino` role's embeddings of the re-rendered reference and the subject's "
+         "crop (rerender): low, identity lost; high, a copy of the crop", "-1 to 1",
+         f"`rerender.min_dino` {rerender.min_dino} to `rerender.max_dino` {rerender.max_dino}"),
+        ("mask_clip_margins", "subject", "the `clip` role's score of the masked region minus the box crop's, against "
+         "`a photo of a {category}` (layout): above 0, the mask matched better and is the region unless empty", "-2 to 2", "any"),
+        ("near_duplicate_clip", "sample", "the highest cosine of the `clip` role's embeddings of this sample's target and the "
+         "target of any other published source with a lower `source_id` (-1.0 for the first); decimated siblings share it",
+         "-1 to 1",
+         f"< `filter.near_duplicate_clip` {spec.filter.near_duplicate_clip}"),
+    ]
+    table = "\n".join(f"| `{name}` | {per} | {meaning} | {span} | {kept} |" for name, per, meaning, span, kept in rows)
+    return (
+        "\n## Quality scores\n\nScores to filter the set on, as the pipeline computed them: a list per subject "
+        "(aligned with `subject_ids`) or a value per sample. Higher is better for all but `near_duplicate_clip`. "
+        "A null is a score the stage did not record.\n\n"
+        f"| column | per | what it is | range | this build kept |\n|---|---|---|---|---|\n{table}\n\n"
+        "`near_duplicate_clip` looks only at lower IDs, so keeping the rows under t leaves no two published sources with "
+        "a CLIP cosine of t or more and keeps the first (lowest `source_id`) of each group. Filters, one line each:\n\n"
+        "```python\n"
+        "ds = ds.filter(lambda r: min(r[\"verify_confidences\"]) >= 0.8)  # every subject confidently verified\n"
+        "ds = ds.filter(lambda r: min(r[\"reference_dino\"]) >= 0.5)      # every reference keeps its identity\n"
+        "ds = ds.filter(lambda r: r[\"near_duplicate_clip\"] < 0.9)       # no two sources left at CLIP cosine 0.9 or more\n"
+        "```\n"
+    )
+
+
+OBJECTS365_LICENCE = {"license": "cc-by-4.0", "name": "Creative Commons Attribution 4.0",
+                      "outputs": "the category names (Shao et al., ICCV 2019) are used as prompts and labels"}
+
+
+def provenance(spec: BuildSpec) -> dict[str, dict]:
+    """Each role's model, source, commit and licence, as the build's preflight recorded them (a set
+    published outside the build flow: the licences, commits unknown)."""
+    made_with = recorded(spec) or {}
+    return {name: made_with.get(name) or {"model": role.model, "source": model_kind(role.model), "commit": role.revision,
+                                          "licence": licence_of(role)}
+            for name, role in sorted(spec.roles.items())}
+
+
+def licence_header(models: dict[str, dict], categories: dict) -> dict:
+    """The card's `license:`: the one licence of every model and the categories, else `other`."""
+    ids = {m["licence"].get("license", "unknown") for m in models.values()} | {categories["license"]}
+    if len(ids) == 1:
+        return {"license": ids.pop()}
+    return {"license": "other", "license_name": "mixed: see the Licences section of this card"}
+
+
+def licences_section(models: dict[str, dict], categories: dict, category_source: str) -> str:
+    rows = "\n".join(f"| {name} | `{m['model']}` | {m['licence'].get('name', '-')} | {m['licence'].get('outputs', '-')} |"
+                     for name, m in models.items())
+    return (
+        "## Licences\n\nEvery model that made or chose part of this data has its own licence, and the set carries "
+        "what each says about its outputs. As the model cards state them (not legal advice: read each licence before "
+        "you use or share the data):\n\n| role | model | licence | what it says of the outputs |\n|---|---|---|---|\n"
+        f"{rows}\n| categories | {category_source} | {categories['name']} | {categories['outputs']} |\n\n"
+        "The target images are the `t2i` role's outputs and the references the `editor` role's, so their terms "
+        "apply to `image` and `references`; the texts are the `llm` and `vlm` roles' outputs.\n\n"
+    )
+
+
+def commit_cell(model: dict) -> str:
+    if model["source"] in ("hub", "cache"):
+        return f"`{model['commit']}`" if model["commit"] else "not recorded"
+    if model["source"] == "zoo":
+        return f"zoo entry sha256 `{model['commit'][:16]}`" if model["commit"] else "zoo"
+    return model["source"]  # a local folder or a random-weight architecture: no revision
+
+
 def card(spec: BuildSpec, stats: dict) -> str:
+    models_used = provenance(spec)
+    categories = (OBJECTS365_LICENCE if spec.categories == "objects365" else
+                  {"license": "unknown", "name": "as the category file's source states", "outputs": "used as prompts and labels"})
     header = {
         "pretty_name": f"MUSIC multi-subject training set ({spec.name})",
+        **licence_header(models_used, categories),
         "task_categories": ["text-to-image", "image-to-image"],
         "tags": ["multi-subject", "in-context-generation", "music-pipeline", "synthetic"],
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}],
     }
     ran = stats.get("execution", {})
-    models = "\n".join(f"| {name} | {r.backend} | `{r.model}` | {'; '.join(ran.get(name, [])) or '-'} |"
+    models = "\n".join(f"| {name} | {r.backend} | `{r.model}` | {commit_cell(models_used[name])} | {'; '.join(ran.get(name, [])) or '-'} |"
                        for name, r in sorted(spec.roles.items()))
     funnel_rows = "\n".join(
         f"| {s['stage']} | {s['rows_in']} | {s['rows_out']} | {', '.join(f'{k}: {v}' for k, v in s['dropped'].items()) or '-'} |"
@@ -328,12 +444,14 @@ def card(spec: BuildSpec, stats: dict) -> str:
         f"- samples: {stats['samples']}\n- subject counts: {stats['subject_counts']}\n"
         f"- spec hash: `{stats['spec_hash']}`\n- code version: `{stats['code_version']}`\n- seed: {spec.seed}\n"
         + target_line(stats.get("target")) + "\n"
-        f"## Models\n\n| role | backend | model | run with (not part of the content) |\n|---|---|---|---|\n{models}\n\n"
+        f"## Models\n\n| role | backend | model | revision | run with (not part of the content) |\n|---|---|---|---|---|\n{models}\n\n"
+        + licences_section(models_used, categories, "Objects365" if spec.categories == "objects365" else f"`{spec.categories}`") +
         f"## Funnel\n\n| stage | in | out | dropped |\n|---|---|---|---|\n{funnel_rows}\n\n"
         "## Columns\n\n`id`, `source_id` (the undecimated sample it derives from), `num_subjects`, `image` (target), "
         "`caption`, `instruction`, `cot`, `layout` (64 ints), `layout_text`, and per subject: `subject_ids`, "
         "`categories`, `boxes` (normalised xyxy), `masks` (COCO RLE), `regions` (mask or box used for the layout), "
         "`references` (images).\n"
+        + quality_scores_section(spec)
         + ("\n" + "\n".join(preview_markdown(Path("."), stats.get("preview", []))) if stats.get("preview") else "")
     )
 
@@ -381,6 +499,7 @@ def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict
         # Rows read a shard at a time and written as they come, a row group per (file, shard): memory is one shard.
         per_file, files = spec.publish.rows_per_file, max(1, -(-len(rows) // spec.publish.rows_per_file))
         previews = set(preview_ids(spec.seed, [r["id"] for r in rows]))
+        near = nearest_earlier(index.embeddings, [r["source_id"] for r in rows])
         preview_rows = {}
         stream = stream_rows(filter_dir, index, [r["id"] for r in rows], ImageStore.of_stage_dir(filter_dir))
         schema = with_features(PUBLISHED, PUBLISHED_FEATURES)
@@ -389,7 +508,7 @@ def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict
             path = staging / "data" / f"train-{number:05d}-of-{files:05d}.parquet"
             with pq.ParquetWriter(path, schema, compression="zstd") as writer:
                 for _, run in itertools.groupby(ids, key=index.shard_of.get):  # consecutive ids of one shard
-                    batch = [published_row(next(stream)) for _ in run]
+                    batch = [published_row(row, near[row["source_id"]]) for row in (next(stream) for _ in run)]
                     preview_rows.update((r["id"], r) for r in batch if r["id"] in previews)
                     writer.write_table(pa.Table.from_pylist(batch, schema=schema))
         sheets = [(i, render_sheet(from_published(preview_rows[i]))) for i in sorted(previews)]

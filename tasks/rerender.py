@@ -1,7 +1,9 @@
 """rerender: each subject's crop is re-rendered by the editor in a new view or pose and becomes its
 reference image, so references are not copies of the target. A reference whose DINO similarity to
 the crop is above `max_dino` (a copy) or below `min_dino` (identity lost) is rejected and its
-subject removed; a sample with fewer than `verify.min_subjects` left is dropped.
+subject removed; a sample with fewer than `verify.min_subjects` left is dropped. Every
+candidate's similarity, kept or rejected, goes to the stage's scores table (`reference_dino`), so
+`music calibrate` shows the whole distribution the two bounds cut.
 
 Geometry (never a stretch): the crop is letterboxed on a neutral background into the FLUX Kontext
 preferred resolution whose aspect is nearest its own (diffusers' `PREFERRED_KONTEXT_RESOLUTIONS`,
@@ -66,6 +68,7 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     kept_subjects: dict[int, list[dict]] = {n: [] for n in range(len(rows))}
     rejected: dict[int, list[str]] = {n: [] for n in range(len(rows))}
     for (number, subject, *_), reference, score in zip(jobs, references, similarity):
+        ctx.score(rows[number], "reference_dino", score, bool(params.min_dino <= score <= params.max_dino), subject)
         if score > params.max_dino:
             rejected[number].append(f"{subject['category']}: copy ({score:.3f})")
         elif score < params.min_dino:
@@ -83,5 +86,6 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
 
 
 # Version 2: letterboxed crops at Kontext's preferred resolutions, references in the crop's aspect.
-STAGE = Stage("rerender", 2, process, roles=("editor", "dino"), reads=("rerender", "verify.min_subjects"),
-              writes=("subjects", "num_subjects"), unit="subjects")
+# Version 3: every candidate's DINO similarity in the scores table.
+STAGE = Stage("rerender", 3, process, roles=("editor", "dino"), reads=("rerender", "verify.min_subjects"),
+              writes=("subjects", "num_subjects"), unit="subjects", scores=("reference_dino",))

@@ -105,6 +105,8 @@ EXPECT = {
     "music eval dreambench": [r"^scored [1-9]\d* images of \d+ subjects"],
     "music eval msic": [r"^scored [1-9]\d* images of \d+ cases"],
     "music pipeline": [r"^dataset: \S+/out/tiny/dataset$", r"^MSIC: \S+/out/msic_tiny/msic$", r"^report: \S+pipeline_report\.md"],
+    "music calibrate": [r"^Keep rates:$", r"^  rerender\.min_dino\s", r"^table: /\S+/out/tiny-calibrate-8/tiny/calibrate/calibration\.md$",
+                        r"^plot: /\S+/out/tiny-calibrate-8/tiny/calibrate/thresholds\.png$"],
     "music server stop": [r"^stopped$"],
     "music server": [r"^Prefect UI: http://127\.0\.0\.1:\d+$",
                      r"^Prefect profile 'music': PREFECT_API_URL=http://127\.0\.0\.1:\d+/api \(saved in \S+/\.prefect/profiles\.toml\)$"],
@@ -340,6 +342,8 @@ def project(tmp_path_factory, tiny_build, msic_build) -> Path:
     (copy / ".venv").symlink_to(ROOT / ".venv")
     for build in (tiny_build, msic_build):
         shutil.copytree(build["dir"], copy / "out" / build["dir"].name)
+    # `music calibrate data_specs/tiny.yaml --sources 8` builds the tiny build's first shard: resumed, it only publishes.
+    shutil.copytree(tiny_build["dir"], copy / "out" / "tiny-calibrate-8" / "tiny")
     return copy
 
 

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from flows.cli.shared import BUSY_EXIT, fail, fail_lines, refuse_failed_preflight, refuse_if_building, start_server
+from flows.cli.calibrate import calibrate_command
 from flows.cli.eval import eval_app
 from flows.cli.model import generate_app, pipeline_command, train_command
 from flows.cli.msic import msic_app
@@ -28,6 +29,7 @@ app.command("train")(train_command)
 app.command("pipeline")(pipeline_command)
 app.add_typer(generate_app, name="generate")
 app.command("plan")(plan_command)
+app.command("calibrate")(calibrate_command)
 app.command("show")(show)
 
 

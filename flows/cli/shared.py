@@ -1,6 +1,6 @@
 """What the `music` command and its sub-command modules share: the one-line error exit, starting the
-Prefect server, quieting model progress bars. `main.py` assembles the sub-command modules (`eval`,
-`msic`, `model`, `plan`, `show`); they and it import this module, and it imports none of them."""
+Prefect server, the preflight check, quieting model progress bars. `main.py` assembles the sub-command modules (`eval`,
+`calibrate`, `msic`, `model`, `plan`, `show`); they and it import this module, and it imports none of them."""
 from __future__ import annotations
 
 from typing import NoReturn

@@ -1,0 +1,147 @@
+"""Per-sample quality scores in the published set (the columns, their ranges, a one-line `datasets`
+filter on them, the near-duplicate score's definition), rerender's scores table of every candidate,
+and `music calibrate` over the session's tiny build.
+
+Prefect and the flows are imported inside the tests (conftest starts the server after collection)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+SCORE_COLUMNS = ("detector_scores", "verify_confidences", "reference_dino", "mask_clip_margins")
+
+
+def test_near_duplicate_clip_is_the_highest_cosine_to_a_lower_published_id():
+    from tasks.publish import nearest_earlier
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(7, 16)).astype(np.float32)
+    vectors[4] = vectors[1] + 0.05 * vectors[4]  # s4 a near copy of s1, s6 of s4 (and so of s1)
+    vectors[6] = vectors[4] + 0.05 * vectors[6]
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    embeddings = {f"s{i}": vectors[i] for i in range(7)}
+    for block in (1, 3, 1024):  # blocked or not, the same values
+        nearest = nearest_earlier(embeddings, [f"s{i}" for i in (6, 0, 1, 2, 3, 4, 5, 4)], block=block)
+        assert list(nearest) == [f"s{i}" for i in range(7)] and nearest["s0"] == -1.0
+        for i in range(1, 7):
+            assert math.isclose(nearest[f"s{i}"], max(float(vectors[i] @ vectors[j]) for j in range(i)), abs_tol=1e-5)
+    # Keeping the rows under t leaves no pair at t or above, and keeps the first of each group.
+    kept = [s for s, score in nearest.items() if score < 0.9]
+    assert "s1" in kept and "s4" not in kept and "s6" not in kept
+    assert all(float(embeddings[a] @ embeddings[b]) < 0.9 for a in kept for b in kept if a < b)
+
+
+def test_rerender_scores_every_candidate_kept_or_rejected(chain, tmp_path):
+    from tasks import rerender
+    from tasks.engine import fingerprint, read_rows, run_shard, scores_path, stage_dir
+
+    spec, out = chain
+    candidates = {(r["index"], s["id"]): s["category"] for r in out["verify"][1] for s in r["subjects"]}
+    table = read_rows(scores_path(out["rerender"][3], 0))
+    assert {(r["index"], r["subject"]): r["category"] for r in table} == candidates and len(table) == len(candidates)
+    kept = {(r["index"], s["category"]): s["reference_dino"] for r in out["rerender"][1] for s in r["subjects"]}
+    assert all(r["passed"] and r["stage"] == "rerender" and r["name"] == "reference_dino" for r in table)  # tiny bounds keep all
+    assert all(math.isclose(r["value"], kept[(r["index"], r["category"])], rel_tol=1e-6) for r in table)
+
+    # Bounds that reject some: the rejected keep their score in the table, and only there.
+    ordered = sorted(r["value"] for r in table)
+    low, high = ordered[len(ordered) // 4], ordered[3 * len(ordered) // 4]
+    strict = spec.model_copy(update={"output_root": str(tmp_path),
+                                     "rerender": spec.rerender.model_copy(update={"min_dino": low, "max_dino": high})})
+    fp = fingerprint(rerender.STAGE, strict, "strict")
+    summary = run_shard(rerender.STAGE, strict, 0, fp, out["verify"][3])
+    assert "part-00000.scores.parquet" in summary["outputs"]  # the marker vouches for it
+    rows = read_rows(scores_path(stage_dir(strict, "rerender", fp), 0))
+    assert np.allclose(sorted(r["value"] for r in rows), ordered)  # the same seeds: the same scores
+    assert all(r["passed"] == (low <= r["value"] <= high) for r in rows) and not all(r["passed"] for r in rows)
+
+
+@pytest.mark.prefect
+def test_published_set_carries_quality_scores_a_user_filters_on(tiny_build):
+    import datasets
+
+    from data_specs.build import load_build_spec
+    from tasks.clean import current_fingerprints
+    from tasks.engine import num_shards, stage_dir
+    from tasks.publish import read_filter_index
+
+    spec = load_build_spec(tiny_build["spec"])
+    dataset = Path(tiny_build["result"]["dataset"])
+    loaded = datasets.load_dataset("parquet", data_files=str(dataset / "data" / "*.parquet"), split="train")
+    assert set(SCORE_COLUMNS) | {"near_duplicate_clip"} <= set(loaded.column_names)
+    rows = loaded.select_columns(["source_id", "subject_ids", "regions", *SCORE_COLUMNS, "near_duplicate_clip"]).to_list()
+    for row in rows:
+        assert all(len(row[column]) == len(row["subject_ids"]) for column in SCORE_COLUMNS), row
+        assert all(spec.detect.box_threshold <= v <= 1 for v in row["detector_scores"]), row
+        assert all(spec.verify.min_confidence <= v <= 1 for v in row["verify_confidences"]), row
+        assert all(spec.rerender.min_dino <= v <= spec.rerender.max_dino for v in row["reference_dino"]), row
+        assert all(-2 <= v <= 2 for v in row["mask_clip_margins"]), row
+        assert all(v > 0 for v, region in zip(row["mask_clip_margins"], row["regions"]) if region == "mask"), row
+        assert -1 <= row["near_duplicate_clip"] < spec.filter.near_duplicate_clip
+
+    # near_duplicate_clip: the highest CLIP cosine to a published source of lower ID (-1.0 for the first).
+    index = read_filter_index(stage_dir(spec, "filter", current_fingerprints(spec)["filter"]), num_shards(spec))
+    sources = sorted({row["source_id"] for row in rows})
+    expected = {s: max([float(index.embeddings[s] @ index.embeddings[o]) for o in sources[:i]], default=-1.0)
+                for i, s in enumerate(sources)}
+    assert all(math.isclose(row["near_duplicate_clip"], expected[row["source_id"]], abs_tol=1e-5) for row in rows)
+    assert len(sources) > 1
+
+    # The card's one-line filter keeps exactly the rows whose every subject reaches the bound.
+    bound = float(np.median([min(row["verify_confidences"]) for row in rows]))
+    kept = loaded.filter(lambda r: min(r["verify_confidences"]) >= bound)
+    assert 0 < len(kept) < len(loaded) or len({min(r["verify_confidences"]) for r in rows}) == 1
+    assert kept["id"] == [i for i, row in zip(loaded["id"], rows) if min(row["verify_confidences"]) >= bound]
+    card = (dataset / "README.md").read_text()
+    assert "## Quality scores" in card and 'ds.filter(lambda r: min(r["verify_confidences"]) >= 0.8)' in card
+
+
+@pytest.mark.prefect
+def test_calibrate_prints_keep_rates_and_every_threshold_with_a_plot(tiny_build, tmp_path):
+    """`music calibrate` of the tiny spec at 8 sources. Its folder starts as a copy of the session's
+    tiny build: the calibration samples are the full build's first 8 sources, so only publish runs."""
+    data = yaml.safe_load(tiny_build["spec"].read_text()) | {"output_root": str(tmp_path / "out")}
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    folder = tmp_path / "out" / "tiny-calibrate-8" / "tiny"
+    shutil.copytree(tiny_build["dir"], folder)
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "calibrate", str(spec), "--sources", "8"],
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert f"Calibration build of 8 sources: {folder}" in out
+    assert "(1 task runs)" in out, out  # every stage shard reused from the full build's: publish alone ran
+    assert not (tmp_path / "out" / "tiny").exists()  # the full build's folder is never made or touched
+
+    report = json.loads((folder / "calibrate" / "calibration.json").read_text())
+    assert [r["stage"] for r in report["keep_rates"]][-1] == "publish" and report["keep_rates"][0]["in"] == 8
+    rows = {r["threshold"]: r for r in report["thresholds"]}
+    assert set(rows) == {"detect.box_threshold", "verify.min_confidence", "rerender.min_dino", "rerender.max_dino",
+                         "filter.near_duplicate_clip"}
+    for name, row in rows.items():
+        assert row["count"] > 0 and row["min"] <= row["p5"] <= row["p25"] <= row["median"] <= row["p75"] <= row["p95"] <= row["max"]
+        assert 0 <= row["dropped"] <= 1 and row["value"] is not None, row
+        assert f"\n  {name} " in out
+    assert rows["rerender.min_dino"]["values"] == "every candidate"
+    published = json.loads((folder / "dataset" / "stats.json").read_text())
+    assert rows["filter.near_duplicate_clip"]["count"] == published["sources"] - 1  # tiny: no source is a near duplicate
+
+    table = (folder / "calibrate" / "calibration.md").read_text()
+    assert all(f"| `{name}` |" in table for name in rows)
+    png = folder / "calibrate" / "thresholds.png"
+    with Image.open(png) as image:
+        image.verify()
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.width > 600 and image.height > 600
+    for line in (f"table: {folder / 'calibrate' / 'calibration.md'}", f"json: {folder / 'calibrate' / 'calibration.json'}",
+                 f"plot: {png}", f"preview sheets: {folder / 'dataset' / 'preview'} ({len(published['preview'])} sheets)"):
+        assert line in out, line
