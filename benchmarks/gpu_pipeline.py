@@ -178,6 +178,20 @@ def plain_generate(role: Any, arguments: dict, items: int) -> tuple[int, int]:
     return items, tokens
 
 
+def plain_forward(role: Any, arguments: dict, items: int) -> tuple[int, int]:
+    """The VLM's forward pass over the processor's batches of the same crops and questions, all logits
+    kept (what `yes_probability` reads one position of)."""
+    images, prompts, system = arguments["images"], arguments["prompts"], arguments.get("system")
+    for start in range(0, items, role.batch_size):
+        rows = range(start, min(start + role.batch_size, items))
+        texts = [role.chat_text(len(images[i]), prompts[i], system) for i in rows]
+        batch = role.processor(text=texts, images=[[im.convert("RGB") for im in images[i]] for i in rows], padding=True,
+                               return_tensors="pt", **role.images_kwargs).to(role.device)
+        with torch.inference_mode():
+            role.model(**batch)
+    return items, 0
+
+
 def plain_t2i(role: Any, arguments: dict, items: int) -> tuple[int, int]:
     """The diffusers pipeline called directly with the same prompts, seeds, size and options."""
     prompts, seeds = arguments["prompts"], arguments["seeds"]
@@ -272,6 +286,7 @@ def plain_embed(role: Any, arguments: dict, items: int, texts: bool) -> tuple[in
 PLAIN = {
     ("TransformersLLM", "generate"): plain_generate,
     ("TransformersVLM", "generate"): plain_generate,
+    ("TransformersVLM", "yes_probability"): plain_forward,
     ("DiffusersT2I", "generate"): plain_t2i,
     ("DiffusersEditor", "edit"): plain_edit,
     ("TransformersDetector", "detect"): plain_detect,

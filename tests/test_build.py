@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,7 +120,8 @@ def test_rerun_does_no_work_execution_changes_rerun_nothing_and_threshold_change
     assert all(t["shards_skipped"] == t["shards"] for t in changed["stages"])
     assert changed["task_runs"] == 1 and task_runs_by_stage(prefect_api) == Counter({"publish": 1})
     card = (Path(changed["dataset"]) / "README.md").read_text()
-    assert "| t2i | diffusers | `zoo:flux` | batch_size 8, device auto, offload none |" in card  # as its shards ran, not 1
+    # As its shards ran (batch size 8, not 1), beside the zoo entry that made them.
+    assert re.search(r"\| t2i \| diffusers \| `zoo:flux` \| zoo entry sha256 `[0-9a-f]{16}` \| batch_size 8, device auto, offload none \|", card)
 
 
 def test_a_changed_read_reruns_its_readers_and_the_resumed_build_equals_a_fresh_one(tiny_build, tmp_path, prefect_api):

@@ -28,7 +28,7 @@ def test_tiny_run_measures_every_stage_and_feeds_the_plan(tmp_path):
     assert stages["compose"]["units"] == 2
     # every model call is measured beside the same model in a plain loop on the same inputs
     calls = {(c["role"], c["method"]) for record in bench["stages"] for c in record["calls"]}
-    assert calls == {("llm", "generate"), ("t2i", "generate"), ("detector", "detect"), ("vlm", "generate"), ("editor", "edit"),
+    assert calls == {("llm", "generate"), ("t2i", "generate"), ("detector", "detect"), ("vlm", "generate"), ("vlm", "yes_probability"), ("editor", "edit"),
                      ("dino", "embed_images"), ("segmenter", "segment"), ("clip", "embed_texts"), ("clip", "embed_images")}
     for record in bench["stages"]:
         for call in record["calls"]:

@@ -92,7 +92,7 @@ EXPECT = {
     "make -n demo": [r"music zoo build", r"music pipeline data_specs/train_tiny\.yaml"],
     "music zoo build": [r"^zoo: \S+ .* manifest: \S+manifest\.json$"],
     "music roles check": [r"^clip\S*\s+transformers\s", r"^editor\S*\s+diffusers\s"],
-    "music roles check data_specs/": [r"^llm\s+zoo:qwen3\s+zoo\s+[0-9a-f]{12}\s+apache-2\.0\s+ok$", r"^disk\s+about "],
+    "music roles check data_specs/tiny.yaml": [r"^llm\s+zoo:qwen3\s+zoo\s+[0-9a-f]{12}\s+apache-2\.0\s+ok$", r"^disk\s+about "],
     "music build": [r"^Prefect UI: http://127\.0\.0\.1:\d+$", r"^Output: /\S+/out/tiny$",
                     r"^Published [1-9]\d* samples to /\S+/out/tiny/dataset"],
     "music msic build": [r"^Prefect UI: http://127\.0\.0\.1:\d+$", r"out/msic_tiny/msic"],
