@@ -1,11 +1,12 @@
 # Two entry points: `make demo` (install, then run the main job on the tiny zoo) and `make test`
-# (install, the browser for the UI test included, then the whole suite); `make test-fast` runs the
-# tests that need no Prefect server and take seconds each, for day-to-day work.
+# (install, the browser for the UI test and PostgreSQL for the server-database tests included, then
+# the whole suite); `make test-fast` runs the tests that need no Prefect server and take seconds
+# each, for day-to-day work.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install browser demo test test-fast clean
+.PHONY: install browser postgres demo test test-fast clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +25,10 @@ demo: install
 browser:
 	@bash tests/install_browser.sh
 
-test: install browser
+postgres:
+	@bash tests/install_postgres.sh
+
+test: install browser postgres
 	$(BIN)/python -m pytest
 
 test-fast: install

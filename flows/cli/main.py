@@ -19,7 +19,8 @@ from flows.cli.show import show
 app = typer.Typer(help="MUSIC pipeline: data generation, MSIC benchmark, scoring and training.", no_args_is_help=True)
 zoo_app = typer.Typer(help="The tiny model zoo (deterministic random checkpoints for every role).", no_args_is_help=True)
 roles_app = typer.Typer(help="Model roles.", no_args_is_help=True)
-server_app = typer.Typer(help="The local Prefect server (127.0.0.1, SQLite in the state folder).", invoke_without_command=True)
+server_app = typer.Typer(help="The local Prefect server (127.0.0.1; SQLite in the state folder, or --database-url).",
+                         invoke_without_command=True)
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(roles_app, name="roles")
 app.add_typer(server_app, name="server")
@@ -203,16 +204,26 @@ def clean(
 
 
 @server_app.callback()
-def server(ctx: typer.Context) -> None:
+def server(
+    ctx: typer.Context,
+    database_url: Optional[str] = typer.Option(
+        None, help="The server's database as a SQLAlchemy URL, e.g. postgresql+asyncpg://user:password@host:5432/prefect "
+                   "(default: $PREFECT_API_DATABASE_CONNECTION_URL, else SQLite in the state folder)."),
+) -> None:
     """Start (or reuse) the local Prefect server, print its UI address and save a `music` Prefect profile naming it."""
     if ctx.invoked_subcommand is None:
         import os
 
-        from flows.ops.server import PROFILE, ensure_server, save_profile, ui_url
+        from flows.ops.server import PROFILE, ensure_server, running_server, save_profile, ui_url
 
         external = os.environ.get("PREFECT_API_URL")
-        api = ensure_server()
+        try:
+            api = ensure_server(database=database_url)
+        except RuntimeError as error:
+            fail(error)
         typer.echo(f"Prefect UI: {ui_url(api)}")
+        if not external:
+            typer.echo(f"Database: {(running_server() or {}).get('database', 'sqlite (the state folder)')}")
         if external:
             typer.echo("PREFECT_API_URL is set: the prefect CLI in this shell already uses that server")
             return

@@ -1,5 +1,7 @@
 """The local Prefect server the CLI starts or reuses (never Prefect's ephemeral mode, which loses
-task-run records): 127.0.0.1, SQLite in the project's state folder, analytics off.
+task-run records): 127.0.0.1, analytics off, its database SQLite in the project's state folder
+unless a database URL is given (`music server --database-url`, or Prefect's own
+PREFECT_API_DATABASE_CONNECTION_URL in the environment): PostgreSQL for builds at scale.
 
 The plain `prefect` CLI in a new shell knows nothing of it (its default profile runs a temporary
 server of its own): `save_profile` writes a `music` Prefect profile naming this server's API URL,
@@ -64,8 +66,27 @@ def running_server() -> dict | None:
     return record if healthy(record["api_url"]) else None
 
 
-def spawn_server(port: int = DEFAULT_PORT) -> tuple[subprocess.Popen, str]:
-    """Start `prefect server start` in the background (not waiting for it); returns it and its API URL."""
+DATABASE_SETTING = "PREFECT_API_DATABASE_CONNECTION_URL"
+
+
+def database_url(given: str | None = None) -> str | None:
+    """The server's database: the URL given, else Prefect's own setting, else None (SQLite in the state folder)."""
+    return given or os.environ.get(DATABASE_SETTING) or None
+
+
+def shown_database(url: str | None) -> str:
+    """The database as records and messages show it: a URL without its password."""
+    if url is None:
+        return f"sqlite ({prefect_home() / 'prefect.db'})"
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def spawn_server(port: int = DEFAULT_PORT, database: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `prefect server start` in the background (not waiting for it) on `database` (a
+    SQLAlchemy URL, e.g. postgresql+asyncpg://user:password@host:5432/prefect; None: SQLite in the
+    state folder); returns it and its API URL."""
     home = prefect_home()
     home.mkdir(parents=True, exist_ok=True)
     port = _free_port(port)
@@ -73,12 +94,15 @@ def spawn_server(port: int = DEFAULT_PORT) -> tuple[subprocess.Popen, str]:
     # The UI asks the API at PREFECT_UI_API_URL, which otherwise defaults to port 4200 whatever --port says.
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": api_url}
     env.pop("PREFECT_API_URL", None)
+    env.pop(DATABASE_SETTING, None)
+    if database:
+        env[DATABASE_SETTING] = database
     with open(home / "server.log", "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
-    record = {"pid": process.pid, "port": port, "api_url": api_url, "ui_url": ui_url(api_url)}
+    record = {"pid": process.pid, "port": port, "api_url": api_url, "ui_url": ui_url(api_url), "database": shown_database(database)}
     _write_text_atomic(_record(), json.dumps(record))
     return process, api_url
 
@@ -108,8 +132,9 @@ def wait_healthy(process: subprocess.Popen, api_url: str, timeout: float = 90.0)
         time.sleep(0.5)
 
 
-def ensure_server(port: int = DEFAULT_PORT, timeout: float = 90.0) -> str:
-    """The API URL of a healthy server: `$PREFECT_API_URL` if set, else ours, started if needed.
+def ensure_server(port: int = DEFAULT_PORT, timeout: float = 90.0, database: str | None = None) -> str:
+    """The API URL of a healthy server: `$PREFECT_API_URL` if set, else ours, started if needed on
+    `database_url(database)`; a running one on another database than one asked for is an error.
 
     Points this process's Prefect client at it: call it before importing prefect, which reads its
     settings at import time."""
@@ -118,9 +143,14 @@ def ensure_server(port: int = DEFAULT_PORT, timeout: float = 90.0) -> str:
         if not healthy(url, timeout=5):
             raise RuntimeError(f"PREFECT_API_URL={url} does not answer at /health")
         return _use(url)
+    database = database_url(database)
     if record := running_server():
+        running = record.get("database", shown_database(None))
+        if database and running != shown_database(database):
+            raise RuntimeError(f"the server of this state folder ({record['api_url']}) runs on {running}, not "
+                               f"{shown_database(database)}: `music server stop` first")
         return _use(record["api_url"])
-    process, api_url = spawn_server(port)
+    process, api_url = spawn_server(port, database)
     wait_healthy(process, api_url, timeout)
     return _use(api_url)
 
