@@ -4,65 +4,42 @@ resumes on a restarted server byte-identical to the session's SQLite build, and 
 a process worker against `music server --database-url` publishes the same bytes."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 from test_build import data_bytes, tiny_spec
 from test_faults import start_build, wait_for
-from test_ops import free_port, stop
+from test_ops import stop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from local_postgres import local_cluster, postgres_bin  # noqa: E402  (the benchmark's cluster, shared)
 
 pytestmark = pytest.mark.prefect
 
 
-def postgres_bin(name: str) -> str:
-    """A PostgreSQL program; without the server installed the test is skipped, as `make test` said
-    before any test ran (tests/install_postgres.sh), and under CI=true it fails."""
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or [shutil.which(name)]
-    if not found[-1]:
-        missing = f"needs Debian's postgresql ({name}; tests/install_postgres.sh installs it; make test runs it)"
+@pytest.fixture(scope="module")
+def cluster():
+    """A PostgreSQL cluster on 127.0.0.1; without the server installed the test is skipped, as `make
+    test` said before any test ran (tests/install_postgres.sh), and under CI=true it fails."""
+    if postgres_bin("initdb") is None:
+        missing = "needs Debian's postgresql (tests/install_postgres.sh installs it; make test runs it)"
         if os.environ.get("CI") == "true":
             pytest.fail(missing)
         pytest.skip(missing)
-    return found[-1]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """A PostgreSQL cluster on 127.0.0.1 (trust authentication, superuser `prefect`): its port."""
-    # PostgreSQL refuses to run as root: as root, the cluster is the package's `postgres` user's, in a
-    # folder of its own (pytest's are root's alone).
-    folder = Path(tempfile.mkdtemp(prefix="music-postgres-"))
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_user:
-        shutil.chown(folder, "postgres")
-    data, port = folder / "data", free_port()
-    subprocess.run([*as_user, postgres_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "prefect"], check=True,
-                   capture_output=True)
-    subprocess.run([*as_user, postgres_bin("pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "start", "-o",
-                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"], check=True, capture_output=True)
-    try:
-        yield port
-    finally:
-        subprocess.run([*as_user, postgres_bin("pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
-        shutil.rmtree(folder, ignore_errors=True)
+    with local_cluster() as running:
+        yield running
 
 
 @pytest.fixture
 def postgres(cluster, request):
-    """An empty database of its own for the test: its SQLAlchemy URL and a psql command line."""
-    name = re.sub(r"\W", "_", request.node.name)[:60]
-    subprocess.run([postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(cluster), "-U", "prefect", name], check=True)
-    return {"url": f"postgresql+asyncpg://prefect@127.0.0.1:{cluster}/{name}",
-            "psql": [postgres_bin("psql"), "-h", "127.0.0.1", "-p", str(cluster), "-U", "prefect", "-tA", name, "-c"]}
+    """An empty database of its own for the test: its SQLAlchemy URL and the cluster."""
+    return {"url": cluster.create_database(request.node.name), "cluster": cluster}
 
 
 def own_server_env(tmp_path: Path, zoo_root: Path, **extra: str) -> dict:
@@ -73,7 +50,7 @@ def own_server_env(tmp_path: Path, zoo_root: Path, **extra: str) -> dict:
 
 
 def rows(postgres: dict, query: str) -> int:
-    return int(subprocess.run([*postgres["psql"], query], check=True, capture_output=True, text=True).stdout.strip())
+    return postgres["cluster"].count(postgres["url"], query)
 
 
 def test_a_server_on_postgres_killed_mid_build_restarts_and_the_build_resumes_byte_identical(
