@@ -34,6 +34,19 @@ def wait_for(path_glob: Path, pattern: str, process: subprocess.Popen, timeout: 
         time.sleep(0.2)
 
 
+def resume_to_the_session_build(spec: Path, env: dict, tmp_path: Path, tiny_build: dict) -> dict:
+    """`music build` again after the server died mid-build: it resumes from the finished shards and
+    publishes the session's bytes; its --json result."""
+    resumed_out = tmp_path / "resumed.json"
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "build", str(spec), "--json", str(resumed_out)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = json.loads(resumed_out.read_text())
+    assert resumed["stages"][0]["shards_skipped"] == 2  # compose was finished before the server died
+    assert data_bytes(Path(resumed["dataset"])) == tiny_build["bytes"]
+    return resumed
+
+
 def test_server_killed_mid_build_fails_fast_then_a_rerun_resumes_byte_identical(tmp_path, zoo_root, tiny_build):
     """A build on its own server (its own MUSIC_HOME): SIGKILL the server during the build. The
     build exits with code 2 within seconds, one line naming the API and what to do; the next
@@ -55,13 +68,7 @@ def test_server_killed_mid_build_fails_fast_then_a_rerun_resumes_byte_identical(
     assert seconds < 30, seconds
     print(f"server killed -> build exited in {seconds:.1f} s with {len(stderr.splitlines())} stderr lines")
 
-    resumed_out = tmp_path / "resumed.json"
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "build", str(spec), "--json", str(resumed_out)], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    resumed = json.loads(resumed_out.read_text())
-    assert resumed["stages"][0]["shards_skipped"] == 2  # compose was finished before the server died
-    assert data_bytes(Path(resumed["dataset"])) == tiny_build["bytes"]
+    resume_to_the_session_build(spec, env, tmp_path, tiny_build)
     os.environ["MUSIC_SLOT_DIR"] = env["MUSIC_SLOT_DIR"]
     try:
         assert free_slots(CPU_SLOTS) == 2

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from test_build import data_bytes, tiny_spec
-from test_faults import start_build, wait_for
+from test_faults import resume_to_the_session_build, start_build, wait_for
 from test_ops import stop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -68,13 +68,7 @@ def test_a_server_on_postgres_killed_mid_build_restarts_and_the_build_resumes_by
     _, stderr = build.communicate(timeout=120)
     assert build.returncode == 2 and "stopped answering" in stderr, stderr[-3000:]
 
-    resumed_out = tmp_path / "resumed.json"
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "build", str(spec), "--json", str(resumed_out)], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    resumed = json.loads(resumed_out.read_text())
-    assert resumed["stages"][0]["shards_skipped"] == 2  # compose was finished before the server died
-    assert data_bytes(Path(resumed["dataset"])) == tiny_build["bytes"]
+    resumed = resume_to_the_session_build(spec, env, tmp_path, tiny_build)
     # Both flow runs and their task runs are PostgreSQL's; no SQLite database was made.
     assert rows(postgres, "select count(*) from flow_run where name = 'build-tiny'") == 2
     assert rows(postgres, "select count(*) from task_run") >= resumed["task_runs"]
