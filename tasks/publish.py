@@ -368,7 +368,7 @@ def quality_scores_section(spec: BuildSpec) -> str:
     )
 
 
-OBJECTS365_LICENCE = {"license": "cc-by-4.0", "name": "Creative Commons Attribution 4.0",
+OBJECTS365_LICENCE = {"source": "Objects365", "license": "cc-by-4.0", "name": "Creative Commons Attribution 4.0",
                       "outputs": "the category names (Shao et al., ICCV 2019) are used as prompts and labels"}
 
 
@@ -389,14 +389,14 @@ def licence_header(models: dict[str, dict], categories: dict) -> dict:
     return {"license": "other", "license_name": "mixed: see the Licences section of this card"}
 
 
-def licences_section(models: dict[str, dict], categories: dict, category_source: str) -> str:
+def licences_section(models: dict[str, dict], categories: dict) -> str:
     rows = "\n".join(f"| {name} | `{m['model']}` | {m['licence'].get('name', '-')} | {m['licence'].get('outputs', '-')} |"
                      for name, m in models.items())
     return (
         "## Licences\n\nEvery model that made or chose part of this data has its own licence, and the set carries "
         "what each says about its outputs. As the model cards state them (not legal advice: read each licence before "
         "you use or share the data):\n\n| role | model | licence | what it says of the outputs |\n|---|---|---|---|\n"
-        f"{rows}\n| categories | {category_source} | {categories['name']} | {categories['outputs']} |\n\n"
+        f"{rows}\n| categories | {categories['source']} | {categories['name']} | {categories['outputs']} |\n\n"
         "The target images are the `t2i` role's outputs and the references the `editor` role's, so their terms "
         "apply to `image` and `references`; the texts are the `llm` and `vlm` roles' outputs.\n\n"
     )
@@ -413,7 +413,8 @@ def commit_cell(model: dict) -> str:
 def card(spec: BuildSpec, stats: dict) -> str:
     models_used = provenance(spec)
     categories = (OBJECTS365_LICENCE if spec.categories == "objects365" else
-                  {"license": "unknown", "name": "as the category file's source states", "outputs": "used as prompts and labels"})
+                  {"source": f"`{spec.categories}`", "license": "unknown", "name": "as the category file's source states",
+                   "outputs": "used as prompts and labels"})
     header = {
         "pretty_name": f"MUSIC multi-subject training set ({spec.name})",
         **licence_header(models_used, categories),
@@ -445,7 +446,7 @@ def card(spec: BuildSpec, stats: dict) -> str:
         f"- spec hash: `{stats['spec_hash']}`\n- code version: `{stats['code_version']}`\n- seed: {spec.seed}\n"
         + target_line(stats.get("target")) + "\n"
         f"## Models\n\n| role | backend | model | revision | run with (not part of the content) |\n|---|---|---|---|---|\n{models}\n\n"
-        + licences_section(models_used, categories, "Objects365" if spec.categories == "objects365" else f"`{spec.categories}`") +
+        + licences_section(models_used, categories) +
         f"## Funnel\n\n| stage | in | out | dropped |\n|---|---|---|---|\n{funnel_rows}\n\n"
         "## Columns\n\n`id`, `source_id` (the undecimated sample it derives from), `num_subjects`, `image` (target), "
         "`caption`, `instruction`, `cot`, `layout` (64 ints), `layout_text`, and per subject: `subject_ids`, "
