@@ -13,7 +13,8 @@ file), or a new database of one PostgreSQL cluster this script starts (Debian's 
 - peak RSS of the build process and of the server (polled every half second);
 - how long the build's flow-run page takes to show its name and state in the UI (headless
   Chromium, as tests/test_ui.py drives it).
-The first size of each database is the baseline of its ratios. Run it alone on an idle machine."""
+Sizes run in turn, each on every database (results.json is rewritten after each row); the first
+size of a database is the baseline of its ratios. Run it alone on an idle machine."""
 from __future__ import annotations
 
 import argparse
@@ -147,13 +148,14 @@ def main() -> None:
     header = (f"{'database':>8} {'task runs':>9} {'sources':>7} {'wall s':>8} {'model s':>8} {'orch s/run':>10} {'x':>5} "
               f"{'srv err':>7} {'retries':>7} {'flow MB':>8} {'x':>5} {'server MB':>9} {'page s':>7}")
     print(header, flush=True)
+    bases: dict[str, dict] = {}
     with local_cluster() if "postgres" in args.databases else nullcontext() as cluster:
-        for database in args.databases:
-            base = None
-            for size in args.task_runs:
+        # size by size, so that a run stopped early still has every database at the sizes it reached
+        for size in args.task_runs:
+            for database in args.databases:
                 url = cluster.create_database(f"orchestration_{size}") if database == "postgres" else None
                 row = run(database, url, size, args.out / database / str(size))
-                base = base or row
+                base = bases.setdefault(database, row)
                 rows.append(row)
                 print(f"{database:>8} {row['task_runs']:>9} {row['sources']:>7} {row['wall_s']:>8.1f} {row['model_s']:>8.1f} "
                       f"{row['orchestration_s_per_task_run']:>10.3f} "
@@ -161,7 +163,7 @@ def main() -> None:
                       f"{row['server_errors']:>7} {row['client_retries']:>7} {row['flow_peak_rss_mb']:>8.0f} "
                       f"{row['flow_peak_rss_mb'] / base['flow_peak_rss_mb']:>5.2f} {row['server_peak_rss_mb']:>9.0f} "
                       f"{row['page_s']:>7.2f}", flush=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+                (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     print(f"results: {args.out / 'results.json'}")
 
 
