@@ -148,7 +148,7 @@ def run_stages(spec: BuildSpec, verify: bool = False, shards: int | None = None,
                     logger.warning(problem)
                 if marker:
                     results.append(seen.get(k, marker))
-            done = {r["shard"] for r in results}  # once: a set per shard was quadratic in the shards
+            done = {r["shard"] for r in results}  # built once: a set per shard is quadratic in the shards
             todo = [k for k in range(shards) if k not in done]
             task_placement, submitting = placement.for_stage(stage.name, len(todo))
             with submitting:
