@@ -12,15 +12,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# The one backend table: (role, backend) -> the "module:Class" that loads it. Spec validation reads
+# the pairs; the registry imports the class lazily, so a CPU-only stage never imports diffusers.
+# A new backend is its class and one line here.
+BACKENDS: dict[tuple[str, str], str] = {
+    ("llm", "transformers"): "music_model.roles.llm:TransformersLLM",
+    ("vlm", "transformers"): "music_model.roles.vlm:TransformersVLM",
+    ("t2i", "diffusers"): "music_model.roles.t2i:DiffusersT2I",
+    ("editor", "diffusers"): "music_model.roles.editor:DiffusersEditor",
+    ("detector", "transformers"): "music_model.roles.detector:TransformersDetector",
+    ("segmenter", "transformers"): "music_model.roles.segmenter:TransformersSegmenter",
+    ("segmenter", "segment_anything"): "music_model.roles.segmenter:SegmentAnythingSegmenter",
+    ("clip", "transformers"): "music_model.roles.clip:TransformersClip",
+    ("clip", "open_clip"): "music_model.roles.clip:OpenClipClip",
+    ("dino", "transformers"): "music_model.roles.dino:TransformersDino",
+}
 ROLE_BACKENDS: dict[str, tuple[str, ...]] = {
-    "llm": ("transformers",),
-    "vlm": ("transformers",),
-    "t2i": ("diffusers",),
-    "editor": ("diffusers",),
-    "detector": ("transformers",),
-    "segmenter": ("transformers", "segment_anything"),
-    "clip": ("transformers", "open_clip"),
-    "dino": ("transformers",),
+    role: tuple(backend for r, backend in BACKENDS if r == role) for role in dict.fromkeys(r for r, _ in BACKENDS)
 }
 Role = Literal["llm", "vlm", "t2i", "editor", "detector", "segmenter", "clip", "dino"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]

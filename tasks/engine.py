@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -38,6 +37,7 @@ from pydantic import BaseModel
 
 from data_specs.build import BuildSpec, canonical_json
 from data_specs.roles import RoleSpec
+from safe_files import sha256_file, write_atomic
 from data_specs.schemas import DROPPED, SCORES, WORK
 from music_model.roles import (load_role, peak_memory_bytes, reset_peak_memory, resident_roles, thread_load_seconds,
                                thread_model_loads, thread_oom_retries)
@@ -65,18 +65,6 @@ def stable_int(*parts: Any) -> int:
 
 def sample_id(spec: BuildSpec, index: int) -> str:
     return f"{spec.name}-{index:06d}-{stable_int(spec.seed, index, 'id') % 16**6:06x}"
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Per process and thread: two shards may store one image (the same bytes) at once.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_table(rows: list[dict], schema: pa.Schema, path: Path) -> None:
@@ -240,7 +228,7 @@ def image_problem(root: Path, relative: str, size: int, verify: bool) -> str | N
         return f"{relative} is missing"
     if path.stat().st_size != size:
         return f"{relative} is {path.stat().st_size} bytes, its marker says {size}"
-    if verify and file_sha256(path) != path.stem:
+    if verify and sha256_file(path) != path.stem:
         return f"{relative} has another sha256 than its name"
     return None
 
@@ -345,7 +333,7 @@ def shard_input(spec: BuildSpec, shard: int, upstream_dir: Path | None) -> str:
     try:
         return json.loads((upstream_dir / f"{shard_name(shard)}.done.json").read_text())["outputs"][part.name]["sha256"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):  # rows given without a marker (a test's, a notebook's)
-        return file_sha256(part)
+        return sha256_file(part)
 
 
 def build_dir(spec: BuildSpec) -> Path:
@@ -356,17 +344,9 @@ def stage_dir(spec: BuildSpec, stage: str, fp: str) -> Path:
     return build_dir(spec) / "stages" / stage / fp
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def part_record(path: Path) -> dict:
     """What a marker records of one part it vouches for."""
-    return {"bytes": path.stat().st_size, "rows": pq.read_metadata(path).num_rows, "sha256": file_sha256(path)}
+    return {"bytes": path.stat().st_size, "rows": pq.read_metadata(path).num_rows, "sha256": sha256_file(path)}
 
 
 def part_problem(path: Path, record: dict, verify: bool) -> str | None:
@@ -382,7 +362,7 @@ def part_problem(path: Path, record: dict, verify: bool) -> str | None:
         return f"has an unreadable Parquet footer ({str(error).splitlines()[0]})"
     if rows != record["rows"]:
         return f"holds {rows} rows, its marker says {record['rows']}"
-    if verify and file_sha256(path) != record["sha256"]:
+    if verify and sha256_file(path) != record["sha256"]:
         return "has another sha256 than its marker's"
     return None
 

@@ -2,7 +2,8 @@
 naming every import that breaks a rule.
 
 Rules (every import counts, a function-level one too: a lazy import is still a dependency):
-1. Packages import only down: flows -> tasks -> music_model -> data_specs.
+1. Packages import only down: flows -> tasks -> music_model -> data_specs -> safe_files (the file-safety
+   module every writer uses, standard library only).
 2. `music_model` and `data_specs` never import prefect: they are usable from a notebook or another
    orchestrator.
 3. Inside `music_model` each subpackage imports only those `MUSIC_MODEL_LAYERS` allows it; the
@@ -15,8 +16,8 @@ import ast
 import sys
 from pathlib import Path
 
-PACKAGES = ("flows", "tasks", "music_model", "data_specs")  # top first: each may import those after it
-NO_PREFECT = ("music_model", "data_specs")
+PACKAGES = ("flows", "tasks", "music_model", "data_specs", "safe_files")  # top first: each may import those after it
+NO_PREFECT = ("music_model", "data_specs", "safe_files")
 # music_model's subpackages (and its two top-level modules) -> what each may import inside music_model.
 _ANY = {"settings", "paths", "noise"}
 MUSIC_MODEL_LAYERS: dict[str, set[str]] = {

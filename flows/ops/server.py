@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from music_model.paths import state_dir
+from safe_files import write_text
 
 DEFAULT_PORT = 4200
 PROFILE = "music"
@@ -103,21 +104,8 @@ def spawn_server(port: int = DEFAULT_PORT, database: str | None = None) -> tuple
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
     record = {"pid": process.pid, "port": port, "api_url": api_url, "ui_url": ui_url(api_url), "database": shown_database(database)}
-    _write_text_atomic(_record(), json.dumps(record))
+    write_text(_record(), json.dumps(record), mode=0o600)  # owner-only, as Prefect's profiles file
     return process, api_url
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """tasks.engine.write_atomic's temp-then-rename, without its imports (torch): the server
-    commands stay fast. Owner-only permissions, as Prefect gives its profiles file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def wait_healthy(process: subprocess.Popen, api_url: str, timeout: float = 90.0) -> None:
@@ -191,7 +179,7 @@ def save_profile(api_url: str) -> tuple[Path, str | None]:
     profiles.update_profile(PROFILE, {PREFECT_API_URL: api_url})
     path = get_current_settings().profiles_path
     # What prefect.settings.save_profiles writes (the user's profiles, not Prefect's built-in ones), atomically.
-    _write_text_atomic(path, toml.dumps(profiles.without_profile_source(DEFAULT_PROFILES_PATH).to_dict()))
+    write_text(path, mode=0o600, text=toml.dumps(profiles.without_profile_source(DEFAULT_PROFILES_PATH).to_dict()))
     return path, os.environ.get("PREFECT_PROFILE") or profiles.active_name
 
 

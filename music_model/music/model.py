@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from safe_files import write_bytes
 from data_specs.train import TrainSpec
 from music_model.media.images import to_struct
 from music_model.music.plan import Plan, PlanBounds, SubjectNote, format_plan, placement_of_cells
@@ -191,10 +192,7 @@ def _png(image: Image.Image) -> bytes:
 
 def save_image(image: Image.Image, path: Path) -> None:
     """Write a PNG atomically: a killed run leaves no half-written image under a scorable name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(_png(image))
-    temporary.replace(path)
+    write_bytes(path, _png(image))
 
 
 def msic_cases_file(msic: str | Path) -> Path:

@@ -34,7 +34,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from collections import Counter
@@ -49,6 +48,7 @@ import torch
 import yaml
 from PIL import Image, ImageOps
 
+from safe_files import staged_folder, write_text
 from data_specs.train import RESUMABLE_CHANGES, TrainSpec
 from music_model.media.images import from_struct
 from music_model.music.plan import Plan, PlanBounds, PlanError, format_plan, plan_from_sample
@@ -332,20 +332,15 @@ def save_checkpoint(run_dir: Path, trainers: dict, optimizer, schedule, state: d
 
     root = run_dir / CHECKPOINTS
     final = root / f"step-{state['step']:08d}"
-    staging = root / f".{final.name}.{os.getpid()}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for name, trainer in trainers.items():
-        save_file(trainer.state(), str(staging / f"{name}.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, staging / "optimizer.pt")
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, staging / "rng.pt")
-    (staging / "state.json").write_text(json.dumps(state))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    with staged_folder(final) as staging:
+        for name, trainer in trainers.items():
+            save_file(trainer.state(), str(staging / f"{name}.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, staging / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, staging / "rng.pt")
+        (staging / "state.json").write_text(json.dumps(state))
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -383,9 +378,7 @@ def total_steps(spec: TrainSpec, dataset_size: int) -> int:
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(record) + "\n" for record in history))
 
 
 def train(spec: TrainSpec, on_step: Callable[[dict], None] | None = None, log: Callable[[str], None] = print) -> dict:

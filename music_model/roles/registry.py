@@ -17,22 +17,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from data_specs.roles import RoleSpec, parse_role_spec
+from data_specs.roles import BACKENDS, RoleSpec, parse_role_spec
 from music_model.roles.base import Role, free_accelerator_memory, resolve_device
-
-# (role, backend) -> "module:Class"; imported lazily so a CPU-only stage never imports diffusers.
-BACKENDS: dict[tuple[str, str], str] = {
-    ("llm", "transformers"): "music_model.roles.llm:TransformersLLM",
-    ("vlm", "transformers"): "music_model.roles.vlm:TransformersVLM",
-    ("t2i", "diffusers"): "music_model.roles.t2i:DiffusersT2I",
-    ("editor", "diffusers"): "music_model.roles.editor:DiffusersEditor",
-    ("detector", "transformers"): "music_model.roles.detector:TransformersDetector",
-    ("segmenter", "transformers"): "music_model.roles.segmenter:TransformersSegmenter",
-    ("segmenter", "segment_anything"): "music_model.roles.segmenter:SegmentAnythingSegmenter",
-    ("clip", "transformers"): "music_model.roles.clip:TransformersClip",
-    ("clip", "open_clip"): "music_model.roles.clip:OpenClipClip",
-    ("dino", "transformers"): "music_model.roles.dino:TransformersDino",
-}
 
 # (spec key, device) -> a loaded role, or another model object built from roles (`cached`).
 _cache: dict[tuple[str, str], Any] = {}

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from safe_files import write_text
 from music_model import settings
 
 POLL_SECONDS = 0.05
@@ -78,10 +79,7 @@ def read_holder(lock_path: Path) -> dict:
 
 def write_holder(lock_path: Path, record: dict) -> None:
     """Say who holds `lock_path` (atomically: a reader never sees half a record)."""
-    path = _holder_file(lock_path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+    write_text(_holder_file(lock_path), json.dumps(record))
 
 
 def describe_holders(locks: list[Path], now: float) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from safe_files import write_atomic
 from music_model.scoring.metrics import METRICS, Scorer, UnreadableImage, bootstrap_estimate, decode_image, pair_means, rowwise_cosine
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -357,11 +358,8 @@ def generate_missing(generator, bench: DreamBench, images_dir: str | Path, subje
             else:
                 outputs = generator.generate(prompts, seeds, width=width, height=height)
         for (s, p, k), image in zip(cells, outputs):
-            path = generated_path(images_dir, s, p, k)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(f".{path.name}.tmp")
-            image.convert("RGB").save(temporary, format="PNG")
-            temporary.replace(path)  # a killed run leaves no half-written image under a scorable name
+            # atomic: a killed run leaves no half-written image under a scorable name
+            write_atomic(generated_path(images_dir, s, p, k), lambda tmp, im=image: im.convert("RGB").save(tmp, format="PNG"))
             made += 1
     total = len(subjects) * len(prompt_indices) * samples
     return {"generated": made, "existing": total - len(todo)}

@@ -16,14 +16,12 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 
 from filelock import FileLock
 
+from safe_files import sha256_file, staged_folder, write_text
 from music_model.paths import zoo_dir
 
 ZOO_SEED = 20260407
@@ -58,7 +56,7 @@ def file_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder`, keyed by its relative POSIX path, sorted."""
     hashes = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        hashes[path.relative_to(folder).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+        hashes[path.relative_to(folder).as_posix()] = sha256_file(path)
     return hashes
 
 
@@ -67,18 +65,11 @@ def _build_into(name: str, target: Path) -> None:
 
     module_name, function_name = ENTRIES[name].split(":")
     builder = getattr(importlib.import_module(module_name), function_name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:  # replaces a forced rebuild, or an earlier build that died before its marker
         torch.manual_seed(entry_seed(name))
         builder(staging, entry_seed(name))
         hashes = file_hashes(staging)
         (staging / _MARKER).write_text(json.dumps({"name": name, "files": hashes}, indent=1, sort_keys=True) + "\n")
-        if target.exists():  # a forced rebuild, or an earlier build that died before its marker
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def ensure_entry(name: str, root: Path | None = None, force: bool = False) -> Path:
@@ -101,9 +92,7 @@ def write_manifest(root: Path | None = None) -> Path:
     root = Path(root) if root else zoo_dir()
     manifest = {name: file_hashes(root / name) for name in sorted(ENTRIES) if (root / name / _MARKER).exists()}
     path = root / "manifest.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return path
 
 

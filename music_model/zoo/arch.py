@@ -23,9 +23,7 @@ import copy
 import hashlib
 import importlib
 import json
-import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 
+from safe_files import staged_folder
 from music_model.paths import zoo_dir
 
 TINY_SUFFIX = "-tiny"
@@ -199,9 +198,7 @@ def _digest(name: str, entry: Path) -> str:
 
 def _write_arch(name: str, entry: Path, target: Path, digest: str) -> None:
     arch, tiny = lookup(name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:  # replaces a stale one: the published values or the zoo entry changed
         for source in sorted(entry.rglob("*")):
             relative = source.relative_to(entry)
             if source.is_file() and source.suffix not in _WEIGHT_SUFFIXES and source.name != "zoo_entry.json":
@@ -212,11 +209,6 @@ def _write_arch(name: str, entry: Path, target: Path, digest: str) -> None:
                 path = staging / relative
                 path.write_text(json.dumps(overlay(json.loads(path.read_text()), values), indent=2, sort_keys=True) + "\n")
         (staging / _MARKER).write_text(json.dumps({"name": name, "hub_id": arch.hub_id, "digest": digest}, indent=1) + "\n")
-        if target.exists():  # stale: the published values or the zoo entry changed
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _current(target: Path, digest: str) -> bool:
