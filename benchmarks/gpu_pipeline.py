@@ -387,9 +387,9 @@ def diffusion_figures(calls: list[Call], peak_tflops: float | None) -> list[dict
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from music_model.roles import release_roles
-    from tasks.engine import fingerprint, read_rows, root_fingerprint, shard_name, stage_dir
+    from tasks.engine import read_rows, shard_name
     from tasks.build_tasks import enter_stage, run_stage_shard
-    from tasks.stages import STAGES
+    from tasks.stages import stage_chain
     from tasks.cost_plan import funnel, measured_rates, project_hours
     from tasks.publish import publish
 
@@ -401,13 +401,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = bench_spec(args.tiny, args.sources, args.subjects, args.device, output_root)
     spec_json = spec.model_dump_json()
     started = time.perf_counter()
-    upstream, upstream_dir = root_fingerprint(spec), None
+    chain = stage_chain(spec)
     records, summaries, diffusion = [], [], []
     print(f"{'stage':10s} {'units':>13s} {'items/s':>11s}  model calls  load  peak accelerator memory  kept/in  [elapsed]\n"
           "    role.method  items  seconds (tok/s) | the plain loop on the same inputs; ratio = ours / plain throughput", flush=True)
     try:
-        for stage in STAGES:
-            fp = fingerprint(stage, spec, upstream)
+        for link in chain:
+            stage, fp, upstream_dir, out_dir = link.stage, link.fingerprint, link.upstream_dir, link.folder
             calls: list[Call] = []
             # Free the previous stage's models before the peak is reset, so it is this stage's alone
             # (run_stage_shard does the same; here it must come first).
@@ -418,7 +418,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with recording(calls):
                 summary = run_stage_shard(stage.name, spec_json, 0, fp, str(upstream_dir) if upstream_dir else None)
             peak = torch.cuda.max_memory_allocated(device) if cuda else None
-            out_dir = stage_dir(spec, stage.name, fp)
             rows_in = read_rows(upstream_dir / f"{shard_name(0)}.parquet") if upstream_dir else [
                 {"index": i} for i in range(spec.num_source_images)]
             rows_out = read_rows(out_dir / f"{shard_name(0)}.parquet")
@@ -429,9 +428,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             records.append(record)
             summaries.append(summary)
             print_stage(record, time.perf_counter() - started)
-            upstream, upstream_dir = fp, out_dir
         release_roles()
-        stats = publish(spec, upstream_dir, 1, summaries, upstream)
+        stats = publish(spec, chain[-1].folder, 1, summaries, chain[-1].fingerprint)
         publish_row = stats["funnel"][-1]
     finally:
         if not args.keep:

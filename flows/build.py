@@ -21,11 +21,10 @@ from music_model.roles import release_roles
 from tasks.build_tasks import enter_stage, publish_dataset, stage_shard
 from tasks import waves
 from tasks.cost_plan import funnel
-from tasks.engine import (build_dir, build_lock, check_shard, fingerprint, num_shards, root_fingerprint, shard_input, stage_dir,
-                          write_atomic)
+from tasks.engine import build_dir, build_lock, check_shard, num_shards, shard_input, write_atomic
 from tasks.preflight import preflight
 from tasks.publish import preview_markdown, publish_fingerprint, publishable, published_stats
-from tasks.stages import STAGES
+from tasks.stages import stage_chain
 
 
 def artifact_key(*parts: str) -> str:
@@ -130,12 +129,13 @@ def run_stages(spec: BuildSpec, verify: bool = False, shards: int | None = None,
     out = build_dir(spec).resolve()
     write_atomic(out / "spec.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)))
     shards = num_shards(spec) if shards is None else shards
-    run = run or StagesRun(spec.model_dump_json(), shards, root_fingerprint(spec), None)
-    run.shards, upstream, upstream_dir = shards, root_fingerprint(spec), None
+    chain = stage_chain(spec)
+    run = run or StagesRun(spec.model_dump_json(), shards, chain[-1].fingerprint, chain[-1].folder)
+    run.shards = shards
     with stop_promptly(), shard_placement() as placement:
-        for stage in STAGES:
+        for link in chain:
+            stage, fp, upstream_dir = link.stage, link.fingerprint, link.upstream_dir
             enter_stage(spec, stage.name)  # the registry frees the models this stage does not use
-            fp = fingerprint(stage, spec, upstream)
             stage_start = time.perf_counter()
             progress = create_progress_artifact(0.0, key=artifact_key(spec.name, stage.name, "progress"),
                                                 description=f"{stage.name}: shards done of {shards}")
@@ -169,9 +169,8 @@ def run_stages(spec: BuildSpec, verify: bool = False, shards: int | None = None,
                                   description=f"{stage.name}: kept, dropped by reason, time, throughput")
             logger.info("%-10s kept %d of %d (%s) in %.1f s", stage.name, table["kept"], table["rows_in"],
                         table["dropped_by_reason"], time.perf_counter() - stage_start)
-            upstream, upstream_dir = fp, stage_dir(spec, stage.name, fp)
     release_roles()
-    run.upstream, run.upstream_dir = upstream, upstream_dir
+    run.upstream, run.upstream_dir = chain[-1].fingerprint, chain[-1].folder
     return run
 
 

@@ -13,17 +13,16 @@ import pyarrow.parquet as pq
 
 from data_specs.build import BuildSpec
 from music_model.paths import folder_bytes
-from tasks.engine import build_dir, fingerprint, num_shards, root_fingerprint
+from tasks.engine import build_dir, num_shards
 from tasks.msic import msic_fingerprint
 from tasks.publish import publish_fingerprint
-from tasks.stages import STAGES
+from tasks.stages import stage_chain
 
 
 def current_fingerprints(spec: BuildSpec) -> dict[str, str]:
     """Stage (and publish step) -> the fingerprint this spec builds it under."""
-    current, upstream = {}, root_fingerprint(spec)
-    for stage in STAGES:
-        upstream = current[stage.name] = fingerprint(stage, spec, upstream)
+    chain = stage_chain(spec)
+    current, upstream = {link.stage.name: link.fingerprint for link in chain}, chain[-1].fingerprint
     if spec.msic:
         current["publish-msic"] = msic_fingerprint(spec, upstream, num_shards(spec))
     else:

@@ -102,21 +102,19 @@ def chain(tmp_path_factory):
     from data_specs import shipped
     from data_specs.build import parse_build_spec
     from data_specs.schemas import WORK
-    from tasks.engine import fingerprint, read_rows, root_fingerprint, run_shard, stage_dir
-    from tasks.stages import STAGES
+    from tasks.engine import read_rows, run_shard
+    from tasks.stages import stage_chain
 
     data = yaml.safe_load(shipped("tiny.yaml").read_text())
     data.update(name="stages", num_source_images=6, shard_size=6, output_root=str(tmp_path_factory.mktemp("stages")))
     spec = parse_build_spec(data)
-    upstream, upstream_dir, out = root_fingerprint(spec), None, {}
-    for stage in STAGES:
-        fp = fingerprint(stage, spec, upstream)
-        summary = run_shard(stage, spec, 0, fp, upstream_dir)
-        folder = stage_dir(spec, stage.name, fp)
+    out = {}
+    for link in stage_chain(spec):
+        stage, folder = link.stage, link.folder
+        summary = run_shard(stage, spec, 0, link.fingerprint, link.upstream_dir)
         assert pq.read_schema(folder / "part-00000.parquet").equals(WORK, check_metadata=False)
         dropped = read_rows(folder / "part-00000.dropped.parquet")
         out[stage.name] = (summary, read_rows(folder / "part-00000.parquet"), dropped, folder)
-        upstream, upstream_dir = fp, folder
     return spec, out
 
 
