@@ -330,6 +330,13 @@ def test_verify_keeps_the_subjects_at_or_above_min_confidence(tmp_path, vlm, row
         assert all(s["verify_confidence"] >= threshold for s in out["subjects"])
     assert sum(k["num_subjects"] for k in kept) == len(p) - middle  # the upper half
 
+    # A threshold equal to a subject's p(yes), as verify computes it: "at or above" keeps it.
+    at = sorted(r["value"] for r in scores)[middle]
+    kept_at, _ = run(min_confidence=at)
+    assert sorted(r["value"] for r in scores)[middle] == at  # the same forward pass, the same value
+    confidences_kept = sorted(s["verify_confidence"] for k in kept_at for s in k["subjects"])
+    assert confidences_kept[0] == at and len(confidences_kept) == len(p) - middle
+
     everything, _ = run(min_confidence=1.0, require_match=False)  # require_match off: every subject, with its score
     assert [len(k["subjects"]) for k in everything] == [3, 3]
     assert all(s["verify_confidence"] is not None for k in everything for s in k["subjects"])
