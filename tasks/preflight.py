@@ -78,7 +78,7 @@ def kernel_notes(spec: BuildSpec, cuda: bool) -> list[str]:
     if not (cuda and structured) or (problem := triton_toolchain_problem()) is None:
         return []
     return [f"roles.{', roles.'.join(structured)}: xgrammar's Triton bitmask kernel cannot be built on this machine: {problem}; "
-            "grammar masks will use xgrammar's torch-native kernel (slower per step)"]
+            "grammar masks will use xgrammar's torch-native kernel"]
 
 
 def check(spec: BuildSpec) -> Preflight:

@@ -5,7 +5,8 @@ On CUDA logits xgrammar's `apply_token_bitmask_inplace` launches a Triton kernel
 compiler (`$CC`, else gcc, else clang: `triton/runtime/build.py`) against the interpreter's
 `Python.h`; slim CUDA images have neither, and the first grammar step of a build would fail there.
 Where either is missing the mask uses xgrammar's torch-native kernel (backend "torch_native": the
-same mask from plain torch operations, a little slower), and says so once.
+same mask from plain torch operations; its speed beside Triton's is not measured here), and says
+so once.
 
 Triton launches on the calling thread's current CUDA device and stream, not the tensor's: the
 device slots make the slot's device current (`slots.device_current`) and the decoder masks inside
