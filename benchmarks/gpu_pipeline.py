@@ -16,7 +16,9 @@ stage); beside each model call, the same model in a plain diffusers / transforme
 pipeline costs nothing over a hand-written loop; generation compares tokens/s, since the plain loop
 samples without the grammar); seconds per 1024 px FLUX image and its fraction of the GPU's dense
 bf16 peak; and the projected GPU-hours of `music_10k.yaml` on this GPU from the measured rates and
-the spec's funnel (`tasks.cost_plan`). The JSON result is what `music plan --bench` reads.
+the spec's funnel (`tasks.cost_plan`). The JSON result is what `music plan --bench` reads. First,
+on every visible GPU, it checks that a shard thread holding that GPU's slot runs with it as the
+current CUDA device and stream, and that xgrammar's mask kernel gives the CPU kernel's result there.
 
     python benchmarks/gpu_pipeline.py --out /tmp/gpu_pipeline.json        # one GPU, <= 8 minutes
     music plan data_specs/music_10k.yaml --bench /tmp/gpu_pipeline.json
@@ -29,6 +31,7 @@ import contextlib
 import functools
 import inspect
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -89,7 +92,7 @@ def bench_spec(tiny: bool, sources: int, subjects: int, device: str, output_root
         arch = by_zoo.get(model.removeprefix("zoo:")) if model_kind(model) == "zoo" else ARCH_BY_HUB_ID.get(model)
         if arch is None:
             raise SystemExit(f"roles.{name}: {model} has no arch entry (music_model/zoo/arch.py)")
-        dtype = "float32" if device == "cpu" else "bfloat16"
+        dtype = "float32" if device == "cpu" else role["dtype"]  # the spec's: auto (bf16) for the generators, float32 for the helpers
         roles[name] = {**role, "model": f"arch:{arch}{TINY_SUFFIX if tiny else ''}", "device": device, "dtype": dtype}
     opened = {
         "compose": {**base["compose"], "require_plausible": False, "require_named": False},
@@ -101,6 +104,65 @@ def bench_spec(tiny: bool, sources: int, subjects: int, device: str, output_root
     return parse_build_spec({**base, **opened, "name": "gpu_pipeline", "num_source_images": sources, "shard_size": sources,
                              "subject_counts": {subjects: 1}, "output_root": str(output_root), "roles": roles},
                             source="gpu_pipeline spec")
+
+
+# --- the device check: a shard thread's current device is its slot's ---
+
+def device_check() -> list[dict[str, Any]]:
+    """For every visible GPU (the CPU slot without one): a fresh thread (threads start on CUDA device
+    0) takes that GPU's device slot as a shard does and reports its current device and stream, then
+    masks logits on the GPU with xgrammar's kernel (Triton launches on the current device) and
+    compares them with the CPU kernel's. A slot that left device 0 current would launch the kernel
+    on GPU 0 against another GPU's memory: an illegal access, or logits left unmasked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import xgrammar as xgr
+
+    from music_model.roles.kernels import bitmask_backend
+    from music_model.roles.slots import device_current, device_slot, machine_slots
+
+    def in_slot(slot) -> dict[str, Any]:
+        with device_slot([slot], {"what": f"device-check {slot.device}"}):
+            device = torch.device(slot.device)
+            row: dict[str, Any] = {"device": slot.device, "slot": slot.name}
+            if device.type == "cuda":
+                row["current_device"] = torch.cuda.current_device()
+                row["stream_device"] = torch.cuda.current_stream().device.index
+            generator = torch.Generator().manual_seed(0)
+            logits = torch.randn(4, 1000, generator=generator)
+            bitmask = torch.randint(-2**31, 2**31 - 1, (4, 32), dtype=torch.int32, generator=generator)
+            expected = logits.clone()
+            xgr.apply_token_bitmask_inplace(expected, bitmask)
+            masked = logits.to(device)
+            row["mask_backend"] = bitmask_backend(device.type)
+            with device_current(device):
+                xgr.apply_token_bitmask_inplace(masked, bitmask.to(device), backend=row["mask_backend"])
+            row["mask_ok"] = torch.equal(masked.cpu(), expected)
+            index = device.index if device.type == "cuda" else None
+            row["ok"] = row["mask_ok"] and row.get("current_device") == index and row.get("stream_device") == index
+            return row
+
+    previous = os.environ.get("MUSIC_SLOT_DIR")
+    with tempfile.TemporaryDirectory(prefix="music-device-check-") as folder:
+        os.environ["MUSIC_SLOT_DIR"] = folder  # its own slots: never waits for a build's
+        try:
+            rows = []
+            for slot in machine_slots(1):
+                with ThreadPoolExecutor(1) as pool:
+                    rows.append(pool.submit(in_slot, slot).result())
+        finally:
+            if previous is None:
+                del os.environ["MUSIC_SLOT_DIR"]
+            else:
+                os.environ["MUSIC_SLOT_DIR"] = previous
+    return rows
+
+
+def print_device_check(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        current = "" if "current_device" not in row else f"current device {row['current_device']}, stream on {row['stream_device']}, "
+        print(f"device check {row['device']:7s} {current}mask {'ok' if row['mask_ok'] else 'WRONG'} ({row['mask_backend']}): "
+              f"{'ok' if row['ok'] else 'FAILED'}", flush=True)
 
 
 # --- the stages' model calls, recorded ---
@@ -502,10 +564,15 @@ def main() -> None:
     args.subjects = args.subjects or (3 if args.tiny else 2)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU machine, or pass --tiny for the CPU run")
+    checks = device_check()
+    print_device_check(checks)
     bench = run(args)
+    bench["device_check"] = checks
     print_summary(bench)
     if args.out:
         Path(args.out).write_text(json.dumps(bench, indent=1) + "\n")
+    if not all(row["ok"] for row in checks):
+        raise SystemExit("device check failed: a shard thread's current CUDA device is not its slot's")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ class VerifyParams(_Section):
 
 
 class RerenderParams(_Section):
+    # {category}: one of the subject's category, in the singular ("sneaker" for "sneakers").
     prompt: str = "Show this {category} from a different viewpoint and in a different pose, on a plain background."
     size: int = Field(512, ge=16, description="a reference's longer side in pixels (its aspect is its crop's)")
     render_size: int = Field(1024, ge=16, description="Kontext renders at its preferred ~1 MP resolutions scaled by "

@@ -7,7 +7,8 @@ for Objects365 (one name per category, the list's typos and synonym slashes reso
 table does not hold (a custom category file's) is used as written.
 
 The caption is ended at a whole word (`structured.end_at_word`) and, with `require_named`, must name
-every category (case-insensitive, a plural "s"/"es" allowed); a caption that does not is written
+every category (case-insensitive, singular or plural as English inflects it: "knives", "people", "a cookie"
+for "cookies"; `music_model.subjects.nouns`); a caption that does not is written
 again with a new seed, up to `caption_attempts` times.
 
 Drop reasons: `llm_invalid_output`, `implausible_combination`, `caption_empty` (no whole word within
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import random
-import re
 from functools import lru_cache
 
 from pydantic import BaseModel, Field
@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 from data_specs import shipped
 from data_specs.build import load_categories
 from music_model.roles.structured import bounded_text, describe_schema, end_at_word
+from music_model.subjects import nouns
 from tasks.engine import Stage, StageContext, sample_id
 
 PROMPT = (
@@ -59,12 +60,8 @@ def composition_schema(max_chars: int) -> type[BaseModel]:
 
 
 def missing_categories(caption: str, categories: list[str]) -> list[str]:
-    """The categories `caption` does not name: case-insensitive, whole words, a plural allowed."""
-    def named(category: str) -> bool:
-        words = r"\s+".join(map(re.escape, category.split()))
-        return re.search(rf"(?<!\w){words}(?:s|es)?(?!\w)", caption, re.IGNORECASE) is not None
-
-    return [c for c in categories if not named(c)]
+    """The categories `caption` does not name: case-insensitive, whole words, singular or plural."""
+    return [c for c in categories if not nouns.names(caption, c)]
 
 
 def caption_problem(caption: str, categories: list[str], params) -> tuple[str, str] | None:
@@ -119,5 +116,5 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
 # Version 2: display names from the curated table (edit the table: bump the version).
 # Version 3: the prompt states the JSON fields and bounds; captions end at a word, and one that
 # misses a category is retried, then dropped.
-STAGE = Stage("compose", 3, process, roles=("llm",), reads=("compose", "name", "seed", "subject_counts", "categories"),
+STAGE = Stage("compose", 4, process, roles=("llm",), reads=("compose", "name", "seed", "subject_counts", "categories"),
               writes=("id", "source_id", "categories", "num_subjects", "caption"))

@@ -70,5 +70,5 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
 
 # 2: the area rule judges each category's best box (no fallback to a larger one); coincident boxes
 # of two categories keep one subject
-STAGE = Stage("detect", 2, process, roles=("detector",), reads=("detect", "verify.min_subjects"),
+STAGE = Stage("detect", 3, process, roles=("detector",), reads=("detect", "verify.min_subjects"),
               writes=("subjects", "num_subjects"))

@@ -12,6 +12,7 @@ import numpy as np
 
 from music_model.media import masks as rle
 from music_model.media.images import subject_view
+from music_model.subjects import nouns
 from music_model.subjects.layout import box_to_mask, layout_grid, layout_to_text
 from tasks.engine import Stage, StageContext
 
@@ -27,7 +28,7 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
         for subject, mask in zip(row["subjects"], masks):
             mask_views.append(subject_view(image, subject["box"], mask))
             box_views.append(subject_view(image, subject["box"]))
-            texts.append(f"a photo of a {subject['category']}")
+            texts.append(f"a photo of {nouns.with_article(subject['category'])}")
     if texts:
         text_emb = ctx.timed(clip.embed_texts, texts)
         mask_score = (ctx.timed(clip.embed_images, mask_views) * text_emb).sum(1)
@@ -50,5 +51,5 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
 
 
 # 2: mask and box views framed alike (the box, padded to a square); the CLIP margin kept per subject
-STAGE = Stage("layout", 2, process, roles=("segmenter", "clip"), reads=("layout",), writes=("subjects", "layout", "layout_text"),
+STAGE = Stage("layout", 3, process, roles=("segmenter", "clip"), reads=("layout",), writes=("subjects", "layout", "layout_text"),
               unit="subjects")

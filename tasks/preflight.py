@@ -5,6 +5,10 @@ hub models are in the cache or reachable, gated ones accessible, and each hub mo
 resolves to a commit. The free disk must cover the plan's estimate of what the build still writes.
 Each problem is one line naming the role, the model and what to do.
 
+On a machine with CUDA, a spec with an `llm` or `vlm` role also needs what xgrammar's Triton mask
+kernel compiles with (a C compiler, `Python.h`: `music_model.roles.kernels`); where one is missing,
+grammar masks use xgrammar's torch-native kernel, and preflight says so in a note (not a problem).
+
 The commits are the build folder's: the first run records them in `models.json`, every role then
 loads exactly that commit, and a later run whose commits differ (the repository's branch moved, or
 the spec names another revision) stops with one line, unless the spec pins that commit.
@@ -18,6 +22,7 @@ from pathlib import Path
 
 from data_specs.build import BuildSpec
 from music_model.roles.hub import HubState, Resolved, resolve
+from music_model.roles.kernels import triton_toolchain_problem
 from tasks.cost_plan import disk, funnel
 from tasks.engine import build_dir, write_atomic
 
@@ -39,6 +44,7 @@ class Preflight:
     free_bytes: int
     disk_path: Path
     problems: list[str]
+    notes: list[str]
 
     def pinned_spec(self, spec: BuildSpec) -> BuildSpec:
         """`spec` with each hub role's revision set to its resolved commit, which its loads then use."""
@@ -65,6 +71,16 @@ def _gib(value: float) -> str:
     return f"{value / 2**30:.2f} GiB"
 
 
+def kernel_notes(spec: BuildSpec, cuda: bool) -> list[str]:
+    """A line when grammar-constrained roles would run on CUDA (`cuda`: this machine has it) where
+    xgrammar's Triton kernel cannot be built, so its torch-native kernel masks instead."""
+    structured = sorted(name for name, role in spec.roles.items() if role.role in ("llm", "vlm") and role.device != "cpu")
+    if not (cuda and structured) or (problem := triton_toolchain_problem()) is None:
+        return []
+    return [f"roles.{', roles.'.join(structured)}: xgrammar's Triton bitmask kernel cannot be built on this machine: {problem}; "
+            "grammar masks will use xgrammar's torch-native kernel"]
+
+
 def check(spec: BuildSpec) -> Preflight:
     """Resolve every role and compare the free disk with the plan's estimate; records nothing."""
     state = HubState()
@@ -78,7 +94,9 @@ def check(spec: BuildSpec) -> Preflight:
     if needed > free:
         problems.append(f"disk: the build needs about {_gib(needed)} more under {out} (`music plan` estimates it) and "
                         f"{where} has {_gib(free)} free: free space, or set output_root to a larger disk")
-    return Preflight(roles, needed, free, where, problems)
+    import torch
+
+    return Preflight(roles, needed, free, where, problems, kernel_notes(spec, torch.cuda.is_available()))
 
 
 def recorded(spec: BuildSpec) -> dict | None:

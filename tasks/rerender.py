@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from music_model.media.images import crop, letterbox, square
+from music_model.subjects import nouns
 from tasks.engine import Stage, StageContext
 from tasks.verify import renumber
 
@@ -53,7 +54,7 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
             jobs.append((number, subject, cut, *letterbox(cut, size)))
     # The editor batches inputs of one size together and renders each at its input's size.
     edited = ctx.timed(
-        editor.edit, [job[3] for job in jobs], [params.prompt.format(category=s["category"]) for _, s, *_ in jobs],
+        editor.edit, [job[3] for job in jobs], [params.prompt.format(category=nouns.singular(s["category"])) for _, s, *_ in jobs],
         [ctx.seed(rows[n]["index"], str(s["id"])) for n, s, *_ in jobs],
     )
     references = [
@@ -87,5 +88,5 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
 
 # Version 2: letterboxed crops at Kontext's preferred resolutions, references in the crop's aspect.
 # Version 3: every candidate's DINO similarity in the scores table.
-STAGE = Stage("rerender", 3, process, roles=("editor", "dino"), reads=("rerender", "verify.min_subjects"),
+STAGE = Stage("rerender", 4, process, roles=("editor", "dino"), reads=("rerender", "verify.min_subjects"),
               writes=("subjects", "num_subjects"), unit="subjects", scores=("reference_dino",))

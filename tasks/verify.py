@@ -11,12 +11,18 @@ import math
 from PIL import Image, ImageDraw
 
 from music_model.media.images import TAG_COLOURS, crop, pixel_box
+from music_model.subjects import nouns
 from tasks.engine import Stage, StageContext
 
 # Not "shown whole and clearly": occluded and interacting subjects are what multi-subject scenes are made of.
 PROMPT = ("A detector found an object in this image and labelled it \"{category}\"; the red box outlines it. "
-          "Is the box and its label correct, that is, does the red box hold a {category}? Answer Yes or No.")
+          "Is the box and its label correct, that is, does the red box hold {one}? Answer Yes or No.")
 BOX_COLOUR = TAG_COLOURS[0]
+
+
+def prompt(category: str) -> str:
+    """The question for a box labelled `category`: the label as detected, the object in a sentence."""
+    return PROMPT.format(category=category, one=nouns.with_article(category))
 
 
 def outlined_crop(image: Image.Image, box, margin: float) -> Image.Image:
@@ -39,7 +45,7 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     for number, row in enumerate(rows):
         image = ctx.image(row["image"])
         jobs.extend((number, subject, outlined_crop(image, subject["box"], params.crop_margin)) for subject in row["subjects"])
-    confidences = ctx.timed(vlm.yes_probability, [[c] for _, _, c in jobs], [PROMPT.format(category=s["category"]) for _, s, _ in jobs])
+    confidences = ctx.timed(vlm.yes_probability, [[c] for _, _, c in jobs], [prompt(s["category"]) for _, s, _ in jobs])
     passed: dict[int, list[dict]] = {n: [] for n in range(len(rows))}
     for (number, subject, _), confidence in zip(jobs, confidences):
         readable = not math.isnan(confidence)  # NaN: the processor rejected the crop
@@ -60,5 +66,5 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
 
 # 4: the paper's question (box and label correct) on the crop with its box drawn, decided by p(yes)
 # from one forward pass against min_confidence (was: a sampled yes/no and an unused reason).
-STAGE = Stage("verify", 4, process, roles=("vlm",), reads=("verify",), writes=("subjects", "num_subjects"), unit="subjects",
+STAGE = Stage("verify", 5, process, roles=("vlm",), reads=("verify",), writes=("subjects", "num_subjects"), unit="subjects",
               scores=("verify_confidence",))

@@ -254,6 +254,16 @@ def test_publish_drops_near_duplicates_and_samples_over_the_cap(chain, tmp_path)
     assert stats["funnel"][-1]["dropped"] == {"near_duplicate": len(duplicates), "over_max_samples": 2}
 
 
+def test_a_source_exactly_at_the_near_duplicate_threshold_is_a_near_duplicate():
+    """Publish drops a source whose CLIP cosine to an earlier kept one is at or above
+    `filter.near_duplicate_clip`: exactly at it counts. The cosine 0.75 is exact in float32."""
+    embeddings = {"s0": np.array([1.0, 0.0], np.float32), "s1": np.array([0.75, np.sqrt(1 - 0.75**2)], np.float32),
+                  "s2": np.array([0.0, 1.0], np.float32)}
+    assert float(embeddings["s0"] @ embeddings["s1"]) == 0.75
+    assert publish.near_duplicate_sources(embeddings, 0.75) == {"s1": ("s0", 0.75)}
+    assert publish.near_duplicate_sources(embeddings, float(np.nextafter(0.75, 1.0))) == {}
+
+
 def test_publish_to_a_target_drops_the_samples_beyond_it(chain, tmp_path):
     spec, out = chain
     rows = sorted(out["filter"][1], key=lambda r: r["id"])

@@ -20,6 +20,9 @@ def test_tiny_run_measures_every_stage_and_feeds_the_plan(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     bench = json.loads(out.read_text())
     assert (bench["device"], bench["dtype"], bench["sources"], bench["subjects"]) == ("cpu", "float32", 2, 3)
+    # On a GPU machine one row per visible GPU; here the CPU slot, through the same code.
+    assert [(row["device"], row["mask_backend"], row["ok"]) for row in bench["device_check"]] == [("cpu", "auto", True)]
+    assert "device check cpu     mask ok (auto): ok" in done.stdout
     stages = {record["stage"]: record for record in bench["stages"]}
     assert list(stages) == BUILD_STAGES
     for name, record in stages.items():

@@ -1,4 +1,6 @@
 """Property tests for the grid math, the RLE round trip and decimation renumbering."""
+from fractions import Fraction
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -48,6 +50,34 @@ def test_full_image_subject_fills_the_grid_and_threshold_uses_lambda():
     quarter = box_to_mask(np.array([0, 0, 0.5, 0.5]), 64, 64)[None]
     layout = layout_grid(quarter, [1]).reshape(GRID, GRID)
     assert (layout[:4, :4] == 1).all() and (layout[4:, :] == 0).all() and (layout[:, 4:] == 0).all()
+
+
+def test_a_worked_layout_example_differs_between_lambda_0_05_and_0_1():
+    """80 x 80 px, so each cell is 10 x 10. Subject 1 covers rows 0-11 and columns 0-21 (264 px):
+    two whole cells, three 20 px slivers and a 4 px corner, each IoU = overlap / (264 + 100 - overlap).
+    Subject 2 covers rows 50-79 and columns 50-79 (900 px): nine whole cells of IoU 100 / 900."""
+    masks = np.zeros((2, 80, 80), bool)
+    masks[0, :12, :22] = True
+    masks[1, 50:, 50:] = True
+    whole, sliver, corner = Fraction(100, 264), Fraction(20, 344), Fraction(4, 360)
+    expected = {1: {0: whole, 1: whole, 2: sliver, 8: sliver, 9: sliver, 10: corner},
+                2: {row * 8 + col: Fraction(100, 900) for row in (5, 6, 7) for col in (5, 6, 7)}}
+    ious = cell_ious(masks)
+    for subject, cells in expected.items():
+        want = np.zeros(64)
+        want[list(cells)] = [float(v) for v in cells.values()]
+        np.testing.assert_allclose(ious[subject - 1], want, rtol=0, atol=1e-15)
+    positive = [v for cells in expected.values() for v in cells.values()]
+    mean = sum(positive) / len(positive)  # (2 * 25/66 + 3 * 5/86 + 1/90 + 1) / 15 = 0.12954
+    assert round(float(mean), 5) == 0.12954
+    # tau = lambda * mean: 0.0064770 at 0.05 and 0.012954 at 0.1; the corner's 1/90 = 0.011111 is between.
+    assert 0.05 * mean < corner < Fraction(1, 10) * mean and sliver > Fraction(1, 10) * mean
+    grid_005 = ("1 1 1 0 0 0 0 0\n1 1 1 0 0 0 0 0\n0 0 0 0 0 0 0 0\n0 0 0 0 0 0 0 0\n"
+                "0 0 0 0 0 0 0 0\n0 0 0 0 0 2 2 2\n0 0 0 0 0 2 2 2\n0 0 0 0 0 2 2 2")
+    grid_01 = grid_005.replace("1 1 1 0 0 0 0 0\n0 0 0", "1 1 0 0 0 0 0 0\n0 0 0", 1)
+    assert grid_01 != grid_005
+    assert layout_to_text(layout_grid(masks, [1, 2], lam=0.05)) == grid_005
+    assert layout_to_text(layout_grid(masks, [1, 2], lam=0.1)) == grid_01
 
 
 @settings(max_examples=40, deadline=None)

@@ -3,17 +3,20 @@ meta-device architectures and safetensors headers, GPU-hours from a benchmark re
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from data_specs.build import load_build_spec, parse_build_spec
 from tasks.cost_plan import PlanError, Rates, format_plan, funnel, measured_rates, plan, project_hours, read_bench
 
 ROOT = Path(__file__).resolve().parents[1]
+HELPER_ROLES = {"detector", "segmenter", "clip", "dino"}
 
 
 def spec_with(**changes):
@@ -48,7 +51,9 @@ def test_music_10k_plan_loads_no_model(tmp_path):
     from music_model.zoo.arch import param_bytes
 
     assert by_stage["synthesize"]["peak_bytes"] == param_bytes("flux_dev", torch.bfloat16)
-    assert by_stage["rerender"]["peak_bytes"] == param_bytes("flux_kontext_dev", torch.bfloat16) + param_bytes("dino_vits16", torch.bfloat16)
+    assert by_stage["rerender"]["peak_bytes"] == param_bytes("flux_kontext_dev", torch.bfloat16) + param_bytes("dino_vits16", torch.float32)
+    helpers = [m for row in result["models"] for m in row["models"] if m["role"] in HELPER_ROLES]
+    assert {m["role"] for m in helpers} == HELPER_ROLES and {m["dtype"] for m in helpers} == {"float32"}
     assert by_stage["decimate"]["models"] == []
     assert all("on meta" in m["source"] for row in result["models"] for m in row["models"])
     assert "synthesize peak 31.42 GiB" in done.stdout and "capped at 10000: 10000 published" in done.stdout
@@ -69,10 +74,29 @@ def test_tiny_plan_reads_sizes_from_safetensors_headers():
             for path in folders[model["role"]].rglob("*.safetensors"):
                 with safe_open(str(path), "pt") as handle:
                     count += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
-            assert (model["parameters"], model["bytes"], model["dtype"]) == (count, 2 * count, "bfloat16"), model
+            # Helper roles are float32 in every shipped spec; the rest are `auto`, bfloat16 on a GPU.
+            dtype, size = ("float32", 4) if model["role"] in HELPER_ROLES else ("bfloat16", 2)
+            assert (model["parameters"], model["bytes"], model["dtype"]) == (count, size * count, dtype), model
     # 16 sources of 2, 3 or 4 subjects (equal weights): 1, 2 or 3 samples each
     assert result["upper_bound"]["samples"] == pytest.approx(32)
     assert "decimate   CPU only" in format_plan(result)
+
+
+def test_every_shipped_spec_runs_the_helper_roles_in_float32():
+    """bfloat16 moves GroundingDINO's boxes by pixels and the CLIP/DINO scores by ~1e-3, the size of
+    the thresholds' margins; the plan prints each model's dtype."""
+    specs = sorted((ROOT / "data_specs").glob("*.yaml"))
+    checked = 0
+    for path in specs:
+        roles = yaml.safe_load(path.read_text()).get("roles") or {}
+        for name, role in roles.items():
+            if name in HELPER_ROLES or role.get("role") in HELPER_ROLES:
+                assert role.get("dtype") == "float32", f"{path.name}: roles.{name}"
+                checked += 1
+    assert checked >= 20
+    text = format_plan(plan(load_build_spec("tiny.yaml")))
+    for role in HELPER_ROLES:
+        assert re.search(rf"^ +{role} +\S+ +float32 ", text, re.M), role
 
 
 def test_unknown_hub_model_and_unbuilt_zoo_are_reported_not_guessed(tmp_path, monkeypatch):

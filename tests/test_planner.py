@@ -165,8 +165,24 @@ def test_the_decoding_grammar_accepts_exactly_the_format(vlm, plan):
     text = format_plan(plan)
     matcher = xgr.GrammarMatcher(grammar)
     assert matcher.accept_string(text) and matcher.is_completed()
-    assert len(text) <= bounds.max_chars(plan.n_subjects)
+    assert len(text.encode()) <= bounds.max_bytes(plan.n_subjects)
     assert not xgr.GrammarMatcher(grammar).accept_string(text.replace(" ", "  ", 1))
+
+
+def test_the_token_budget_covers_the_longest_plan_of_four_byte_characters(vlm):
+    """A token is at least one byte, not one character: the longest plan the grammar admits, every
+    word of 4-byte characters, fits the budget (one token per character would cut it)."""
+    import xgrammar as xgr
+
+    bounds = PlanBounds(max_relations=2, max_field_words=3, max_word_chars=5)
+    text_field = " ".join(["\U0001d538" * bounds.max_word_chars] * bounds.max_field_words)
+    n = 12
+    plan = Plan(tuple(SubjectNote(k, text_field, text_field) for k in range(1, n + 1)), (text_field,) * bounds.max_relations,
+                tuple(range(1, n + 1)) + (10,) * (64 - n))  # two digits in every cell but subjects 1-9's own
+    text = format_plan(plan)
+    grammar = vlm.decoder.compiler.compile_grammar(plan_grammar(n, bounds))
+    assert xgr.GrammarMatcher(grammar).accept_string(text)
+    assert 2 * len(text) < len(text.encode()) <= bounds.max_bytes(n)
 
 
 def test_the_planner_writes_valid_plans_from_each_seed(vlm):

@@ -17,6 +17,7 @@ from data_specs.build import parse_build_spec
 from music_model.media.images import from_struct, to_struct
 from music_model.roles import load_role
 from music_model.roles.structured import bounded_int, bounded_list, bounded_text, describe_schema, end_at_word
+from music_model.subjects import nouns
 from tasks import annotate, compose, verify
 from tasks.engine import StageContext, fingerprint, read_rows, run_shard, stage_dir
 
@@ -165,6 +166,46 @@ def test_category_matching_is_case_insensitive_and_allows_plurals():
         ["cat", "board game", "do"]
 
 
+def test_categories_are_matched_as_english_nouns_with_irregular_plurals():
+    caption = "Strawberries and cherries beside two knives; people watch butterflies land on a cookie and a sneaker."
+    names = ["strawberry", "cherry", "knife", "person", "butterfly", "cookies", "sneakers"]
+    assert compose.missing_categories(caption, names) == []
+    assert compose.missing_categories("A bus and some asparagus; two geese, three mice.", ["bus", "asparagus", "goose", "mouse"]) == []
+    # A word is not its prefix, and a name's singular is not a shorter word ("bus" is not "bu").
+    assert compose.missing_categories("A busy street with cherrypicked fruit and a bu.", ["bus", "cherry"]) == ["bus", "cherry"]
+    assert nouns.with_article("sneakers") == "a sneaker" and nouns.with_article("cookies") == "a cookie"
+    assert nouns.with_article("apple") == "an apple" and nouns.with_article("glasses") == "a pair of glasses"
+    assert nouns.with_article("bus") == "a bus" and nouns.singular("leather shoes") == "leather shoe"
+    assert "hold a sneaker?" in verify.prompt("sneakers") and 'labelled it "sneakers"' in verify.prompt("sneakers")
+
+
+# Every plural display name of the 365, one of it as a sentence says it (checked by hand).
+PLURAL_DISPLAY_NAMES = {
+    "binoculars": "a pair of binoculars", "boots": "a boot", "chopsticks": "a chopstick", "cookies": "a cookie",
+    "cosmetics": "a cosmetic", "earphones": "an earphone", "french fries": "a french fry", "glasses": "a pair of glasses",
+    "gloves": "a glove", "grapes": "a grape", "green beans": "a green bean", "green vegetables": "a green vegetable",
+    "headphones": "a pair of headphones", "high heels": "a high heel", "leather shoes": "a leather shoe", "noodles": "a noodle",
+    "nuts": "a nut", "pliers": "a pair of pliers", "potato chips": "a potato chip", "sandals": "a sandal",
+    "scissors": "a pair of scissors", "shoes": "a shoe", "skates": "a skate", "skis": "a ski", "slippers": "a slipper",
+    "sneakers": "a sneaker", "spring rolls": "a spring roll", "toiletries": "a toiletry", "tongs": "a pair of tongs",
+}
+
+
+def test_the_objects365_display_names_read_as_english_in_both_numbers():
+    """The plural names give one of them in a sentence; every 7th name is found in a sentence with
+    its singular and in one with each of its plurals."""
+    names = sorted(set(compose.display_names().values()))
+    assert {n: nouns.with_article(n) for n in names if nouns.singular(n) != n} == PLURAL_DISPLAY_NAMES
+    sample = names[::7]
+    assert len(sample) == 53
+    for name in sample:
+        one = nouns.with_article(name)
+        assert not compose.missing_categories(f"There is {one} on the table.", [name]), one
+        for form in nouns.forms(name):
+            assert not compose.missing_categories(f"Three {form} lie here.", [name]), (name, form)
+        assert compose.missing_categories(f"There is {one}x here.", [name]) == [name]  # whole words only
+
+
 @pytest.fixture(scope="module")
 def says_dog_cup(tmp_path_factory):
     """A zoo LLM forced to caption everything "dog cup" (plausible or not: the tiny spec does not ask)."""
@@ -235,7 +276,7 @@ def subject_jobs(rows, margin):
         image = from_struct(row["image"])
         for s in row["subjects"]:
             crops.append([verify.outlined_crop(image, s["box"], margin)])
-            prompts.append(verify.PROMPT.format(category=s["category"]))
+            prompts.append(verify.prompt(s["category"]))
     return crops, prompts
 
 
@@ -288,6 +329,13 @@ def test_verify_keeps_the_subjects_at_or_above_min_confidence(tmp_path, vlm, row
         assert np.allclose([s["verify_confidence"] for s in out["subjects"]], [v for v in row_p if v >= threshold], atol=1e-5)
         assert all(s["verify_confidence"] >= threshold for s in out["subjects"])
     assert sum(k["num_subjects"] for k in kept) == len(p) - middle  # the upper half
+
+    # A threshold equal to a subject's p(yes), as verify computes it: "at or above" keeps it.
+    at = sorted(r["value"] for r in scores)[middle]
+    kept_at, _ = run(min_confidence=at)
+    assert sorted(r["value"] for r in scores)[middle] == at  # the same forward pass, the same value
+    confidences_kept = sorted(s["verify_confidence"] for k in kept_at for s in k["subjects"])
+    assert confidences_kept[0] == at and len(confidences_kept) == len(p) - middle
 
     everything, _ = run(min_confidence=1.0, require_match=False)  # require_match off: every subject, with its score
     assert [len(k["subjects"]) for k in everything] == [3, 3]

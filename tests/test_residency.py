@@ -75,6 +75,84 @@ def test_release_keeps_only_the_named_models_and_a_released_role_says_so():
     assert load_role(DINO) is not dino  # a released role loads afresh
 
 
+class RecordedCudaDevice:
+    """Stands in for `torch.cuda.device` on this CUDA-less machine and records, per thread, the
+    device each `with` makes current; the slot code calls it exactly as it calls torch's."""
+    calls: list[tuple[str, int, int]] = []
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __enter__(self):
+        self.calls.append(("enter", threading.get_ident(), self.index))
+
+    def __exit__(self, *exc):
+        self.calls.append(("exit", threading.get_ident(), self.index))
+
+
+def test_a_shard_in_a_slot_for_cuda_1_runs_with_that_device_current(tmp_path, monkeypatch):
+    """Triton (xgrammar's mask kernel) launches on the thread's current device: a pool thread
+    starts on device 0, so the slot makes its GPU current for as long as the shard holds it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from music_model.roles.base import resolve_device
+
+    monkeypatch.setenv("MUSIC_SLOT_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "device", RecordedCudaDevice)
+    RecordedCudaDevice.calls = []
+
+    def shard() -> tuple[int, str | None, torch.device, list]:
+        with device_slot([Slot("gpu-test-uuid", "cuda:1")], {"what": "layout-shard-00001"}):
+            return threading.get_ident(), current_device(), resolve_device("auto"), list(RecordedCudaDevice.calls)
+
+    with ThreadPoolExecutor(2) as pool:  # the local runner's shard threads
+        thread, device, roles_device, during = pool.submit(shard).result()
+    assert thread != threading.get_ident()
+    assert (device, roles_device) == ("cuda:1", torch.device("cuda:1"))
+    assert during == [("enter", thread, 1)]  # current while the shard runs, in the shard's own thread
+    assert RecordedCudaDevice.calls == [("enter", thread, 1), ("exit", thread, 1)]
+    with device_slot([Slot("cpu-a", "cpu")], {"what": "cpu-shard"}):
+        pass
+    assert len(RecordedCudaDevice.calls) == 2  # a CPU slot sets no CUDA device
+
+
+def test_without_a_c_compiler_or_python_h_the_mask_uses_xgrammars_torch_kernel(monkeypatch, tmp_path):
+    import sysconfig
+
+    import xgrammar as xgr
+
+    from data_specs.build import load_build_spec
+    from music_model.roles import kernels
+    from tasks.preflight import kernel_notes
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert "$CC is" in kernels.triton_toolchain_problem()
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no gcc, no clang
+    assert kernels.triton_toolchain_problem() == "no C compiler (install gcc or clang, or set $CC)"
+    monkeypatch.undo()
+    monkeypatch.setenv("CC", sys.executable)  # an executable: the header is what is missing
+    real_paths = sysconfig.get_paths
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {**real_paths(*a, **k), "include": str(tmp_path)})
+    assert kernels.triton_toolchain_problem() == f"no {tmp_path / 'Python.h'} (install the Python development headers, e.g. python3-dev)"
+    spec = load_build_spec("tiny.yaml")
+    notes = kernel_notes(spec, cuda=True)
+    assert len(notes) == 1 and notes[0].startswith("roles.llm, roles.vlm: xgrammar's Triton bitmask kernel cannot be built")
+    assert kernel_notes(spec, cuda=False) == []
+    kernels._toolchain_problem_once.cache_clear()
+    try:
+        assert (kernels.bitmask_backend("cuda"), kernels.bitmask_backend("cpu")) == ("torch_native", "auto")
+    finally:
+        kernels._toolchain_problem_once.cache_clear()
+    # The fallback masks exactly as the default kernel does.
+    logits = torch.randn(3, 100)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, 4), dtype=torch.int32)
+    native, default = logits.clone(), logits.clone()
+    xgr.apply_token_bitmask_inplace(native, bitmask, backend="torch_native")
+    xgr.apply_token_bitmask_inplace(default, bitmask)
+    assert torch.equal(native, default) and native.isinf().any()
+
+
 def test_a_thread_in_a_slot_loads_its_roles_on_the_slot_device(tmp_path, monkeypatch):
     monkeypatch.setenv("MUSIC_SLOT_DIR", str(tmp_path))
     with device_slot([Slot("cpu-a", "cpu")], {"what": "test"}):

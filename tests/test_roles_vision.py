@@ -9,7 +9,7 @@ from PIL import Image
 
 from data_specs.roles import SpecError
 from music_model.roles import load_role
-from music_model.roles.detector import Detections, corners, phrase_token_mask, prompt_for
+from music_model.roles.detector import Detections, corners, phrase_scores, phrase_token_mask, prompt_for
 from music_model.roles.segmenter import pixel_boxes
 
 SEGMENTERS = [("transformers", "zoo:sam2"), ("transformers", "zoo:sam"), ("segment_anything", "zoo:sam_official")]
@@ -89,6 +89,26 @@ def test_phrase_token_spans_cover_exactly_each_phrase(detector):
     for k, phrase in enumerate(phrases):
         assert detector.processor.tokenizer.decode(ids[mask[k, : len(ids)]]) == phrase.lower()
     assert not mask[:, len(ids):].any() and mask.sum(axis=0).max() == 1
+
+
+def test_a_token_two_phrases_share_does_not_decide_between_them(detector):
+    """GroundingDINO's grounding evaluation: a phrase's score is the box's token probabilities
+    averaged over the phrase (a normalised positive map), not its best token."""
+    phrases = ["traffic light", "traffic cone", "car", "sports car"]
+    text, spans = prompt_for(phrases, "test")
+    tokens = detector.processor.tokenizer(text, return_offsets_mapping=True)
+    words = detector.processor.tokenizer.convert_ids_to_tokens(tokens["input_ids"])
+    in_phrase = phrase_token_mask(np.array(tokens["offset_mapping"]), spans, 16)
+    # Box 0 is a traffic cone: "traffic" (in both names) 0.9, "cone" 0.6, "light" 0.2. Box 1 is a
+    # plain car: "car" 0.8 wherever it stands, "sports" 0.1.
+    by_word = [{"traffic": 0.9, "cone": 0.6, "light": 0.2}, {"car": 0.8, "sports": 0.1}]
+    probs = np.array([[seen.get(word, 0.0) for word in words] + [0.0] * (16 - len(words)) for seen in by_word])
+    scores = phrase_scores(probs, in_phrase)
+    np.testing.assert_allclose(scores, [[(0.9 + 0.2) / 2, (0.9 + 0.6) / 2, 0.0, 0.0],
+                                        [0.0, 0.0, 0.8, (0.1 + 0.8) / 2]], atol=1e-12)
+    assert scores.argmax(axis=1).tolist() == [1, 2]  # traffic cone, car
+    best_token = np.where(in_phrase[None], probs[:, None, :], 0.0).max(axis=2)
+    assert best_token.argmax(axis=1).tolist() == [0, 2] and best_token[1, 2] == best_token[1, 3]  # the old rule: ties
 
 
 def test_box_conversions():

@@ -120,6 +120,8 @@ def preflight_roles(spec: Path, json_out: Optional[Path]) -> None:
         state = "FAILED" if role.problem else "ok"
         typer.echo(f"{role.role:10s} {role.model:40s} {role.source:6s} {commit:14s} {role.licence.get('license', '-'):12s} {state}")
     typer.echo(f"disk       about {result.needed_bytes / 2**30:.2f} GiB to write, {result.free_bytes / 2**30:.2f} GiB free at {result.disk_path}")
+    for note in result.notes:
+        typer.echo(f"note: {note}")
     if json_out:
         json_out.write_text(json.dumps({"roles": result.record(), "problems": problems}, indent=1))
     if problems:

@@ -28,12 +28,15 @@ def refuse_if_building(spec, wait: bool) -> None:
 
 def refuse_failed_preflight(spec) -> None:
     """Exit 2 with one line per problem when the spec's models, the disk or the folder's recorded
-    commits would stop the build (`tasks.preflight`): before the server starts or a task runs."""
+    commits would stop the build (`tasks.preflight`): before the server starts or a task runs.
+    Its notes (what runs, but slower) are printed."""
     from tasks.preflight import check_against_folder
 
-    _, problems = check_against_folder(spec)
+    result, problems = check_against_folder(spec)
     if problems:
         fail_lines(problems)
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
 
 
 def fail_lines(problems: list[str], code: int = 2) -> NoReturn:

@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 from music_model.subjects.decimate import mentioned, token
 from music_model.subjects.layout import GRID, layout_to_text, text_to_layout
 
+_MAX_UTF8_BYTES = 4  # of one character: a plan word admits any non-control character
+
 SUBJECTS_HEADER = "Subjects:"
 RELATIONS_HEADER = "Relations:"
 LAYOUT_HEADER = "Layout:"
@@ -351,9 +353,10 @@ class PlanBounds:
     max_word_chars: int = 24
     grid: int = GRID
 
-    def max_chars(self, n_subjects: int) -> int:
-        """The longest text the grammar allows (one token is at least one character)."""
-        text = self.max_field_words * (self.max_word_chars + 1)
+    def max_bytes(self, n_subjects: int) -> int:
+        """The longest text the grammar allows, in UTF-8 bytes: a token is at least one byte, not one
+        character, and a word may hold any non-control character (up to 4 bytes)."""
+        text = self.max_field_words * (self.max_word_chars * _MAX_UTF8_BYTES + 1)
         subject_line = len(token(n_subjects)) + 1 + 2 * text + len(FIELD_SEPARATOR) + 1
         row = self.grid * (len(str(n_subjects)) + 1)
         headers = len(SUBJECTS_HEADER) + len(RELATIONS_HEADER) + len(LAYOUT_HEADER) + 3

@@ -108,7 +108,7 @@ class Planner:
                                      [categories[i] for i in chosen]).to(self.vlm.device)
                 # The role's sampling settings, with the plan grammar's own length bound.
                 decoded = self.vlm.decoder.decode(inputs, self.grammar(n), [int(seeds[i]) for i in chosen], self.vlm.options,
-                                                  max_new_tokens=self.bounds.max_chars(n) + 1)
+                                                  max_new_tokens=self.bounds.max_bytes(n) + 1)
                 return [(i, *out) for i, out in zip(chosen, decoded)]
 
             with self.vlm.lock:

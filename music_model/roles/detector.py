@@ -1,8 +1,12 @@
 """The `detector` role: open-vocabulary boxes for given phrases (transformers GroundingDINO).
 
 Each image gets its own phrase list, written as GroundingDINO's prompt `"phrase one. phrase two."`
-(lowercased). A box belongs to the phrase whose tokens it scores highest on; the assignment is read
-from the box-token logits over each phrase's token span, never from decoded label text.
+(lowercased). A box belongs to the phrase it scores highest on over all the phrase's tokens, as
+GroundingDINO's grounding evaluation scores a phrase (a normalised positive map: the mean of the
+box's token probabilities over the phrase's span; `create_positive_map_from_span` in
+IDEA-Research/GroundingDINO), so a token two phrases share ("traffic" in "traffic light" / "traffic
+cone") does not decide between them. The assignment is read from the box-token logits, never from
+decoded label text.
 """
 from __future__ import annotations
 
@@ -52,6 +56,13 @@ def prompt_for(phrases: Sequence[str], where: str) -> tuple[str, list[tuple[int,
     return text.rstrip(), spans
 
 
+def phrase_scores(token_probs: np.ndarray, in_phrase: np.ndarray) -> np.ndarray:
+    """(queries, phrases): each box's probability for each phrase, its token probabilities
+    (queries, tokens) averaged over the phrase's tokens (`in_phrase`: phrases x tokens)."""
+    positive_map = in_phrase / np.maximum(in_phrase.sum(axis=1, keepdims=True), 1)
+    return token_probs @ positive_map.T
+
+
 def phrase_token_mask(offsets: np.ndarray, spans: list[tuple[int, int]], width: int) -> np.ndarray:
     """(phrases, width) bool: which token positions of the prompt fall inside each phrase's span.
     `offsets` are the tokenizer's (start, end) character offsets; special and padding tokens have
@@ -66,7 +77,7 @@ def phrase_token_mask(offsets: np.ndarray, spans: list[tuple[int, int]], width: 
 class TransformersDetector(Role):
     """Options: `box_threshold` (0.35) on a box's highest token probability over the whole prompt,
     as GroundingDINO filters boxes; `text_threshold` (0.25) that the box's probability for its
-    phrase must also pass. A box's score is its probability for its phrase (its best token there)."""
+    phrase must also pass. A box's score is its probability for its phrase (`phrase_scores`)."""
 
     def __init__(self, spec: RoleSpec):
         super().__init__(spec)
@@ -136,7 +147,7 @@ class TransformersDetector(Role):
         results = []
         for b, ((_, spans), image_phrases) in enumerate(zip(prompts, phrases)):
             in_phrase = phrase_token_mask(offsets[b], spans, probs.shape[2])  # (phrases, tokens)
-            phrase_probs = np.where(in_phrase[None], probs[b][:, None, :], 0.0).max(axis=2)  # (queries, phrases)
+            phrase_probs = phrase_scores(probs[b], in_phrase)  # (queries, phrases)
             phrase_index = phrase_probs.argmax(axis=1)
             scores = phrase_probs[np.arange(len(phrase_index)), phrase_index]
             keep = (probs[b].max(axis=1) > box_threshold) & (scores > text_threshold)

@@ -11,6 +11,11 @@ Prefect server restart cannot orphan a slot. Taking a free slot costs microsecon
 global concurrency limit costs ~1 s an acquire, and its leases live in the server's memory).
 A holder writes who it is (flow run, host, pid, since) beside its lock, so a shard that waits
 longer than `report_every` seconds says once a minute who holds the slots.
+
+The thread that holds a GPU slot runs with that GPU as its current CUDA device (`device_current`):
+a kernel launched without naming a device (Triton's, xgrammar's grammar mask among them) goes to
+the current device and its current stream, and every new thread starts on device 0, so without it
+a shard on `cuda:1` would launch such kernels on GPU 0 against GPU 1's memory.
 """
 from __future__ import annotations
 
@@ -59,6 +64,21 @@ def machine_slots(cpu_slots: int) -> list[Slot]:
             slots.append(Slot(f"gpu-{uuid}", f"cuda:{index}"))
         return slots
     return [Slot(f"cpu-{index}", "cpu") for index in range(cpu_slots)]
+
+
+@contextmanager
+def device_current(device) -> Iterator[None]:
+    """`device` (a torch device or its name) as this thread's current CUDA device while the block
+    runs, and with it that device's current stream (the previous device is current again after);
+    nothing for a CPU device or a bare "cuda", which means the current one."""
+    import torch
+
+    target = torch.device(device)
+    if target.type != "cuda" or target.index is None:
+        yield
+        return
+    with torch.cuda.device(target.index):
+        yield
 
 
 def current_device() -> str | None:
@@ -111,8 +131,9 @@ def _take_free(locks: list[tuple[Slot, FileLock]]) -> tuple[Slot, FileLock] | No
 @contextmanager
 def device_slot(slots: list[Slot], holder: dict | None = None, log: Callable[[str], None] | None = None,
                 report_every: float = REPORT_EVERY_SECONDS) -> Iterator[Slot]:
-    """Hold one free slot of `slots` (waiting for one), with its device as this thread's current
-    device; `holder` (what, flow_run, ...) is written beside the lock for whoever waits."""
+    """Hold one free slot of `slots` (waiting for one), with its device as this thread's device for
+    the roles (`current_device`) and its current CUDA device (`device_current`); `holder` (what,
+    flow_run, ...) is written beside the lock for whoever waits."""
     folder = slot_dir()
     folder.mkdir(parents=True, exist_ok=True)
     locks = [(slot, _lock(folder, slot)) for slot in slots]
@@ -130,7 +151,8 @@ def device_slot(slots: list[Slot], holder: dict | None = None, log: Callable[[st
     previous = current_device()
     _current.device = slot.device
     try:
-        yield slot
+        with device_current(slot.device):
+            yield slot
     finally:
         _current.device = previous
         lock.release()

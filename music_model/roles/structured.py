@@ -13,7 +13,11 @@ The defaults are Qwen3's recommendation for non-thinking mode (temperature 0.7, 
 and the repeated `<sN>` tags). After the repetition penalty and the grammar mask, the logits are
 divided by the temperature, cut to the top-k and then to the top-p nucleus, and sampled with
 Gumbel noise from one `torch.Generator` per row (`argmax(logits / T + Gumbel)` is a sample of
-`softmax(logits / T)`), so a row's sample depends on its own seed only, not on its batch.
+`softmax(logits / T)`), so a row's noise depends on its own seed only, not on its batch. Its logits
+need not: in float32 on a CPU they come out the same in any batch, but in bfloat16 on a GPU the
+batch's size and padding pick other matmul and attention kernels whose rounding differs, so the
+same seed in another batch can sample another text (a role's batch size is recorded in the
+shard markers, not in the fingerprints).
 
 Token budget: `schema_token_budget` bounds the longest JSON text a schema admits (every string,
 list and integer is bounded) in UTF-8 bytes, and a generated token is at least one byte, so a
@@ -39,6 +43,9 @@ import torch
 import xgrammar as xgr
 from pydantic import BaseModel, Field, StringConstraints, ValidationError
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from music_model.roles.kernels import bitmask_backend
+from music_model.roles.slots import device_current
 
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_K = 20
@@ -328,9 +335,10 @@ class _ConstrainedSampler(LogitsProcessor):
         for row, matcher in enumerate(self.matchers):
             if not matcher.is_terminated():
                 matcher.fill_next_token_bitmask(self.bitmask, row)
-        # xgrammar masks on CPU or CUDA tensors only.
+        # xgrammar masks on CPU or CUDA tensors only; its CUDA kernel launches on the current device.
         masked = scores if scores.device.type in ("cpu", "cuda") else scores.cpu()
-        xgr.apply_token_bitmask_inplace(masked, self.bitmask.to(masked.device))
+        with device_current(masked.device):
+            xgr.apply_token_bitmask_inplace(masked, self.bitmask.to(masked.device), backend=bitmask_backend(masked.device.type))
         scores = masked.to(scores.device)
         # The grammar takes a special token's text literally (`<|image_pad|>` fits inside a string).
         scores[:, self.banned] = float("-inf")
