@@ -51,9 +51,8 @@ def _existing(path: Path) -> Path:
 
 
 def _owner(path: Path) -> str:
-    found = _existing(path)
-    stat = found.stat()
-    return (f"{found} is owned by uid {stat.st_uid} with mode {stat.st_mode & 0o7777:o}, this process runs as uid "
+    stat = path.stat()
+    return (f"owned by uid {stat.st_uid} with mode {stat.st_mode & 0o7777:o}, this process runs as uid "
             f"{os.geteuid()}")
 
 
@@ -66,7 +65,8 @@ def describe(error: BaseException, where: Path) -> str | None:
     """The one line for an operating-system or device condition, or None (a bug of ours, or not ours
     to judge). `where`: the run's folder, asked about when the error names no file."""
     error = _cause(error)
-    path = Path(getattr(error, "filename", None) or where)
+    # A file that does not exist (yet): a temporary one being written; its folder says more.
+    path = _existing(Path(getattr(error, "filename", None) or where))
     if isinstance(error, MemoryError) or (isinstance(error, OSError) and error.errno == errno.ENOMEM):
         import psutil
 
@@ -84,9 +84,9 @@ def describe(error: BaseException, where: Path) -> str | None:
     if not isinstance(error, OSError) or error.errno is None:
         return None
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        usage = shutil.disk_usage(_existing(path))
+        usage = shutil.disk_usage(path)
         kind = "quota" if error.errno == errno.EDQUOT else "disk"
-        return (f"the {kind} under {_existing(path)} is full ({_size(usage.free)} free of {_size(usage.total)}): free space "
+        return (f"the {kind} under {path} is full ({_size(usage.free)} free of {_size(usage.total)}): free space "
                 f"(`music clean --yes` removes what the spec no longer uses), {RESUME}")
     if error.errno == errno.EROFS:
         return (f"{path} is on a read-only file system: remount it read-write or set output_root to a writable folder, "
