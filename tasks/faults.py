@@ -123,7 +123,7 @@ def stop(error: BaseException, line: str, where: Path) -> NoReturn:
     """Log the traceback, print the line, end this process's runs, exit `EXIT_OPERATIONAL` at once
     (from a shard's thread too: the pool schedules nothing more)."""
     log = write_log(error, where)
-    line = f"{line}. Traceback: {log}" if log else line
+    line = f"{line} (traceback in {log})" if log else line
     for hook in before_exit:
         try:
             hook(line)

@@ -45,7 +45,7 @@ def test_a_condition_exits_2_in_one_line_naming_its_log(tmp_path):
                           env={**os.environ, "MUSIC_HOME": str(tmp_path / "home")})
     lines = done.stderr.splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: the disk under {tmp_path} is full")
-    log = lines[0].rsplit("Traceback: ", 1)[1]
+    log = lines[0].rsplit("(traceback in ", 1)[1].removesuffix(")")
     assert log.startswith(str(tmp_path / "logs")) and "OSError: [Errno 28]" in open(log).read()
 
 

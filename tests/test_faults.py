@@ -187,9 +187,10 @@ def tmpfs(tmp_path):
 
 def one_operational_line(done) -> str:
     """The run's one error line, after checking it is alone, names its log file, and no traceback was printed."""
-    errors = [line for line in done.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
     assert done.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: "), done.stderr[-3000:]
-    log = Path(errors[0].rsplit("Traceback: ", 1)[1])
+    log = Path(errors[0].rsplit("(traceback in ", 1)[1].removesuffix(")"))
     assert "Traceback (most recent call last)" in log.read_text()
     return errors[0]
 
