@@ -21,7 +21,8 @@ from music_model.roles import release_roles
 from tasks.build_tasks import enter_stage, publish_dataset, stage_shard
 from tasks import waves
 from tasks.cost_plan import funnel
-from tasks.engine import build_dir, build_lock, check_shard, num_shards, shard_input, write_atomic
+from tasks.engine import build_dir, build_lock, check_shard, forget_image, num_shards, shard_input, write_atomic
+from tasks.faults import operational_exit
 from tasks.preflight import preflight
 from tasks.publish import preview_markdown, publish_fingerprint, publishable, published_stats
 from tasks.stages import stage_chain
@@ -174,6 +175,24 @@ def run_stages(spec: BuildSpec, verify: bool = False, shards: int | None = None,
     return run
 
 
+# A stored image found damaged again after its shard was redone: the disk itself is failing.
+DAMAGED_REDOS = 3
+
+
+def publish_redoing_damaged(spec: BuildSpec, run: StagesRun, verify: bool, publish) -> dict:
+    """`publish()`'s result; when it found a stored image damaged (its bytes are not its name's), the
+    image and the markers of the shards that made it go, those shards are redone and it publishes again."""
+    logger = get_run_logger()
+    for _ in range(DAMAGED_REDOS):
+        result = publish()
+        if "damaged" not in result:
+            return result
+        logger.warning(forget_image(build_dir(spec), result["damaged"]))
+        run_stages(spec, verify, run.shards, run)
+    raise RuntimeError(f"{result['damaged']} was damaged again after {DAMAGED_REDOS} redos of the shards that made it: "
+                       f"check the disk under {build_dir(spec)}")
+
+
 def run_waves(spec: BuildSpec, verify: bool = False) -> tuple[StagesRun, list[int], list[dict]]:
     """Build to the spec's target (`tasks.waves`): waves of sources until the target is met or the
     ceiling reached; the run, the sources made after each wave and the publishable index rows."""
@@ -202,7 +221,7 @@ def build_training_set(spec_path: str, verify: bool = False, wait: bool = False)
     logger = get_run_logger()
     started = time.perf_counter()
     spec = load_build_spec(spec_path)
-    with build_lock(spec, lock_holder_record("build"), wait, logger.info):
+    with operational_exit(build_dir(spec)), build_lock(spec, lock_holder_record("build"), wait, logger.info):
         spec = preflight(spec)  # before any task: every model loadable, the disk enough, the commits the folder's
         if spec.target is None:
             run, made, short = run_stages(spec, verify), None, None
@@ -212,7 +231,8 @@ def build_training_set(spec_path: str, verify: bool = False, wait: bool = False)
         publish_fp = publish_fingerprint(spec, run.upstream, run.shards)
         stats = published_stats(spec, publish_fp)
         if stats is None:
-            stats = publish_dataset(run.spec_json, str(run.upstream_dir), run.shards, run.summaries, publish_fp, made)
+            stats = publish_redoing_damaged(spec, run, verify, lambda: publish_dataset(
+                run.spec_json, str(run.upstream_dir), run.shards, run.summaries, publish_fp, made))
             run.task_runs += 1
         wall = time.perf_counter() - started
         dataset = build_dir(spec).resolve() / "dataset"

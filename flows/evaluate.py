@@ -22,6 +22,7 @@ from music_model.scoring.dreambench import DreamBenchError, load_dreambench, sca
 from music_model.scoring.multisubject import CasesError, read_cases_table
 from tasks.evaluate.cases import finish_cases, score_cases_task
 from tasks.engine import check_marker
+from tasks.faults import stops_on_fault
 from tasks.evaluate.common import chunks, files_digest, fingerprint, json_safe, shard_marker, write_json
 from tasks.evaluate.dreambench import finish_dreambench, generate_task, score_dreambench_task, write_plan
 
@@ -114,6 +115,7 @@ def _cases(spec: EvalSpec, cases: str, logger) -> tuple[dict, int]:
 
 @flow(name="evaluate", flow_run_name=run_name("evaluate", "benchmark"), log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2),
       on_running=[on_flow_running])
+@stops_on_fault  # outside the task runs too: writing the report on a full disk is one line
 def evaluate(spec_json: str, benchmark: str, images: str | None = None, cases: str | None = None, bench_root: str | None = None) -> dict:
     """Score DreamBench (a folder of generated images, optionally generated first by the spec's
     generator) or a multi-subject cases table; returns the summary (paths, scores, counts)."""

@@ -9,11 +9,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from data_specs.build import BuildSpec, load_build_spec
-from flows.build import artifact_key, lock_holder_record, run_stages
+from flows.build import artifact_key, lock_holder_record, publish_redoing_damaged, run_stages
 from flows.ops.monitor import on_flow_running
 from flows.run_names import run_name
 from flows.runners import default_task_runner
-from tasks.engine import build_lock
+from tasks.engine import DamagedImage, build_dir, build_lock
+from tasks.faults import operational_exit
 from tasks.preflight import preflight
 from tasks.msic import msic_fingerprint, publish_msic, published_msic
 from tasks.publish import preview_markdown
@@ -21,7 +22,13 @@ from tasks.publish import preview_markdown
 
 @task(name="publish-msic", task_run_name="publish-msic-{version}")
 def publish_msic_task(spec_json: str, filter_dir: str, shards: int, version: str, fingerprint: str) -> dict:
-    return publish_msic(BuildSpec.model_validate_json(spec_json), Path(filter_dir), shards, fingerprint)
+    """The result, or `{"damaged": <image>}` (see `publish_redoing_damaged`)."""
+    spec = BuildSpec.model_validate_json(spec_json)
+    with operational_exit(build_dir(spec)):
+        try:
+            return publish_msic(spec, Path(filter_dir), shards, fingerprint)
+        except DamagedImage as error:
+            return {"damaged": error.relative}
 
 
 @flow(name="build-msic", flow_run_name=run_name("msic"), log_prints=True, task_runner=default_task_runner(),
@@ -34,13 +41,14 @@ def build_msic(spec_path: str, verify: bool = False, wait: bool = False) -> dict
     spec = load_build_spec(spec_path)
     if spec.msic is None:
         raise ValueError(f"{spec_path}: not a benchmark spec (it has no `msic` section)")
-    with build_lock(spec, lock_holder_record("msic"), wait, logger.info):
+    with operational_exit(build_dir(spec)), build_lock(spec, lock_holder_record("msic"), wait, logger.info):
         spec = preflight(spec)  # before any task: every model loadable, the disk enough, the commits the folder's
         run = run_stages(spec, verify)
         fingerprint = msic_fingerprint(spec, run.upstream, run.shards)
         result = published_msic(spec, fingerprint)
         if result is None:
-            result = publish_msic_task(run.spec_json, str(run.upstream_dir), run.shards, spec.msic.version, fingerprint)
+            result = publish_redoing_damaged(spec, run, verify, lambda: publish_msic_task(
+                run.spec_json, str(run.upstream_dir), run.shards, spec.msic.version, fingerprint))
             run.task_runs += 1
     counts = [{"subjects": k, "cases": v} for k, v in result["counts"].items()]
     create_table_artifact(counts, key=artifact_key(spec.name, "msic-cases"), description="MSIC cases per subject count")

@@ -20,6 +20,7 @@ from flows.run_names import run_name
 from music_model.music import training
 from music_model.roles import resident_roles
 from tasks.engine import write_atomic
+from tasks.faults import stops_on_fault
 from tasks.train_tasks import train_task
 
 MAX_TABLE_ROWS = 500
@@ -55,6 +56,7 @@ def report(summary: dict, plot: Path, inline_plot: bool) -> str:
 
 
 @flow(name="train", flow_run_name=run_name("train"), log_prints=True, on_running=[on_flow_running])
+@stops_on_fault  # outside the task runs too: writing the report on a full disk is one line
 def train(spec_json: str) -> dict:
     """Train the MUSIC model's LoRA adapters from a published training set; resumes from the run's
     newest checkpoint when there is one. Returns the run summary (adapters, steps, losses, plot)."""

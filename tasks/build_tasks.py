@@ -20,7 +20,8 @@ from data_specs.build import BuildSpec
 from music_model.roles import release_roles
 from music_model.roles.slots import Slot, device_slot, machine_slots
 from tasks import publish
-from tasks.engine import run_shard
+from tasks.engine import DamagedImage, build_dir, run_shard
+from tasks.faults import operational_exit
 from tasks.stages import BY_NAME, STAGES
 
 # Stages that run models take a device slot (locally) or run on actors (Ray); decimate runs none.
@@ -53,7 +54,8 @@ def run_stage_shard(stage_name: str, spec_json: str, shard: int, fingerprint: st
     process that served an earlier stage frees that stage's models first)."""
     spec = BuildSpec.model_validate_json(spec_json)
     enter_stage(spec, stage_name)
-    return run_shard(BY_NAME[stage_name], spec, shard, fingerprint, Path(upstream_dir) if upstream_dir else None)
+    with operational_exit(build_dir(spec)):
+        return run_shard(BY_NAME[stage_name], spec, shard, fingerprint, Path(upstream_dir) if upstream_dir else None)
 
 
 class ShardWorker:
@@ -82,5 +84,11 @@ def stage_shard(stage_name: str, spec_json: str, shard: int, fingerprint: str, u
 @task(name="publish", task_run_name="publish-{fingerprint}")
 def publish_dataset(spec_json: str, filter_dir: str, shards: int, summaries: list[dict], fingerprint: str,
                     waves: list[int] | None = None) -> dict:
+    """The published stats, or `{"damaged": <image>}` when a stored image it embeds is damaged (the
+    flow forgets it, redoes the shards that made it and publishes again)."""
     spec = BuildSpec.model_validate_json(spec_json)
-    return publish.publish(spec, Path(filter_dir), shards, summaries, fingerprint, waves)
+    with operational_exit(build_dir(spec)):
+        try:
+            return publish.publish(spec, Path(filter_dir), shards, summaries, fingerprint, waves)
+        except DamagedImage as error:
+            return {"damaged": error.relative}

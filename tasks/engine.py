@@ -213,8 +213,20 @@ class ImageStore:
         return from_struct({"bytes": self.read_bytes(struct)})
 
     def embedded(self, struct: dict) -> dict:
-        """The struct with its bytes inline, as published files hold it."""
-        return {"bytes": self.read_bytes(struct), "path": None}
+        """The struct with its bytes inline, as published files hold it; a stored image whose bytes
+        are not its name's (damaged at equal size, which only its sha256 shows) raises `DamagedImage`."""
+        data = self.read_bytes(struct)
+        if struct.get("bytes") is None and hashlib.sha256(data).hexdigest() != Path(struct["path"]).stem:
+            raise DamagedImage(struct["path"])
+        return {"bytes": data, "path": None}
+
+
+class DamagedImage(ValueError):
+    """A stored image's bytes have another sha256 than its name: `forget_image` it and redo its shard."""
+
+    def __init__(self, relative: str):
+        super().__init__(f"{relative} has another sha256 than its name")
+        self.relative = relative
 
 
 def image_store(spec: BuildSpec) -> ImageStore:
@@ -372,7 +384,8 @@ def check_marker(marker: Path, verify: bool = False, images_root: Path | None = 
     """The one proof of a finished shard of any kind (a build stage's, an evaluation's, a
     generation's): (marker, None) when every output it records still proves itself (and, under
     `images_root`, every image it records) and, with `made_from`, it was made from that input;
-    (None, why) when not, the marker removed so the shard is redone; (None, None) for a shard still to do."""
+    (None, why) when not, the marker and every output or image that failed removed, so the shard is
+    redone and writes them anew; (None, None) for a shard still to do."""
     try:
         done = json.loads(marker.read_text())
     except FileNotFoundError:
@@ -380,18 +393,37 @@ def check_marker(marker: Path, verify: bool = False, images_root: Path | None = 
     except json.JSONDecodeError:
         done = {}
     outputs = done.get("outputs")
-    problems = ([f"{name} {problem}" for name, record in outputs.items()
-                 if (problem := part_problem(marker.parent / name, record, verify))]
-                if outputs is not None else [f"{marker.name} is unreadable or records no outputs"])
+    # path -> why: what failed its check is never trusted again, but removed so the redo writes it
+    # anew (the image store keeps a name it holds, and a damaged image keeps its name).
+    rejected = {marker.parent / name: f"{name} {problem}" for name, record in (outputs or {}).items()
+                if (problem := part_problem(marker.parent / name, record, verify))}
     if images_root is not None:
-        problems += [problem for relative, size in done.get("images", {}).items()
-                     if (problem := image_problem(images_root, relative, size, verify))]
+        rejected |= {images_root / relative: problem for relative, size in done.get("images", {}).items()
+                     if (problem := image_problem(images_root, relative, size, verify))}
+    problems = ([] if outputs is not None else [f"{marker.name} is unreadable or records no outputs"]) + [*rejected.values()]
     if made_from is not None and done.get("input") != made_from:
         problems.append(f"its input changed ({done.get('input')} -> {made_from})")
     if problems:
-        marker.unlink(missing_ok=True)
+        for path in [marker, *rejected]:
+            path.unlink(missing_ok=True)
         return None, f"redoing {label or marker.name.removesuffix('.done.json')} of {marker.parent}: {'; '.join(problems)}"
     return {**done, "skipped": True}, None
+
+
+def forget_image(root: Path, relative: str) -> str:
+    """Remove a stored image found damaged (`DamagedImage`) and the markers of the shards that made
+    it, so the next pass redoes them and writes it anew; the log line saying so."""
+    (root / relative).unlink(missing_ok=True)
+    makers = []
+    for marker in sorted((root / "stages").glob("*/*/*.done.json")):
+        try:
+            made = relative in json.loads(marker.read_text()).get("images", {})
+        except (OSError, json.JSONDecodeError):
+            continue
+        if made:
+            marker.unlink(missing_ok=True)
+            makers.append(marker.relative_to(root).as_posix())
+    return f"{relative} has another sha256 than its name: removed, redoing the shards that made it ({', '.join(makers) or 'none found'})"
 
 
 def finish_marker(marker: Path, summary: dict, outputs: list[Path]) -> dict:

@@ -26,6 +26,7 @@ from data_specs.train import TrainSpec
 from music_model.music.model import GENERATION, generate_dreambench_images, generate_msic_shard, load_model, read_msic_cases
 from music_model.music.training import read_history, train
 from tasks.engine import run_marked, shard_name, write_atomic, write_table
+from tasks.faults import stops_on_fault
 
 MAX_PLOTTED = 2000
 
@@ -116,6 +117,7 @@ def generate_dreambench_part(spec_json: str, adapters: str | None, bench_root: s
 
 
 @task(name="train-music", task_run_name="train-{name}")
+@stops_on_fault
 def train_task(spec_json: str, name: str, progress_id: str | None = None, total_steps: int | None = None) -> dict:
     from prefect.artifacts import update_progress_artifact
 
@@ -131,11 +133,13 @@ def train_task(spec_json: str, name: str, progress_id: str | None = None, total_
 
 
 @task(name="generate-msic", task_run_name="generate-msic-shard-{shard:05d}")
+@stops_on_fault
 def generate_msic_task(spec_json: str, adapters: str | None, cases_path: str, start: int, stop: int, shard: int, out_dir: str) -> dict:
     return generate_msic_part(spec_json, adapters, cases_path, start, stop, shard, out_dir)
 
 
 @task(name="generate-dreambench-music", task_run_name="generate-dreambench-shard-{shard:05d}")
+@stops_on_fault
 def generate_dreambench_task(spec_json: str, adapters: str | None, bench_root: str, images_dir: str, subjects: list[str],
                              prompt_indices: list[int], shard: int, out_dir: str) -> dict:
     return generate_dreambench_part(spec_json, adapters, bench_root, images_dir, subjects, prompt_indices, shard, out_dir)

@@ -1,10 +1,12 @@
 """Shared fixtures: an isolated state folder per test session, the zoo built in it on first use,
 and a real Prefect server on 127.0.0.1.
 
-Whatever the environment holds, the session uses only its own state: every `PREFECT_*` and
-`MUSIC_*` variable is cleared (a `PREFECT_API_URL` would send the suite's runs, and the
-deployments `music deploy` registers with live schedules, to someone's real server; a profile
-under the user's PREFECT_HOME could do the same), PREFECT_HOME points into the session's
+Whatever the environment holds, the session uses only its own state: every `PREFECT_*`,
+`MUSIC_*` and Hugging Face (`HF_*`, `HUGGINGFACE_*`, `TRANSFORMERS_OFFLINE`) variable is cleared (a
+`PREFECT_API_URL` would send the suite's runs, and the deployments `music deploy` registers with
+live schedules, to someone's real server; a profile under the user's PREFECT_HOME could do the
+same; `HF_HUB_OFFLINE=1`, usual on clusters without internet, would turn the tests' local hub into
+"not in the cache"; tests that need one set it themselves), PREFECT_HOME points into the session's
 temporary MUSIC_HOME, and the server runs with its scheduler off, so no registered schedule ever
 starts a run during the suite.
 
@@ -32,7 +34,7 @@ _server = {}
 
 def pytest_configure(config):
     home = Path(tempfile.mkdtemp(prefix="music-test-home-"))
-    for name in [n for n in os.environ if n.startswith(("PREFECT_", "MUSIC_"))]:
+    for name in [n for n in os.environ if n.startswith(("PREFECT_", "MUSIC_", "HF_", "HUGGINGFACE_")) or n == "TRANSFORMERS_OFFLINE"]:
         del os.environ[name]
     os.environ["MUSIC_HOME"] = str(home)
     os.environ["PREFECT_HOME"] = str(home / "prefect-client")

@@ -108,3 +108,165 @@ def test_sigterm_ends_a_build_within_seconds_with_its_run_crashed_and_slots_free
     assert parts
     for part in parts:
         pq.read_metadata(part)  # a torn file has no footer
+
+
+# --- damaged images: never trusted again ------------------------------------------------------------
+
+
+def damage_a_published_target(build_folder: Path) -> str:
+    """Flip one byte in the middle of a stored target image that is published (same size: only its
+    sha256 shows it, as after a bad copy or bit rot) and remove the dataset; the image's path."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    part = next(build_folder.glob("stages/filter/*/part-00001.parquet"))
+    relative = pq.read_table(part, columns=["image"]).column("image")[0].as_py()["path"]
+    image = build_folder / relative
+    data = bytearray(image.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    image.write_bytes(bytes(data))
+    shutil.rmtree(build_folder / "dataset")
+    return relative
+
+
+def test_an_image_damaged_at_equal_size_is_removed_by_verify_and_its_shard_redone(tiny_build, tmp_path, prefect_api):
+    """`music build --verify` finds the image, removes it (the store keeps a name it holds) and redoes
+    the synthesize shard that made it, which writes it anew: the same bytes as an undisturbed build."""
+    from collections import Counter
+
+    from test_build import copy_build, music, task_runs_by_stage
+
+    spec = copy_build(tiny_build, tmp_path)
+    build_folder = tmp_path / "out" / "tiny"
+    relative = damage_a_published_target(build_folder)
+    done = music("build", str(spec), "--verify")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    logged = [line for line in (done.stdout + done.stderr).splitlines() if "has another sha256 than its name" in line]
+    assert len(logged) == 1 and "redoing synthesize shard" in logged[0] and relative in logged[0], logged
+    assert "Traceback" not in done.stdout + done.stderr
+    assert task_runs_by_stage(prefect_api) == Counter({"synthesize": 1, "publish": 1})
+    assert data_bytes(build_folder / "dataset") == tiny_build["bytes"]
+
+
+def test_a_damaged_image_only_publish_reads_redoes_its_shard_not_the_build(tiny_build, tmp_path, prefect_api):
+    """Without --verify only sizes are checked, so publish meets the image: it checks each image it
+    embeds against its name, and the flow removes the image and the marker of the shard that made
+    it, redoes that shard and publishes again, in one log line and no traceback."""
+    from collections import Counter
+
+    from test_build import copy_build, music, task_runs_by_stage
+
+    spec = copy_build(tiny_build, tmp_path)
+    build_folder = tmp_path / "out" / "tiny"
+    relative = damage_a_published_target(build_folder)
+    done = music("build", str(spec))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    logged = [line for line in (done.stdout + done.stderr).splitlines() if "has another sha256 than its name" in line]
+    assert len(logged) == 1 and f"{relative} has another sha256 than its name: removed, redoing" in logged[0], logged
+    assert "stages/synthesize/" in logged[0]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert task_runs_by_stage(prefect_api) == Counter({"synthesize": 1, "publish": 2})
+    assert data_bytes(build_folder / "dataset") == tiny_build["bytes"]
+
+
+# --- operational failures: one line, exit 2 --------------------------------------------------------
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 16 MiB tmpfs mounted at tmp_path/fs (root only), unmounted after the test."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def one_operational_line(done) -> str:
+    """The run's one error line, after checking it is alone, names its log file, and no traceback was printed."""
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert done.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: "), done.stderr[-3000:]
+    log = Path(errors[0].rsplit("(traceback in ", 1)[1].removesuffix(")"))
+    assert "Traceback (most recent call last)" in log.read_text()
+    return errors[0]
+
+
+def test_a_disk_that_fills_mid_build_is_one_line_and_the_rerun_after_freeing_space_resumes(tmpfs, tmp_path, tiny_build):
+    """Another job fills the disk once rerender has finished a shard (of a build resumed there, to save
+    the suite the stages before): the build exits 2 with one line
+    naming the folder, its free bytes and what to do (its traceback in a log file it names); once
+    the space is freed, the same command publishes an undisturbed build's bytes."""
+    import shutil
+
+    from test_build import copy_build
+
+    spec = copy_build(tiny_build, tmpfs)
+    stages = tmpfs / "out" / "tiny" / "stages"
+    shutil.rmtree(tmpfs / "out" / "tiny" / "dataset")
+    for stage in ("rerender", "annotate", "layout", "decimate", "filter", "publish"):  # work left to do, no model reloads before
+        shutil.rmtree(stages / stage)
+    build = start_build(spec, dict(os.environ))
+    wait_for(stages, "rerender/*/*.done.json", build)
+    filler = tmpfs / "filler"
+    with filler.open("wb") as handle, pytest.raises(OSError):  # the other job: writes until the disk is full
+        while True:
+            handle.write(bytes(1 << 16))
+            handle.flush()
+    _, stderr = build.communicate(timeout=300)
+    done = subprocess.CompletedProcess(build.args, build.returncode, "", stderr)
+    line = one_operational_line(done)
+    assert f"the disk under {tmpfs / 'out' / 'tiny'} is full (" in line and "MiB free of 16.0 MiB" in line
+    assert "free space" in line and "rerun the same command" in line
+    print(f"full disk: {len(stderr.splitlines())} stderr lines: {line}")
+    filler.unlink()
+    resumed = subprocess.run([sys.executable, "-m", "flows.cli", "build", str(spec)], capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Traceback" not in resumed.stderr and data_bytes(tmpfs / "out" / "tiny" / "dataset") == tiny_build["bytes"]
+
+
+def test_a_read_only_output_folder_is_one_line_and_the_rerun_once_writable_resumes(tmpfs, tiny_build):
+    from test_build import copy_build
+
+    spec = copy_build(tiny_build, tmpfs)
+    import shutil
+
+    shutil.rmtree(tmpfs / "out" / "tiny" / "dataset")
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "build", str(spec)], capture_output=True, text=True, timeout=300)
+    line = one_operational_line(done)
+    assert f"{tmpfs / 'out' / 'tiny' / '.build.lock'} is on a read-only file system: remount it read-write" in line
+    print(f"read-only: {len(done.stderr.splitlines())} stderr lines: {line}")
+    subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=True)
+    resumed = subprocess.run([sys.executable, "-m", "flows.cli", "build", str(spec)], capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert data_bytes(tmpfs / "out" / "tiny" / "dataset") == tiny_build["bytes"]
+
+
+def test_a_permission_denied_output_folder_is_one_line_and_the_rerun_with_access_resumes(tmp_path, tiny_build):
+    """Root is denied only without CAP_DAC_OVERRIDE: the build runs under setpriv with it dropped,
+    on a folder of another user's that it may read but not write."""
+    import shutil
+
+    from test_build import copy_build
+
+    if not shutil.which("setpriv") or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv (util-linux) to drop the capability that lets root write anywhere")
+    spec = copy_build(tiny_build, tmp_path)
+    folder = tmp_path / "out" / "tiny"
+    shutil.rmtree(folder / "dataset")
+    os.chown(folder, 4321, 4321)
+    folder.chmod(0o555)
+    denied = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
+    done = subprocess.run([*denied, sys.executable, "-m", "flows.cli", "build", str(spec)], capture_output=True, text=True,
+                          timeout=300)
+    line = one_operational_line(done)
+    assert f"permission denied on {folder} (owned by uid 4321 with mode 555, this process runs as uid 0)" in line
+    print(f"permission denied: {len(done.stderr.splitlines())} stderr lines: {line}")
+    folder.chmod(0o755)
+    resumed = subprocess.run([sys.executable, "-m", "flows.cli", "build", str(spec)], capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert data_bytes(folder / "dataset") == tiny_build["bytes"]

@@ -20,9 +20,12 @@ def fail(error: Exception | str, code: int = 2) -> NoReturn:
 def refuse_if_building(spec, wait: bool) -> None:
     """Exit at once, naming the holder, when another run builds into this spec's folder (unless
     `wait`: the flow then waits for it). Checked before the server starts, so it takes a second."""
-    from tasks.engine import busy_message, lock_holder
+    from tasks.engine import build_dir, busy_message, lock_holder
+    from tasks.faults import operational_exit
 
-    if not wait and (holder := lock_holder(spec)):
+    with operational_exit(build_dir(spec)):  # the lock is the build's first write: a read-only folder stops here
+        holder = None if wait else lock_holder(spec)
+    if holder:
         fail(busy_message(spec, holder), BUSY_EXIT)
 
 

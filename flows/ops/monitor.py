@@ -30,6 +30,7 @@ from uuid import UUID
 import psutil
 
 from music_model import settings
+from tasks import faults
 
 HOST, PID, PID_STARTED, HEARTBEAT = "music.host", "music.pid", "music.pid_started", "music.heartbeat"
 # A run on another host is stale after this many missed beats.
@@ -116,6 +117,18 @@ def _this_process_runs(client) -> list:
     mine = this_process()
     return [run for run in _running_runs(client) if all((run.labels or {}).get(k) == v for k, v in mine.items())]
 
+
+def crash_this_process_runs(reason: str) -> None:
+    """Mark this process's RUNNING flow runs, and their running task runs, CRASHED with `reason`."""
+    from prefect import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        _end_runs(client, _this_process_runs(client), lambda _: Crashed(message=reason), reason)
+
+
+# An operational failure (`tasks.faults`) exits at once: the process's runs say why in the UI.
+faults.before_exit.append(crash_this_process_runs)
 
 _guarded = 0  # flow bodies inside `stop_promptly` in this process
 _guarded_lock = threading.Lock()

@@ -19,6 +19,7 @@ from music_model.scoring.passn import passn_curve
 from tasks.engine import run_marked, shard_name, write_atomic, write_table
 from tasks.evaluate.common import (LABELS, comparison_rows, figure, gather, markdown_table, passn_outputs,
                                    published_note, save_figure, shard_marker, tiny_note, with_ci, write_json)
+from tasks.faults import stops_on_fault
 
 
 def read_row_range(path: str | Path, start: int, stop: int) -> list[dict]:
@@ -146,5 +147,6 @@ def plot_by_count(counts: list[dict], path: Path) -> None:
 
 
 @task(name="score-cases", task_run_name="score-cases-shard-{shard:05d}")
+@stops_on_fault
 def score_cases_task(spec_json: str, cases_path: str, start: int, stop: int, shard: int, work_dir: str, with_selection: bool) -> dict:
     return score_cases_shard(spec_json, cases_path, start, stop, shard, work_dir, with_selection)

@@ -20,6 +20,7 @@ from music_model.scoring.passn import passn_curve
 from tasks.engine import ShardMeter, run_marked, shard_name, write_atomic, write_table
 from tasks.evaluate.common import (LABELS, comparison_rows, figure, gather, markdown_table, passn_outputs,
                                    published_note, save_figure, shard_marker, tiny_note, with_ci, write_json)
+from tasks.faults import stops_on_fault
 
 PLAN = pa.schema([("subject", pa.string()), ("prompt_index", pa.int32()), ("sample", pa.int32()), ("path", pa.string())])
 
@@ -136,11 +137,13 @@ def plot_subjects(subject_rows: list[dict], path: Path) -> None:
 
 
 @task(name="generate-dreambench", task_run_name="generate-shard-{shard:05d}")
+@stops_on_fault
 def generate_task(spec_json: str, bench_root: str, images_dir: str, subjects: list[str], shard: int) -> dict:
     return generate_missing_cells(spec_json, bench_root, images_dir, subjects, shard)
 
 
 @task(name="score-dreambench", task_run_name="score-dreambench-shard-{shard:05d}")
+@stops_on_fault
 def score_dreambench_task(spec_json: str, bench_root: str, plan_path: str, subjects: list[str], shard: int,
                           work_dir: str, with_selection: bool) -> dict:
     return score_dreambench_shard(spec_json, bench_root, plan_path, subjects, shard, work_dir, with_selection)
