@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import nbinom
 
 from data_specs.build import BuildSpec
 
@@ -76,22 +77,16 @@ def posterior(spec: BuildSpec, sources: int, subject_counts: Counter, prior: dic
 
 
 def met_by(short: dict[int, int], belief: dict[int, tuple[float, float]], horizon: int) -> np.ndarray:
-    """P(the shortfall is met within t more sources) for t = 0..horizon: per key, a count of
-    Gamma-Poisson (negative binomial) samples from t sources reaching what it lacks, keys taken as
-    independent."""
-    t = np.arange(1, horizon + 1, dtype=np.float64)
+    """P(the shortfall is met within t more sources) for t = 0..horizon: per key, the chance that the
+    samples of t sources, Gamma-Poisson (negative binomial: shape, rate / (rate + t)), reach what it
+    lacks; keys taken as independent."""
+    t = np.arange(horizon + 1, dtype=np.float64)
     met = np.ones(horizon + 1)
-    met[0] = 0.0  # something is short
     for key, missing in short.items():
         shape, rate = belief[key]
         if shape <= 0:  # no evidence that this count is ever yielded: never met
             return np.zeros(horizon + 1)
-        log_p, log_q = np.log(rate / (rate + t)), np.log(t / (rate + t))
-        below = np.full(horizon, -np.inf)  # log P(fewer than `missing` samples)
-        for y in range(missing):
-            term = math.lgamma(y + shape) - math.lgamma(shape) - math.lgamma(y + 1) + shape * log_p + y * log_q
-            below = np.logaddexp(below, term)
-        met[1:] *= -np.expm1(np.minimum(below, 0.0))
+        met *= nbinom.sf(missing - 1, shape, rate / (rate + t))
     return met
 
 
