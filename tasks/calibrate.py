@@ -93,11 +93,11 @@ def shared_stages(specs: list[BuildSpec]) -> list[str]:
     return [stage for stage in BY_NAME if len({fp[stage] for fp in fingerprints}) == 1]
 
 
-def variants_table(field: str, variants: list[dict]) -> str:
+def variants_table(field: str, variants: list[dict], shared: list[str]) -> str:
     """Variants side by side: samples, the share of sources published, the task runs each needed and
-    model-seconds per published sample (all stages, and per stage that differs between them)."""
-    stages = [s for s in variants[0]["cost"] if s != "all" and len({v["cost"].get(s) for v in variants}) > 1]
-    lines = [f"Variants of {field} (model-seconds per published sample: all stages, then the stages that differ):",
+    model-seconds per published sample (all stages, and each model stage a variant makes its own)."""
+    stages = [s for s in variants[0]["cost"] if s != "all" and s not in shared and BY_NAME[s].roles]
+    lines = [f"Variants of {field} (model-seconds per published sample: all stages, then each stage the variants make apart):",
              f"  {'value':>8s} {'samples':>7s} {'published/source':>16s} {'task runs':>9s} {'all':>9s} "
              + " ".join(f"{s:>10s}" for s in stages)]
     for v in variants:

@@ -76,4 +76,4 @@ def calibrate_command(
         compared.append({"value": value, "samples": result["samples"], "sources": sources, "task_runs": result["task_runs"],
                          "cost": result["model_seconds_per_sample"]})
     if field:
-        typer.echo(variants_table(field, compared))
+        typer.echo(variants_table(field, compared, shared))
