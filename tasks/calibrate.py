@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 import yaml
 
 from data_specs.build import BuildSpec, parse_build_spec
