@@ -65,6 +65,26 @@ def test_rerender_scores_every_candidate_kept_or_rejected(chain, tmp_path):
     assert all(r["passed"] == (low <= r["value"] <= high) for r in rows) and not all(r["passed"] for r in rows)
 
 
+def test_vary_names_its_variants_shared_stages_and_a_bad_value_in_one_line():
+    from data_specs.build import load_build_spec
+    from tasks.calibrate import calibration_spec, parse_vary, shared_stages, variant_spec
+
+    assert parse_vary("rerender.render_size=512, 1024") == ("rerender.render_size", [512, 1024])
+    for bad in ("rerender.render_size=512", "render_size=64,128", "rerender.render_size", "rerender.render_size=64,"):
+        with pytest.raises(ValueError, match=r"expected section\.field=a,b"):
+            parse_vary(bad)
+    spec = calibration_spec(load_build_spec("tiny.yaml"), 8)
+    with pytest.raises(ValueError, match="the spec has no field rerender.render_sise"):
+        variant_spec(spec, "rerender.render_sise", 64)
+    with pytest.raises(ValueError, match="rerender.render_size") as error:
+        variant_spec(spec, "rerender.render_size", 8)  # under its bound of 16
+    assert "\n" not in str(error.value)
+    sizes = [variant_spec(spec, "rerender.render_size", v) for v in (64, 128)]
+    assert sizes[1].rerender.render_size == 128 and sizes[1].num_source_images == 8
+    assert shared_stages(sizes) == ["compose", "synthesize", "detect", "verify"]
+    assert shared_stages([variant_spec(spec, "synthesize.width", v) for v in (64, 128)]) == ["compose"]
+
+
 @pytest.mark.prefect
 def test_published_set_carries_quality_scores_a_user_filters_on(tiny_build):
     import datasets
