@@ -100,6 +100,8 @@ class TargetParams(_Section):
 
     samples: int = Field(ge=1, description="samples to publish")
     mix: dict[int, float] | None = Field(None, description="subject count -> share of the published samples (normalised)")
+    wave_cost: float = Field(16.0, ge=0, description="the fixed cost of one more wave (every stage's model loads), in sources' "
+                             "worth of GPU work: what a wave's size weighs against overshoot (`music plan --bench` measures it)")
 
     @field_validator("mix")
     @classmethod

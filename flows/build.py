@@ -197,13 +197,14 @@ def run_waves(spec: BuildSpec, verify: bool = False) -> tuple[StagesRun, list[in
     """Build to the spec's target (`tasks.waves`): waves of sources until the target is met or the
     ceiling reached; the run, the sources made after each wave and the publishable index rows."""
     logger = get_run_logger()
-    sources, made, run = waves.first_wave(spec, funnel(spec)["per_source_by_count"]), [], None
+    prior = funnel(spec)["per_source_by_count"]
+    sources, made, run = waves.first_wave(spec, prior), [], None
     while True:
         run = run_stages(spec, verify, -(-sources // spec.shard_size), run)
         made.append(sources)
         rows = publishable(spec, run.upstream_dir, run.shards)
         counts = Counter(row["num_subjects"] for row in rows)
-        following = waves.next_wave(spec, sources, counts)
+        following = waves.next_wave(spec, sources, counts, prior)
         logger.info("wave %d: %d sources made; publishable by subject count %s; target %s; %s", len(made), sources,
                     dict(sorted(counts.items())), waves.wanted(spec),
                     "next wave to %d sources" % following if following > sources else "done")
@@ -241,8 +242,9 @@ def build_training_set(spec_path: str, verify: bool = False, wait: bool = False)
         notes = [short_line] if short_line else []
         if spec.target is not None:
             enough = waves.sufficed(spec, rows)
+            overshoot = f"; overshoot {made[-1] - enough} sources ({made[-1] / enough:.2f}x)" if enough else ""
             notes.append(f"sources made {made[-1]} in {len(made)} waves ({', '.join(map(str, made))}); the fewest that would have "
-                         f"sufficed, known only now: {enough if enough is not None else 'more than were made'}")
+                         f"sufficed, known only now: {enough if enough is not None else 'more than were made'}{overshoot}")
         text = report(spec, run.tables, stats, wall, dataset, costs, notes)
         previews = stats.get("preview", [])
         write_atomic(dataset / "report.md", lambda tmp: tmp.write_text("\n".join([text, *preview_markdown(dataset, previews)])))

@@ -6,8 +6,12 @@ threshold drawn, written into the calibration build's folder. Run it on real che
 a full build; the tiny zoo's scores are noise.
 
 The small build is the spec's own build flow on a copy of the spec (`calibration_spec`): same name
-and seed, so its samples are the full build's first N sources, byte for byte. No Prefect here: a
-notebook can call `calibration_report` on any finished build folder."""
+and seed, so its samples are the full build's first N sources, byte for byte. With `--vary
+section.field=a,b` each value is a variant (`variant_spec`) built one after the other into that
+same folder: a stage whose fingerprint does not read the field has the same fingerprint in every
+variant, so its shards are made once and reused (`shared_stages`), and each variant's report goes
+to `calibrate/<field>=<value>/`. No Prefect here: a notebook can call `calibration_report` on any
+finished build folder."""
 from __future__ import annotations
 
 import json
@@ -15,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-from data_specs.build import BuildSpec
+from data_specs.build import BuildSpec, parse_build_spec
 from tasks.clean import current_fingerprints
 from tasks.engine import build_dir, num_shards, read_rows, scores_path, shard_name, stage_dir, write_atomic
 from tasks.publish import near_duplicate_scores, read_filter_index
@@ -56,6 +61,51 @@ def calibration_spec(spec: BuildSpec, sources: int) -> BuildSpec:
     name and seed stay: the samples are the full build's own first sources."""
     root = Path(spec.output_root) / f"{spec.name}-calibrate-{sources}"
     return spec.model_copy(update={"num_source_images": sources, "target": None, "output_root": str(root)})
+
+
+def parse_vary(text: str) -> tuple[str, list]:
+    """`section.field=a,b` as the field and its values, each read as YAML (`64` an int, `0.5` a float)."""
+    field, sep, values = text.partition("=")
+    parts = [v.strip() for v in values.split(",")]
+    if not sep or field.count(".") != 1 or len(parts) < 2 or not all(parts):
+        raise ValueError(f"--vary {text!r}: expected section.field=a,b (two or more values)")
+    return field.strip(), [yaml.safe_load(v) for v in parts]
+
+
+def variant_spec(spec: BuildSpec, field: str, value) -> BuildSpec:
+    """`spec` with `field` (section.field) set to `value`, validated as a spec file is."""
+    section, name = field.split(".")
+    data = spec.model_dump(mode="json")
+    if not isinstance(data.get(section), dict) or name not in data[section]:
+        raise ValueError(f"--vary: the spec has no field {field}")
+    data[section][name] = value
+    return parse_build_spec(data)
+
+
+def variant_label(field: str, value) -> str:
+    return f"{field}={value}"
+
+
+def shared_stages(specs: list[BuildSpec]) -> list[str]:
+    """The stages every spec builds under one fingerprint: made once, whichever variant comes first."""
+    fingerprints = [current_fingerprints(spec) for spec in specs]
+    return [stage for stage in BY_NAME if len({fp[stage] for fp in fingerprints}) == 1]
+
+
+def variants_table(field: str, variants: list[dict], shared: list[str]) -> str:
+    """Variants side by side: samples, the share of sources published, the task runs each needed and
+    model-seconds per published sample (all stages, and each model stage a variant makes its own)."""
+    stages = [s for s in variants[0]["cost"] if s != "all" and s not in shared and BY_NAME[s].roles]
+    lines = [f"Variants of {field} (model-seconds per published sample: all stages, then each stage the variants make apart):",
+             f"  {'value':>8s} {'samples':>7s} {'published/source':>16s} {'task runs':>9s} {'all':>9s} "
+             + " ".join(f"{s:>10s}" for s in stages)]
+    for v in variants:
+        def cell(value) -> str:
+            return "-" if value is None else f"{value:.4f}"
+
+        lines.append(f"  {str(v['value']):>8s} {v['samples']:7d} {v['samples'] / v['sources']:16.3f} {v['task_runs']:9d} "
+                     f"{cell(v['cost'].get('all')):>9s} " + " ".join(f"{cell(v['cost'].get(s)):>10s}" for s in stages))
+    return "\n".join(lines)
 
 
 def spec_value(spec: BuildSpec, path: str) -> float | None:
@@ -148,7 +198,8 @@ def markdown(report: dict) -> str:
     def cell(value) -> str:
         return "-" if value is None else str(value)
 
-    lines = [f"# Calibration of {report['spec']}: {report['sources']} sources", "", f"Build folder: `{report['build']}`", "",
+    variant = f" ({report['variant']})" if report.get("variant") else ""
+    lines = [f"# Calibration of {report['spec']}{variant}: {report['sources']} sources", "", f"Build folder: `{report['build']}`", "",
              "## Keep rates", "", "| stage | in | kept | kept share | dropped by reason |", "|---|---|---|---|---|"]
     lines += [f"| {r['stage']} | {r['in']} | {r['kept']} | {cell(r['kept_share'])} | "
               f"{', '.join(f'{k}: {v}' for k, v in r['dropped'].items()) or '-'} |" for r in report["keep_rates"]]
@@ -185,9 +236,10 @@ def text_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def calibration_report(spec: BuildSpec, sources: int | None = None) -> dict:
+def calibration_report(spec: BuildSpec, sources: int | None = None, variant: str | None = None) -> dict:
     """Keep rates and threshold distributions of the finished build of `spec` (a calibration spec,
-    or any spec), written to `<build>/calibrate/calibration.{md,json}` and `thresholds.png`."""
+    or any spec), written to `<build>/calibrate/calibration.{md,json}` and `thresholds.png`
+    (a `variant`'s to `<build>/calibrate/<variant>/`)."""
     root, shards = build_dir(spec).resolve(), num_shards(spec)
     fingerprints = current_fingerprints(spec)
     folders = {stage: stage_dir(spec, stage, fp) for stage, fp in fingerprints.items()}
@@ -201,8 +253,8 @@ def calibration_report(spec: BuildSpec, sources: int | None = None) -> dict:
         rows.append({"threshold": threshold.field, "value": value, "drops": threshold.drops, "stage": threshold.stage,
                      "score": threshold.score, "values": which, **summarize(values[threshold.field], value, threshold.drops),
                      "note": threshold.note})
-    out = root / "calibrate"
-    report = {"spec": spec.name, "sources": sources or spec.num_source_images, "build": str(root),
+    out = root / "calibrate" / variant if variant else root / "calibrate"
+    report = {"spec": spec.name, "variant": variant, "sources": sources or spec.num_source_images, "build": str(root),
               "keep_rates": keep_rates(stats["funnel"]), "thresholds": rows,
               "table": str(out / "calibration.md"), "json": str(out / "calibration.json"), "plot": str(out / "thresholds.png"),
               "preview_dir": str(root / "dataset" / "preview"), "preview": [str(root / "dataset" / p) for p in stats.get("preview", [])]}

@@ -320,6 +320,14 @@ def project_hours(expected: dict[str, Any], bench: dict[str, Any]) -> list[dict[
     return rows
 
 
+def wave_cost(hours: list[dict[str, Any]], spec: BuildSpec) -> dict[str, float | None]:
+    """What one more wave of a build to a target costs (`target.wave_cost`): every model stage's
+    load seconds, and that in sources' worth of GPU work (the projected seconds per source made)."""
+    loads = sum(row["load_seconds"] for row in hours)
+    per_source = sum(row["units"] * row["seconds_per_unit"] for row in hours if row["seconds_per_unit"]) / spec.num_source_images
+    return {"load_seconds": loads, "seconds_per_source": per_source, "sources": loads / per_source if per_source else None}
+
+
 # --- the plan ---
 
 def plan(spec: BuildSpec, bench: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -336,7 +344,7 @@ def plan(spec: BuildSpec, bench: dict[str, Any] | None = None) -> dict[str, Any]
         expected = funnel(spec, measured_rates(bench))
         hours = project_hours(expected, bench)
         result |= {"device": bench.get("device", "?"), "expected": expected, "hours": hours,
-                   "gpu_hours": sum(row["hours"] for row in hours), "disk": disk(spec, expected)}
+                   "gpu_hours": sum(row["hours"] for row in hours), "disk": disk(spec, expected), "wave_cost": wave_cost(hours, spec)}
     if spec.target is not None:
         result["target"] = target_projection(spec, result["upper_bound"], expected)
     return result
@@ -383,6 +391,10 @@ def format_plan(result: dict[str, Any]) -> str:
             lines.append(f"  {row['stage']:10s} {row['units']:10.0f} {row['unit']:9s} {rate:>16s}  load {row['load_seconds']:6.1f} s"
                          f"  {row['hours']:8.2f} h")
         lines.append(f"  total {result['gpu_hours']:.1f} GPU-hours")
+        cost = result["wave_cost"]
+        if cost["sources"] is not None:
+            lines.append(f"  one wave's model loads: {cost['load_seconds']:.1f} s = {cost['sources']:.1f} sources' worth of GPU work "
+                         f"at {cost['seconds_per_source']:.2f} s a source (target.wave_cost; a GPU per worker loads each model)")
     if "target" in result:
         lines += ["", *_target_lines(result["target"])]
     space = result["disk"]

@@ -4,21 +4,28 @@ so far can publish, and which samples are published. No Prefect, no model.
 Sources are addressed by index, so waves are prefixes of one sequence: wave 1 makes sources
 [0, s1), wave 2 [s1, s2), and so on, each ending on a shard boundary (or at the ceiling,
 `num_source_images`). Wave 1 is sized from the plan's no-drop prior, which never overestimates what
-a source yields, so it never makes more than the target needs. Every later wave is sized from what
-the sources made so far really yielded, per subject count, after near-duplicate removal. Every
-figure is a function of the spec and of the data made, so a spec gives the same waves on any
-machine, a killed build resumes into the same wave, and a raised target (or ceiling) only adds
-sources. Published: per subject count the samples of the lowest IDs (the earliest sources) the
-target asks for."""
+a source yields, so it never makes more than the target needs. Every later wave weighs two costs
+(`next_wave`): the sources it makes beyond the fewest that would have sufficed, and
+`target.wave_cost` (in sources) for each further wave its shortfall would need. Each subject
+count's yield per source is a Gamma posterior (the no-drop prior as one source's worth of
+evidence, then every source made so far), so a rate read from a handful of samples sizes the
+wave cautiously and a well-measured one sizes it tightly. Every figure is a function of the spec
+and of the data made, so a spec gives the same waves on any machine, a killed build resumes into
+the same wave, and a raised target (or ceiling) only adds sources. Published: per subject count
+the samples of the lowest IDs (the earliest sources) the target asks for."""
 from __future__ import annotations
 
 import math
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
+from scipy.stats import nbinom
+
 from data_specs.build import BuildSpec
 
 ANY = 0  # the key of a target without a mix: samples of any subject count
+PRIOR_SOURCES = 1.0  # the no-drop prior's weight in the yield posterior, in sources: an upper bound, so weak
 
 
 def wanted(spec: BuildSpec) -> dict[int, int]:
@@ -61,16 +68,52 @@ def first_wave(spec: BuildSpec, prior: dict[int, float]) -> int:
     return whole_shards(spec, max(1, needed))
 
 
-def next_wave(spec: BuildSpec, sources: int, subject_counts: Counter) -> int:
-    """The sources made after the next wave, from the yields of the `sources` made so far
-    (`subject_counts`: what they can publish); `sources` itself when the target is met or the
-    ceiling reached. A subject count none of them yielded doubles the sources."""
+def posterior(spec: BuildSpec, sources: int, subject_counts: Counter, prior: dict[int, float]) -> dict[int, tuple[float, float]]:
+    """Per key of `wanted`: the Gamma posterior (shape, rate) of its samples per source, from the
+    no-drop `prior` (`PRIOR_SOURCES` sources' worth) and the `sources` made so far, which can
+    publish `subject_counts`. Its mean is (prior + samples) / (`PRIOR_SOURCES` + sources)."""
+    per_source, have = by_key(spec, Counter(prior)), by_key(spec, subject_counts)
+    return {key: (PRIOR_SOURCES * per_source[key] + have[key], PRIOR_SOURCES + sources) for key in wanted(spec)}
+
+
+def met_by(short: dict[int, int], belief: dict[int, tuple[float, float]], horizon: int) -> np.ndarray:
+    """P(the shortfall is met within t more sources) for t = 0..horizon: per key, the chance that the
+    samples of t sources, Gamma-Poisson (negative binomial: shape, rate / (rate + t)), reach what it
+    lacks; keys taken as independent."""
+    t = np.arange(horizon + 1, dtype=np.float64)
+    met = np.ones(horizon + 1)
+    for key, missing in short.items():
+        shape, rate = belief[key]
+        if shape <= 0:  # no evidence that this count is ever yielded: never met
+            return np.zeros(horizon + 1)
+        met *= nbinom.sf(missing - 1, shape, rate / (rate + t))
+    return met
+
+
+def wave_costs(spec: BuildSpec, sources: int, subject_counts: Counter, prior: dict[int, float]) -> dict[int, float]:
+    """Expected cost, in sources' worth of GPU work, of each size the next wave may take (the
+    sources made after it, whole shards up to the ceiling): the sources it makes beyond those
+    the target turns out to need, plus `target.wave_cost` if the target is still short after it
+    (a miss, counted as one more wave; none at the ceiling, where the build stops)."""
     short = shortfall(spec, subject_counts)
-    if not short or sources >= spec.num_source_images:
+    horizon = spec.num_source_images - sources
+    met = met_by(short, posterior(spec, sources, subject_counts, prior), horizon)
+    overshoot = np.concatenate([[0.0], np.cumsum(met[:-1])])  # E[(x - T)+] = sum over t < x of P(T <= t)
+    sizes = sorted({whole_shards(spec, sources + extra) for extra in range(1, horizon + 1)})
+    # At the ceiling a miss costs no wave: the build ends there, short.
+    return {size: float(overshoot[size - sources] + (spec.target.wave_cost * (1.0 - met[size - sources])
+                                                     if size < spec.num_source_images else 0.0)) for size in sizes}
+
+
+def next_wave(spec: BuildSpec, sources: int, subject_counts: Counter, prior: dict[int, float]) -> int:
+    """The sources made after the next wave, from the yields of the `sources` made so far
+    (`subject_counts`: what they can publish) and the no-drop `prior` per source by subject count;
+    `sources` itself when the target is met or the ceiling reached. The size of least expected
+    cost (`wave_costs`), the smallest of equal ones."""
+    if not shortfall(spec, subject_counts) or sources >= spec.num_source_images:
         return sources
-    have = by_key(spec, subject_counts)
-    extra = max(math.ceil(missing * sources / have[key]) if have[key] else sources for key, missing in short.items())
-    return whole_shards(spec, sources + max(1, extra))
+    costs = wave_costs(spec, sources, subject_counts, prior)
+    return min(costs, key=lambda size: (costs[size], size))
 
 
 def choose(spec: BuildSpec, rows: list[dict]) -> tuple[list[dict], list[dict]]:

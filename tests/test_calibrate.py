@@ -65,6 +65,26 @@ def test_rerender_scores_every_candidate_kept_or_rejected(chain, tmp_path):
     assert all(r["passed"] == (low <= r["value"] <= high) for r in rows) and not all(r["passed"] for r in rows)
 
 
+def test_vary_names_its_variants_shared_stages_and_a_bad_value_in_one_line():
+    from data_specs.build import load_build_spec
+    from tasks.calibrate import calibration_spec, parse_vary, shared_stages, variant_spec
+
+    assert parse_vary("rerender.render_size=512, 1024") == ("rerender.render_size", [512, 1024])
+    for bad in ("rerender.render_size=512", "render_size=64,128", "rerender.render_size", "rerender.render_size=64,"):
+        with pytest.raises(ValueError, match=r"expected section\.field=a,b"):
+            parse_vary(bad)
+    spec = calibration_spec(load_build_spec("tiny.yaml"), 8)
+    with pytest.raises(ValueError, match="the spec has no field rerender.render_sise"):
+        variant_spec(spec, "rerender.render_sise", 64)
+    with pytest.raises(ValueError, match="rerender.render_size") as error:
+        variant_spec(spec, "rerender.render_size", 8)  # under its bound of 16
+    assert "\n" not in str(error.value)
+    sizes = [variant_spec(spec, "rerender.render_size", v) for v in (64, 128)]
+    assert sizes[1].rerender.render_size == 128 and sizes[1].num_source_images == 8
+    assert shared_stages(sizes) == ["compose", "synthesize", "detect", "verify"]
+    assert shared_stages([variant_spec(spec, "synthesize.width", v) for v in (64, 128)]) == ["compose"]
+
+
 @pytest.mark.prefect
 def test_published_set_carries_quality_scores_a_user_filters_on(tiny_build):
     import datasets
@@ -106,42 +126,53 @@ def test_published_set_carries_quality_scores_a_user_filters_on(tiny_build):
 
 
 @pytest.mark.prefect
-def test_calibrate_prints_keep_rates_and_every_threshold_with_a_plot(tiny_build, tmp_path):
-    """`music calibrate` of the tiny spec at 8 sources. Its folder starts as a copy of the session's
-    tiny build: the calibration samples are the full build's first 8 sources, so only publish runs."""
+def test_calibrate_prints_keep_rates_and_every_threshold_with_a_plot_per_variant(tiny_build, tmp_path):
+    """`music calibrate` of the tiny spec at 8 sources, varying rerender.render_size. Its folder starts
+    as a copy of the session's tiny build: the calibration samples are the full build's first 8
+    sources, so the first variant (the spec's own 64) runs publish alone, and the second (128) runs
+    only rerender and the stages after it: the stages before rerender are shared, not made twice."""
     data = yaml.safe_load(tiny_build["spec"].read_text()) | {"output_root": str(tmp_path / "out")}
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump(data))
     folder = tmp_path / "out" / "tiny-calibrate-8" / "tiny"
     shutil.copytree(tiny_build["dir"], folder)
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "calibrate", str(spec), "--sources", "8"],
-                          capture_output=True, text=True, timeout=1200)
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "calibrate", str(spec), "--sources", "8",
+                           "--vary", "rerender.render_size=64,128"], capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
-    assert f"Calibration build of 8 sources: {folder}" in out
-    assert "(1 task runs)" in out, out  # every stage shard reused from the full build's: publish alone ran
+    assert "2 variants of rerender.render_size: 64, 128; stages made once and shared: compose, synthesize, detect, verify" in out
+    assert f"Calibration build of 8 sources (rerender.render_size=64): {folder}" in out
+    built = [line for line in out.splitlines() if line.startswith("Built ")]
+    assert len(built) == 2 and "(1 task runs)" in built[0], out  # every stage shard reused from the full build's
+    assert "(6 task runs)" in built[1], out  # rerender, annotate, layout, decimate, filter on the one shard, then publish
     assert not (tmp_path / "out" / "tiny").exists()  # the full build's folder is never made or touched
+    table = out[out.index("Variants of rerender.render_size"):].splitlines()
+    assert "rerender" in table[1] and [line.split()[0] for line in table[2:4]] == ["64", "128"]
 
-    report = json.loads((folder / "calibrate" / "calibration.json").read_text())
-    assert [r["stage"] for r in report["keep_rates"]][-1] == "publish" and report["keep_rates"][0]["in"] == 8
-    rows = {r["threshold"]: r for r in report["thresholds"]}
-    assert set(rows) == {"detect.box_threshold", "verify.min_confidence", "rerender.min_dino", "rerender.max_dino",
-                         "filter.near_duplicate_clip"}
-    for name, row in rows.items():
-        assert row["count"] > 0 and row["min"] <= row["p5"] <= row["p25"] <= row["median"] <= row["p75"] <= row["p95"] <= row["max"]
-        assert 0 <= row["dropped"] <= 1 and row["value"] is not None, row
-        assert f"\n  {name} " in out
-    assert rows["rerender.min_dino"]["values"] == "every candidate"
-    published = json.loads((folder / "dataset" / "stats.json").read_text())
-    assert rows["filter.near_duplicate_clip"]["count"] == published["sources"] - 1  # tiny: no source is a near duplicate
+    for value in (64, 128):
+        where = folder / "calibrate" / f"rerender.render_size={value}"
+        report = json.loads((where / "calibration.json").read_text())
+        assert report["variant"] == f"rerender.render_size={value}"
+        assert [r["stage"] for r in report["keep_rates"]][-1] == "publish" and report["keep_rates"][0]["in"] == 8
+        rows = {r["threshold"]: r for r in report["thresholds"]}
+        assert set(rows) == {"detect.box_threshold", "verify.min_confidence", "rerender.min_dino", "rerender.max_dino",
+                             "filter.near_duplicate_clip"}
+        for name, row in rows.items():
+            assert row["count"] > 0 and row["min"] <= row["p5"] <= row["p25"] <= row["median"] <= row["p75"] <= row["p95"] <= row["max"]
+            assert 0 <= row["dropped"] <= 1 and row["value"] is not None, row
+            assert f"\n  {name} " in out
+        assert rows["rerender.min_dino"]["values"] == "every candidate"
+        published = json.loads((folder / "dataset" / "stats.json").read_text())
+        assert rows["filter.near_duplicate_clip"]["count"] == published["sources"] - 1  # tiny: no source is a near duplicate
 
-    table = (folder / "calibrate" / "calibration.md").read_text()
-    assert all(f"| `{name}` |" in table for name in rows)
-    png = folder / "calibrate" / "thresholds.png"
-    with Image.open(png) as image:
-        image.verify()
-    with Image.open(png) as image:
-        assert image.format == "PNG" and image.width > 600 and image.height > 600
-    for line in (f"table: {folder / 'calibrate' / 'calibration.md'}", f"json: {folder / 'calibrate' / 'calibration.json'}",
-                 f"plot: {png}", f"preview sheets: {folder / 'dataset' / 'preview'} ({len(published['preview'])} sheets)"):
-        assert line in out, line
+        markdown = (where / "calibration.md").read_text()
+        assert markdown.startswith(f"# Calibration of tiny (rerender.render_size={value}): 8 sources")
+        assert all(f"| `{name}` |" in markdown for name in rows)
+        png = where / "thresholds.png"
+        with Image.open(png) as image:
+            image.verify()
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.width > 600 and image.height > 600
+        for line in (f"table: {where / 'calibration.md'}", f"json: {where / 'calibration.json'}",
+                     f"plot: {png}", f"preview sheets: {folder / 'dataset' / 'preview'} ({len(published['preview'])} sheets)"):
+            assert line in out, line

@@ -162,6 +162,11 @@ def test_bench_result_gives_keep_rates_and_gpu_hours(tmp_path):
     assert result["gpu_hours"] == pytest.approx(sum(row["hours"] for row in hours.values()))
     text = format_plan(result)
     assert "projected GPU-hours on NVIDIA H100 80GB HBM3" in text and f"total {result['gpu_hours']:.1f} GPU-hours" in text
+    # One more wave of a target build: 8 stages' 2 s loads, in sources at the projected seconds per source.
+    cost = result["wave_cost"]
+    per_source = sum(row["hours"] * 3600 - 2.0 for row in hours.values()) / 6000
+    assert cost["load_seconds"] == 16.0 and cost["sources"] == pytest.approx(16.0 / per_source)
+    assert f"one wave's model loads: 16.0 s = {cost['sources']:.1f} sources' worth of GPU work" in text
 
 
 def test_bad_bench_result_names_the_problem(tmp_path):

@@ -16,7 +16,7 @@ from tasks.cost_plan import funnel, plan
 
 def target_spec(target: dict, **changes):
     data = yaml.safe_load(shipped("tiny.yaml").read_text())
-    data.update(num_source_images=48, shard_size=4, target=target, **changes)
+    data.update({"num_source_images": 48, "shard_size": 4, "target": target, **changes})
     return parse_build_spec(data)
 
 
@@ -45,15 +45,62 @@ def test_the_first_wave_comes_from_the_no_drop_prior_and_never_overshoots_it():
     assert plan(spec)["target"]["first_wave"] == first
 
 
-def test_later_waves_come_from_the_measured_yields():
+def next_wave(spec, sources: int, counts: dict) -> int:
+    return waves.next_wave(spec, sources, Counter(counts), funnel(spec)["per_source_by_count"])
+
+
+def test_later_waves_stop_at_the_target_and_the_ceiling_in_whole_shards():
     spec = target_spec({"samples": 20})
-    # 8 sources gave 5 samples: 15 more at 5/8 a source is 24 sources more, so 32 in all
-    assert waves.next_wave(spec, 8, Counter({2: 3, 3: 2})) == 32
-    assert waves.next_wave(spec, 32, Counter({2: 20})) == 32  # met: no more waves
-    assert waves.next_wave(spec, 40, Counter({2: 1})) == 48  # the ceiling
-    assert waves.next_wave(spec, 48, Counter({2: 1})) == 48
-    mixed = target_spec({"samples": 10, "mix": {2: 0.5, 3: 0.5}})
-    assert waves.next_wave(mixed, 8, Counter({2: 9})) == 16  # no 3-subject sample yet: twice the sources
+    assert next_wave(spec, 32, {2: 20}) == 32  # met: no more waves
+    assert next_wave(spec, 48, {2: 1}) == 48  # at the ceiling
+    for cost in (0.0, 16.0, 1000.0):
+        costly = target_spec({"samples": 20, "wave_cost": cost})
+        for sources, counts in ((8, {2: 3, 3: 2}), (40, {2: 1}), (8, {}), (44, {2: 19})):
+            size = next_wave(costly, sources, counts)
+            assert sources < size <= costly.num_source_images and (size % 4 == 0 or size == costly.num_source_images)
+    # Unreachable within the ceiling: one wave to the ceiling, not a string of small ones.
+    assert next_wave(target_spec({"samples": 20, "wave_cost": 4}), 8, {2: 1}) == 48
+
+
+def test_the_issue_example_no_longer_triples_the_sources_from_one_rare_sample():
+    """Tiny spec, a three-way mix whose rarest share (4 subjects) asks for 3: wave 1's 12 sources
+    yielded one, and linear extrapolation sent wave 2 to 36 sources (18 would have sufficed)."""
+    spec = target_spec({"samples": 10, "mix": {2: 4, 3: 3, 4: 3}}, num_source_images=200)
+    assert waves.wanted(spec)[4] == 3
+    sizes = [next_wave(target_spec({"samples": 10, "mix": {2: 4, 3: 3, 4: 3}, "wave_cost": cost}, num_source_images=200),
+                       12, {2: 6, 3: 4, 4: 1}) for cost in (0, 1, 4, 16, 64, 256)]
+    assert sizes == sorted(sizes) and sizes[0] == 16 and sizes[-1] > 36  # a costlier wave: fewer, larger waves
+    assert next_wave(spec, 12, {2: 6, 3: 4, 4: 1}) < 36  # the default wave cost (16 sources)
+
+
+def test_a_wave_is_a_function_of_the_spec_and_the_counts_alone():
+    spec = target_spec({"samples": 30, "mix": {2: 1, 3: 1, 4: 1}}, num_source_images=400)
+    counts = {2: 7, 3: 4, 4: 1}
+    assert len({next_wave(spec, 12, counts) for _ in range(5)}) == 1
+    # Costs are in sources: the wave picked is the least expected cost of those offered, smallest of ties.
+    costs = waves.wave_costs(spec, 12, Counter(counts), funnel(spec)["per_source_by_count"])
+    assert min(costs) == 16 and max(costs) == 400 and next_wave(spec, 12, counts) == min(costs, key=lambda s: (costs[s], s))
+
+
+def test_the_wave_nears_the_point_estimate_and_costs_less_as_the_posterior_tightens():
+    """The same measured rate (1 in 12 sources) and the same shortfall (20), read from more and more
+    sources: a rate from one sample takes a cautious step; as evidence grows the wave grows toward
+    what the rate says the shortfall needs (240 sources) and its expected cost falls."""
+    extras, costs = [], []
+    for made, found in ((12, 1), (36, 3), (120, 10), (1200, 100)):
+        spec = target_spec({"samples": 20 + found, "mix": {4: 1}, "wave_cost": 64}, num_source_images=8000)
+        size = next_wave(spec, made, {4: found})
+        extras.append(size - made)
+        costs.append(waves.wave_costs(spec, made, Counter({4: found}), funnel(spec)["per_source_by_count"])[size])
+    assert extras == sorted(extras) and extras[-1] < 240 and extras[0] < extras[-1] / 1.5
+    assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1] + 1
+
+
+def test_a_count_nothing_yielded_is_sized_from_the_prior_not_doubled():
+    mixed = target_spec({"samples": 10, "mix": {2: 0.5, 3: 0.5}}, num_source_images=400)
+    # 8 sources, no 3-subject sample: the posterior (prior 2/3 a source, 1 source's worth) says about 1
+    # in 13, so 5 more need about 60 sources; doubling said 16.
+    assert 16 < next_wave(mixed, 8, {2: 9}) < 8 + 2 * 60
 
 
 def test_exactly_the_target_is_chosen_by_lowest_id_per_count():
