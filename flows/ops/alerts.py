@@ -94,7 +94,7 @@ def register_automations(webhook: str | None = None, block: str | None = None, l
         deployment_ids = [str(d.id) for d in client.read_deployments() if d.name in REBUILDS]
     rebuild_runs = {"prefect.resource.id": [f"prefect.deployment.{i}" for i in deployment_ids] or "prefect.deployment.none",
                     "prefect.resource.role": "deployment"}
-    run = "{{ event.resource.name }} ({{ event.related | map(attribute='name') | join(', ') }})"
+    run = "{{ event.resource.name }} ({{ event.related | map(attribute='name') | select | join(', ') }})"
     wanted = {
         "release gate failed": (EventTrigger(expect={GATE_FAILED}, match={"prefect.resource.id": "music.release.*"},
                                              posture=Posture.Reactive, threshold=1, within=timedelta(0)),
