@@ -336,10 +336,15 @@ def msic_fingerprint(spec: BuildSpec, upstream: str, shards: int) -> str:
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
 
 
+def gate_target(spec: BuildSpec) -> int:
+    """The case count the `min_samples: target` gate asks of the benchmark: every stratum full."""
+    return len(spec.msic.strata) * spec.msic.cases_per_stratum
+
+
 def published_msic(spec: BuildSpec, fingerprint: str) -> dict | None:
     """The result of the benchmark published with this fingerprint, or None (publish it)."""
     folder = build_dir(spec) / "msic"
-    result = published_result(folder, fingerprint)
+    result = published_result(folder, fingerprint, spec, gate_target(spec))
     if result is None:
         return None
     return {**result, "msic": str(folder.resolve()), "counts": {int(k): v for k, v in result["counts"].items()}, "skipped": True}
@@ -398,7 +403,7 @@ def publish_msic(spec: BuildSpec, filter_dir: Path, shards: int, fingerprint: st
                 "contamination": check, "preview": previews}
 
     folder = build_dir(spec) / "msic"
-    result = publish_folder(folder, fingerprint, write, spec, len(spec.msic.strata) * spec.msic.cases_per_stratum)
+    result = publish_folder(folder, fingerprint, write, spec, gate_target(spec))
     return {**result, "msic": str(folder.resolve()), "skipped": False}
 
 

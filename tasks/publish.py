@@ -202,15 +202,15 @@ def yaml_header(header: dict) -> str:
     return f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n\n"
 
 
-def published_result(folder: Path, fingerprint: str) -> dict | None:
+def published_result(folder: Path, fingerprint: str, spec: BuildSpec, target: int | None) -> dict | None:
     """What the publication in `folder` recorded, when it was made with this fingerprint; else the
     result of the release a publish with this fingerprint made (`releases.reuse`: an accepted one
-    becomes current again, as after a rollback); else None."""
+    becomes current again, as after a rollback; a rejected one is judged by the spec's gates); else None."""
     try:
         done = json.loads((folder / releases.DONE).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         done = {}
-    return done["result"] if done.get("fingerprint") == fingerprint else releases.reuse(folder, fingerprint)
+    return done["result"] if done.get("fingerprint") == fingerprint else releases.reuse(folder, fingerprint, spec.release.gates, target)
 
 
 def publish_folder(folder: Path, fingerprint: str, write: Callable[[Path], dict], spec: BuildSpec, target: int | None) -> dict:
@@ -461,7 +461,7 @@ def card(spec: BuildSpec, stats: dict) -> str:
 
 def published_stats(spec: BuildSpec, fingerprint: str) -> dict | None:
     """The stats of the published dataset when it was published with this fingerprint."""
-    stats = published_result(build_dir(spec) / "dataset", fingerprint)
+    stats = published_result(build_dir(spec) / "dataset", fingerprint, spec, gate_target(spec))
     return None if stats is None else {**stats, "skipped": True}
 
 
@@ -522,5 +522,9 @@ def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict
         _plots(staging / "plots", written["funnel"], counts)
         return written
 
-    target = spec.target.samples if spec.target else spec.publish.max_samples
-    return {**publish_folder(build_dir(spec) / "dataset", fingerprint, write, spec, target), "skipped": False}
+    return {**publish_folder(build_dir(spec) / "dataset", fingerprint, write, spec, gate_target(spec)), "skipped": False}
+
+
+def gate_target(spec: BuildSpec) -> int | None:
+    """The sample count the `min_samples: target` gate asks of the training set."""
+    return spec.target.samples if spec.target else spec.publish.max_samples

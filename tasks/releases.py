@@ -265,15 +265,24 @@ def summary(record: dict) -> dict:
             "samples": record["samples"], "failed_gates": record["failed_gates"], "diff": record.get("diff_counts")}
 
 
-def reuse(folder: Path, fingerprint: str) -> dict | None:
+def settle(folder: Path, record: dict, fingerprint: str, gates: GateParams, target: int | None) -> dict:
+    """An existing release asked for again: an accepted one is made current; a rejected one is
+    judged again by today's gates on its recorded diff (loosened gates accept it), else stays rejected."""
+    if record["status"] == "rejected":
+        change = json.loads((releases_dir(folder) / record["version"] / DIFF).read_text())
+        if failed := failed_gates(gates, change, target):
+            return {**record["result"], "release": summary(record | {"failed_gates": failed})}
+        record |= {"status": "accepted", "failed_gates": []}
+        write_atomic(releases_dir(folder) / record["version"] / RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+    return make_current(folder, record["version"], fingerprint)
+
+
+def reuse(folder: Path, fingerprint: str, gates: GateParams, target: int | None) -> dict | None:
     """The result of the release an earlier publish with this fingerprint made (a rerun after a
-    kill, a rollback or a rejection): an accepted one is made current again; a rejected one stays
-    rejected. None when there is none."""
+    kill, a rollback or a rejection; `settle`), or None when there is none."""
     for record in reversed(releases(folder)):
         if record["fingerprint"] == fingerprint:
-            if record["status"] == "rejected":
-                return {**record["result"], "release": summary(record)}
-            return make_current(folder, record["version"], fingerprint)
+            return settle(folder, record, fingerprint, gates, target)
     return None
 
 
@@ -292,9 +301,7 @@ def commit(folder: Path, staging: Path, fingerprint: str, result: dict, meta: di
     same = next((r for r in reversed(known) if r["data_hash"] == content), None)
     if same is not None:  # unchanged data: no new release
         shutil.rmtree(staging, ignore_errors=True)
-        if same["status"] == "rejected":
-            return {**same["result"], "release": summary(same)}
-        return make_current(folder, same["version"], fingerprint)
+        return settle(folder, same, fingerprint, gates, target)
     parent = current(folder)
     version = f"v{max((int(r['version'][1:]) for r in known), default=0) + 1}"
     record = {"version": version, "parent": parent["version"] if parent else None, "kind": folder.name,
