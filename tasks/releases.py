@@ -239,17 +239,23 @@ def _link_tree(source: Path, target: Path, skip: tuple[str, ...] = ()) -> None:
             os.link(path, target / path.relative_to(source))
 
 
-def make_current(folder: Path, version: str, fingerprint: str | None = None) -> dict:
+def make_current(folder: Path, version: str, fingerprint: str | None = None, fresh: tuple[Path, dict] | None = None) -> dict:
     """Swap the published folder for release `version` materialised by hard links (built aside,
     then renamed), with its publish marker (`fingerprint`: the publish that asked for it; the
-    release's own by default). Returns the release's result."""
+    release's own by default). `fresh`: (staging folder, result) of a publish whose data is this
+    release's: its card, stats and other files replace the release's, the data files stay the
+    release's. Returns the result."""
     release = release_path(folder, version)
     record = read_record(release)
     new = folder.with_name(f".{folder.name}-new-{os.getpid()}")
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
     _link_tree(release, new)
-    result = {**record["result"], "release": summary(record)}
+    if fresh:
+        for path in sorted(p for p in fresh[0].rglob("*") if p.is_file() and p.relative_to(fresh[0]).parts[0] != "data"):
+            (new / path.relative_to(fresh[0])).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, new / path.relative_to(fresh[0]))
+    result = {**(fresh[1] if fresh else record["result"]), "release": summary(record)}
     (new / DONE).write_text(json.dumps({"fingerprint": fingerprint or record["fingerprint"], "result": result}, indent=1) + "\n")
     old = folder.with_name(f".{folder.name}-old-{os.getpid()}")
     if folder.exists():
@@ -265,7 +271,8 @@ def summary(record: dict) -> dict:
             "samples": record["samples"], "failed_gates": record["failed_gates"], "diff": record.get("diff_counts")}
 
 
-def settle(folder: Path, record: dict, fingerprint: str, gates: GateParams, target: int | None) -> dict:
+def settle(folder: Path, record: dict, fingerprint: str, gates: GateParams, target: int | None,
+           fresh: tuple[Path, dict] | None = None) -> dict:
     """An existing release asked for again: an accepted one is made current; a rejected one is
     judged again by today's gates on its recorded diff (loosened gates accept it), else stays rejected."""
     if record["status"] == "rejected":
@@ -274,7 +281,7 @@ def settle(folder: Path, record: dict, fingerprint: str, gates: GateParams, targ
             return {**record["result"], "release": summary(record | {"failed_gates": failed})}
         record |= {"status": "accepted", "failed_gates": []}
         write_atomic(releases_dir(folder) / record["version"] / RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
-    return make_current(folder, record["version"], fingerprint)
+    return make_current(folder, record["version"], fingerprint, fresh)
 
 
 def reuse(folder: Path, fingerprint: str, gates: GateParams, target: int | None) -> dict | None:
@@ -299,9 +306,11 @@ def commit(folder: Path, staging: Path, fingerprint: str, result: dict, meta: di
     content = data_hash(samples["hashes"])
     known = releases(folder)
     same = next((r for r in reversed(known) if r["data_hash"] == content), None)
-    if same is not None:  # unchanged data: no new release
-        shutil.rmtree(staging, ignore_errors=True)
-        return settle(folder, same, fingerprint, gates, target)
+    if same is not None:  # unchanged data: no new release; the published folder gets this publish's card and stats
+        try:
+            return settle(folder, same, fingerprint, gates, target, (staging, result))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     parent = current(folder)
     version = f"v{max((int(r['version'][1:]) for r in known), default=0) + 1}"
     record = {"version": version, "parent": parent["version"] if parent else None, "kind": folder.name,
