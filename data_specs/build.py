@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_specs import load_yaml, resolve_spec_path, shipped
 from data_specs.roles import Role, RoleSpec, SpecError, one_line
+from data_specs.schemas import SCORE_COLUMNS
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -93,6 +94,39 @@ class PublishParams(_Section):
     max_samples: int | None = Field(None, ge=1, description="cap on published samples (deterministic: lowest IDs)")
 
 
+QUANTILES = ("p05", "p25", "p50", "p75", "p95")
+
+
+class GateParams(_Section):
+    """Expectations a new release must meet to become current (each off when unset): absolute, and
+    against its parent (the current release)."""
+
+    min_samples: int | Literal["target"] | None = Field(
+        None, description="fewest samples: a number, or `target` (target.samples, else publish.max_samples)")
+    keep_rate_distance: float | None = Field(None, ge=0, le=1, description="most a stage's keep rate may move from the parent's")
+    score_bounds: dict[str, dict[str, tuple[float | None, float | None]]] = Field(
+        {}, description="score column -> quantile (p05 p25 p50 p75 p95) -> [low, high] (null: unbounded)")
+    max_changed_share: float | None = Field(None, ge=0, description="most samples added + removed + changed, as a share of the parent's")
+
+    @field_validator("score_bounds")
+    @classmethod
+    def _quantiles(cls, value: dict) -> dict:
+        for column, bounds in value.items():
+            if column not in SCORE_COLUMNS:
+                raise ValueError(f"{column!r} is not a published score; known: {', '.join(SCORE_COLUMNS)}")
+            unknown = sorted(set(bounds) - set(QUANTILES))
+            if unknown:
+                raise ValueError(f"{column}: unknown quantiles {unknown}; known: {', '.join(QUANTILES)}")
+        return value
+
+
+class ReleaseParams(_Section):
+    """Every publish whose data differs from the current release is a release (`<build>/releases/vN`)."""
+
+    keep: int = Field(5, ge=1, description="releases `music clean` keeps (the newest, and always the current one)")
+    gates: GateParams = GateParams()
+
+
 class TargetParams(_Section):
     """Build to a target: sources are made in waves until `samples` publishable samples exist (with
     `mix`, that many of each subject count), and exactly that many are published;
@@ -152,6 +186,7 @@ class BuildSpec(_Section):
     filter: FilterParams = FilterParams()
     publish: PublishParams = PublishParams()
     msic: MsicParams | None = None
+    release: ReleaseParams = ReleaseParams()
     target: TargetParams | None = None
 
     @field_validator("subject_counts")
@@ -202,7 +237,7 @@ class BuildSpec(_Section):
     def spec_hash(self) -> str:
         """Hash of what decides the content: not where it is written, nor which training set the
         benchmark is checked against and how."""
-        content = self.model_dump(mode="json", exclude={"output_root"})
+        content = self.model_dump(mode="json", exclude={"output_root", "release"})  # gates and retention change no content
         if content.get("msic"):
             for key in ("training_dataset", "overlap_clip", "overlap_dino"):
                 content["msic"].pop(key)

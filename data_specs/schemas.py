@@ -85,8 +85,11 @@ PUBLISHED = pa.schema(
         ("reference_dino", pa.list_(pa.float32())),
         ("mask_clip_margins", pa.list_(pa.float32())),
         ("near_duplicate_clip", pa.float32()),
+        # sha256 of the row's content, images by their bytes' sha256: a diff between releases reads no image.
+        ("content_hash", pa.string()),
     ]
 )
+SCORE_COLUMNS = ("detector_scores", "verify_confidences", "reference_dino", "mask_clip_margins", "near_duplicate_clip")
 
 # `datasets` reads this from the Parquet metadata to decode `image` and `references` as images.
 PUBLISHED_FEATURES = {
@@ -111,4 +114,5 @@ PUBLISHED_FEATURES = {
     **{name: {"feature": {"dtype": "float32", "_type": "Value"}, "_type": "List"}
        for name in ("detector_scores", "verify_confidences", "reference_dino", "mask_clip_margins")},
     "near_duplicate_clip": {"dtype": "float32", "_type": "Value"},
+    "content_hash": {"dtype": "string", "_type": "Value"},
 }

@@ -14,12 +14,13 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.futures import as_completed
 
 from data_specs.build import BuildSpec, load_build_spec
+from flows.ops.alerts import GateFailed, announce, release_lines
 from flows.ops.monitor import on_flow_running, stop_promptly
 from flows.run_names import run_name
 from flows.runners import default_task_runner, shard_placement
 from music_model.roles import release_roles
 from tasks.build_tasks import enter_stage, publish_dataset, stage_shard
-from tasks import waves
+from tasks import releases, waves
 from tasks.cost_plan import funnel
 from tasks.engine import build_dir, build_lock, check_shard, forget_image, num_shards, shard_input, write_atomic
 from tasks.faults import operational_exit
@@ -230,13 +231,17 @@ def build_training_set(spec_path: str, verify: bool = False, wait: bool = False)
             run, made, rows = run_waves(spec, verify)
             short = waves.short_of_target(spec, Counter(r["num_subjects"] for r in rows), made[-1])
         publish_fp = publish_fingerprint(spec, run.upstream, run.shards)
+        dataset = build_dir(spec).resolve() / "dataset"
+        before = (releases.current(dataset) or {}).get("version")
         stats = published_stats(spec, publish_fp)
         if stats is None:
             stats = publish_redoing_damaged(spec, run, verify, lambda: publish_dataset(
                 run.spec_json, str(run.upstream_dir), run.shards, run.summaries, publish_fp, made))
             run.task_runs += 1
+        announce(spec.name, dataset, stats, before, artifact_key(spec.name, "release"))
+        if stats["release"]["status"] == "rejected":  # dataset/ and its report stay the current release's
+            raise GateFailed("\n".join(release_lines(spec.name, "dataset", stats["release"])))
         wall = time.perf_counter() - started
-        dataset = build_dir(spec).resolve() / "dataset"
         costs = cost_per_sample(run.summaries, stats["samples"])
         short_line = short.line(spec) if short else None
         notes = [short_line] if short_line else []
@@ -253,6 +258,6 @@ def build_training_set(spec_path: str, verify: bool = False, wait: bool = False)
     if short_line:
         logger.warning(short_line)
     logger.info("published %d samples to %s", stats["samples"], dataset)
-    return {"dataset": str(dataset), "samples": stats["samples"], "task_runs": run.task_runs, "wall_seconds": round(wall, 2),
+    return {"dataset": str(dataset), "samples": stats["samples"], "release": stats["release"], "task_runs": run.task_runs, "wall_seconds": round(wall, 2),
             "model_loads": sum(t["model_loads"] for t in run.tables), "stages": run.tables, "funnel": stats["funnel"],
             "waves": made, "short": short_line, "model_seconds_per_sample": costs}

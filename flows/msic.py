@@ -13,6 +13,8 @@ from flows.build import artifact_key, lock_holder_record, publish_redoing_damage
 from flows.ops.monitor import on_flow_running
 from flows.run_names import run_name
 from flows.runners import default_task_runner
+from flows.ops.alerts import GateFailed, announce, release_lines
+from tasks import releases
 from tasks.engine import DamagedImage, build_dir, build_lock
 from tasks.faults import operational_exit
 from tasks.preflight import preflight
@@ -45,11 +47,16 @@ def build_msic(spec_path: str, verify: bool = False, wait: bool = False) -> dict
         spec = preflight(spec)  # before any task: every model loadable, the disk enough, the commits the folder's
         run = run_stages(spec, verify)
         fingerprint = msic_fingerprint(spec, run.upstream, run.shards)
+        folder = build_dir(spec).resolve() / "msic"
+        before = (releases.current(folder) or {}).get("version")
         result = published_msic(spec, fingerprint)
         if result is None:
             result = publish_redoing_damaged(spec, run, verify, lambda: publish_msic_task(
                 run.spec_json, str(run.upstream_dir), run.shards, spec.msic.version, fingerprint))
             run.task_runs += 1
+    announce(spec.name, folder, result, before, artifact_key(spec.name, "release"))
+    if result["release"]["status"] == "rejected":
+        raise GateFailed("\n".join(release_lines(spec.name, "msic", result["release"])))
     counts = [{"subjects": k, "cases": v} for k, v in result["counts"].items()]
     create_table_artifact(counts, key=artifact_key(spec.name, "msic-cases"), description="MSIC cases per subject count")
     create_markdown_artifact("\n".join([

@@ -34,6 +34,9 @@ RAY_GPUS_PER_SHARD = Setting("MUSIC_RAY_GPUS_PER_SHARD", "1", "GPUs each Ray sha
 HEARTBEAT_SECONDS = Setting("MUSIC_HEARTBEAT_SECONDS", "30", "how often a flow run tells the server it is alive")
 SERVER_PROBE_SECONDS = Setting("MUSIC_SERVER_PROBE_SECONDS", "2", "how often a flow run checks that its Prefect server answers")
 DRIVER_DIR = Setting("MUSIC_DRIVER_DIR", "", "set by the Ray runner: the driver's folder, which Ray workers run in")
+ALERT_WEBHOOK = Setting("MUSIC_ALERT_WEBHOOK", "", "`music deploy`: a webhook URL the release and failure alerts are POSTed to (saved as a Custom Webhook block)")
+ALERT_BLOCK = Setting("MUSIC_ALERT_BLOCK", "", "`music deploy`: a saved Prefect notification block (`<type-slug>/<name>`, e.g. `slack-webhook/team`) for the alerts")
+ALERT_LATE_HOURS = Setting("MUSIC_ALERT_LATE_HOURS", "12", "`music deploy`: alert when a rebuild has run this long without completing")
 
 SETTINGS: tuple[Setting, ...] = (HOME, ZOO_DIR, SLOT_DIR, VERBOSE, RUNNER, RAY_ADDRESS, RAY_GPUS_PER_SHARD, HEARTBEAT_SECONDS,
-                                 SERVER_PROBE_SECONDS, DRIVER_DIR)
+                                 SERVER_PROBE_SECONDS, DRIVER_DIR, ALERT_WEBHOOK, ALERT_BLOCK, ALERT_LATE_HOURS)

@@ -1,6 +1,6 @@
 """What a build folder holds that its spec no longer uses: stage outputs of fingerprints the spec
 does not make (an old parameter, an older code version, a stage no longer in the list) and stored
-images no current shard names. `music clean SPEC` lists them with the bytes they hold and, with
+images no current shard names, and releases beyond the spec's `release.keep` (never the current one). `music clean SPEC` lists them with the bytes they hold and, with
 `--yes`, removes them; the build then still resumes to the same bytes."""
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from data_specs.build import BuildSpec
 from music_model.paths import folder_bytes
+from tasks import releases
 from tasks.engine import build_dir, num_shards
 from tasks.msic import msic_fingerprint
 from tasks.publish import publish_fingerprint
@@ -30,6 +31,10 @@ def current_fingerprints(spec: BuildSpec) -> dict[str, str]:
         published = json.loads(marker.read_text()) if (marker := build_dir(spec) / "dataset" / "publish.done.json").exists() else {}
         current["publish"] = (published.get("fingerprint") if spec.target else None) or publish_fingerprint(spec, upstream, num_shards(spec))
     return current
+
+
+def published_folder(spec: BuildSpec) -> Path:
+    return build_dir(spec) / ("msic" if spec.msic else "dataset")
 
 
 def named_images(part: Path) -> set[str]:
@@ -64,6 +69,8 @@ def find_unused(spec: BuildSpec) -> Unused:
                 unused.stale.append((folder, folder_bytes(folder)))
     unused.images = [(p, p.stat().st_size) for p in sorted((root / "images").rglob("*.png"))
                      if p.relative_to(root).as_posix() not in named]
+    # Bytes a newer release shares by hard link are counted here though they stay on disk.
+    unused.stale += [(release, folder_bytes(release)) for release in releases.unkept(published_folder(spec), spec.release.keep)]
     return unused
 
 

@@ -33,6 +33,7 @@ from music_model.media.images import from_struct
 from music_model.roles import load_role
 from music_model.subjects.decimate import SUBJECT_TOKEN
 from music_model.subjects.preview import from_case, render_sheet
+from tasks.releases import hash_changes, row_hash
 from tasks.engine import ImageStore, build_dir, read_rows, role_content, stable_int, stage_dir, write_atomic, write_table
 from tasks.publish import (code_version, drop_near_duplicates, preview_ids, preview_markdown, publish_folder, published_result,
                            read_filter_index, stream_rows, with_features, write_sheets, yaml_header)
@@ -43,6 +44,7 @@ BENCHMARK_CASES = pa.schema([
     ("references", pa.list_(IMAGE)), ("boxes", pa.list_(pa.list_(pa.float32()))),
     ("target", IMAGE), ("layout", pa.list_(pa.int32())), ("layout_text", pa.string()),
     ("cot", pa.string()), ("caption", pa.string()), ("sample_id", pa.string()), ("source_id", pa.string()),
+    ("content_hash", pa.string()),  # tasks.msic.case_hash: what the manifest and a release diff compare
 ])
 BENCHMARK_CASES_FEATURES = {
     "case_id": {"dtype": "string", "_type": "Value"}, "subject_count": {"dtype": "int32", "_type": "Value"},
@@ -55,7 +57,7 @@ BENCHMARK_CASES_FEATURES = {
     "layout": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"},
     "layout_text": {"dtype": "string", "_type": "Value"}, "cot": {"dtype": "string", "_type": "Value"},
     "caption": {"dtype": "string", "_type": "Value"}, "sample_id": {"dtype": "string", "_type": "Value"},
-    "source_id": {"dtype": "string", "_type": "Value"},
+    "source_id": {"dtype": "string", "_type": "Value"}, "content_hash": {"dtype": "string", "_type": "Value"},
 }
 EMBED_CHUNK = 256  # images decoded and embedded at a time: a 10k-sample training set never sits in memory decoded
 
@@ -141,7 +143,7 @@ def select_cases(spec: BuildSpec, rows: list[dict]) -> list[dict]:
 def to_case(spec: BuildSpec, row: dict, fit: Callable[[str], tuple[str, bool]]) -> dict:
     categories = [s["category"] for s in row["subjects"]]
     prompt, cut = fit(clip_t_prompt(row["instruction"], categories))
-    return {
+    case = {
         "case_id": f"msic-{spec.msic.version}-{row['num_subjects']:02d}-{sha(row['id'])[:10]}",
         "subject_count": row["num_subjects"], "instruction": row["instruction"], "prompt": prompt, "prompt_cut": cut,
         "categories": categories, "references": [s["reference"] for s in row["subjects"]],
@@ -149,14 +151,12 @@ def to_case(spec: BuildSpec, row: dict, fit: Callable[[str], tuple[str, bool]]) 
         "layout_text": row["layout_text"], "cot": row["cot"], "caption": row["caption"], "sample_id": row["id"],
         "source_id": row["source_id"],
     }
+    return {**case, "content_hash": case_hash(case)}
 
 
 def case_hash(case: dict) -> str:
     """The content hash of a case: its texts, layout and the bytes of every image."""
-    content = {k: v for k, v in case.items() if k not in ("references", "target")}
-    content["references"] = [sha(r["bytes"]) for r in case["references"]]
-    content["target"] = sha(case["target"]["bytes"])
-    return sha(canonical_json(content))
+    return row_hash({k: v for k, v in case.items() if k != "content_hash"})
 
 
 def read_benchmark_cases(msic: Path) -> list[dict]:
@@ -336,10 +336,15 @@ def msic_fingerprint(spec: BuildSpec, upstream: str, shards: int) -> str:
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
 
 
+def gate_target(spec: BuildSpec) -> int:
+    """The case count the `min_samples: target` gate asks of the benchmark: every stratum full."""
+    return len(spec.msic.strata) * spec.msic.cases_per_stratum
+
+
 def published_msic(spec: BuildSpec, fingerprint: str) -> dict | None:
     """The result of the benchmark published with this fingerprint, or None (publish it)."""
     folder = build_dir(spec) / "msic"
-    result = published_result(folder, fingerprint)
+    result = published_result(folder, fingerprint, spec, gate_target(spec))
     if result is None:
         return None
     return {**result, "msic": str(folder.resolve()), "counts": {int(k): v for k, v in result["counts"].items()}, "skipped": True}
@@ -366,7 +371,7 @@ def publish_msic(spec: BuildSpec, filter_dir: Path, shards: int, fingerprint: st
     counts = {k: sum(c["subject_count"] == k for c in cases) for k in spec.msic.strata}
     cut = sum(c["prompt_cut"] for c in cases)
     manifest = {"name": spec.name, "version": spec.msic.version, "spec_hash": spec.spec_hash(), "code_version": code_version(),
-                "counts": {str(k): v for k, v in counts.items()}, "cases": {c["case_id"]: case_hash(c) for c in cases}}
+                "counts": {str(k): v for k, v in counts.items()}, "cases": {c["case_id"]: c["content_hash"] for c in cases}}
 
     def write(staging: Path) -> dict:
         table = pa.Table.from_pylist(cases, schema=with_features(BENCHMARK_CASES, BENCHMARK_CASES_FEATURES))
@@ -398,12 +403,10 @@ def publish_msic(spec: BuildSpec, filter_dir: Path, shards: int, fingerprint: st
                 "contamination": check, "preview": previews}
 
     folder = build_dir(spec) / "msic"
-    result = publish_folder(folder, fingerprint, write)
+    result = publish_folder(folder, fingerprint, write, spec, gate_target(spec))
     return {**result, "msic": str(folder.resolve()), "skipped": False}
 
 
 def diff_manifests(a: dict, b: dict) -> dict[str, list[str]]:
     """Cases added (in b only), removed (in a only) and changed (same ID, other content hash)."""
-    ca, cb = a["cases"], b["cases"]
-    return {"added": sorted(set(cb) - set(ca)), "removed": sorted(set(ca) - set(cb)),
-            "changed": sorted(k for k in set(ca) & set(cb) if ca[k] != cb[k])}
+    return hash_changes(a["cases"], b["cases"])

@@ -39,13 +39,14 @@ from data_specs.roles import model_kind
 from data_specs.schemas import DROPPED, PUBLISHED, PUBLISHED_FEATURES
 from music_model.roles.hub import licence_of
 from music_model.subjects.preview import from_published, render_sheet
-from tasks import waves
+from tasks import releases, waves
 from tasks.engine import ImageStore, build_dir, read_rows, shard_name, stable_int, stage_dir, write_atomic, write_table
 from tasks.preflight import recorded
 
 PREVIEW_SAMPLES = 6
-# Bumped when the published files change for the same inputs. 2: the quality-score columns.
-PUBLISH_VERSION = 2
+# Bumped when the published files change for the same inputs. 2: the quality-score columns. 3: the
+# content_hash column, and files cut per filter shard (a release shares the files of unchanged shards).
+PUBLISH_VERSION = 3
 
 
 def publish_fingerprint(spec: BuildSpec, upstream: str, shards: int) -> str:
@@ -201,34 +202,34 @@ def yaml_header(header: dict) -> str:
     return f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n\n"
 
 
-def published_result(folder: Path, fingerprint: str) -> dict | None:
-    """What the publication in `folder` recorded, when it was made with this fingerprint; else None."""
+def published_result(folder: Path, fingerprint: str, spec: BuildSpec, target: int | None) -> dict | None:
+    """What the publication in `folder` recorded, when it was made with this fingerprint; else the
+    result of the release a publish with this fingerprint made (`releases.reuse`: an accepted one
+    becomes current again, as after a rollback; a rejected one is judged by the spec's gates); else None."""
     try:
-        done = json.loads((folder / "publish.done.json").read_text())
+        done = json.loads((folder / releases.DONE).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return done.get("result") if done.get("fingerprint") == fingerprint else None
+        done = {}
+    return done["result"] if done.get("fingerprint") == fingerprint else releases.reuse(folder, fingerprint, spec.release.gates, target)
 
 
-def publish_folder(folder: Path, fingerprint: str, write: Callable[[Path], dict]) -> dict:
+def publish_folder(folder: Path, fingerprint: str, write: Callable[[Path], dict], spec: BuildSpec, target: int | None) -> dict:
     """The one way a publication is written: `write(staging)` fills a staging folder beside `folder`
-    and returns the result; the marker (fingerprint and result) goes in last, then the staging
-    folder replaces `folder` whole, so a reader never sees a half-written publication."""
+    and returns the result; the staging folder then becomes a release (`tasks.releases.commit`) and,
+    when it passes the spec's gates, `folder` is swapped whole for it, so a reader never sees a
+    half-written publication. `target`: the sample count the `min_samples: target` gate asks for.
+    The result carries its release (`release.status`: accepted or rejected)."""
     staging = folder.with_name(f".{folder.name}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         result = write(staging)
-        (staging / "publish.done.json").write_text(json.dumps({"fingerprint": fingerprint, "result": result}, indent=1) + "\n")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    old = folder.with_name(f".{folder.name}-old-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(staging, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return result
+    meta = {"spec_hash": spec.spec_hash(), "code_version": code_version(), "models": recorded(spec),
+            "inputs": releases.stage_inputs(spec)}
+    return releases.commit(folder, staging, fingerprint, result, meta, spec.release.gates, target)
 
 
 def preview_ids(seed: int, ids: list[str], count: int = PREVIEW_SAMPLES) -> list[str]:
@@ -268,7 +269,7 @@ def preview_markdown(folder: Path, previews: list[str], inline: bool = False, wi
 def published_row(row: dict, near_duplicate_clip: float | None = None) -> dict:
     """A filter row as published; `near_duplicate_clip`: its source's (`nearest_earlier`)."""
     subjects = row["subjects"]
-    return {
+    published = {
         "id": row["id"], "source_id": row["source_id"], "num_subjects": row["num_subjects"], "image": row["image"],
         "caption": row["caption"], "instruction": row["instruction"], "cot": row["cot"], "layout": row["layout"],
         "layout_text": row["layout_text"], "subject_ids": [s["id"] for s in subjects],
@@ -279,6 +280,7 @@ def published_row(row: dict, near_duplicate_clip: float | None = None) -> dict:
         "verify_confidences": [s["verify_confidence"] for s in subjects],
         "mask_clip_margins": [s["mask_clip_margin"] for s in subjects], "near_duplicate_clip": near_duplicate_clip,
     }
+    return {**published, "content_hash": releases.row_hash(published)}
 
 
 def funnel(summaries: list[dict], publish_drops: Counter, published: int) -> list[dict]:
@@ -459,7 +461,7 @@ def card(spec: BuildSpec, stats: dict) -> str:
 
 def published_stats(spec: BuildSpec, fingerprint: str) -> dict | None:
     """The stats of the published dataset when it was published with this fingerprint."""
-    stats = published_result(build_dir(spec) / "dataset", fingerprint)
+    stats = published_result(build_dir(spec) / "dataset", fingerprint, spec, gate_target(spec))
     return None if stats is None else {**stats, "skipped": True}
 
 
@@ -497,21 +499,22 @@ def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict
 
     def write(staging: Path) -> dict:
         (staging / "data").mkdir()
-        # Rows read a shard at a time and written as they come, a row group per (file, shard): memory is one shard.
-        per_file, files = spec.publish.rows_per_file, max(1, -(-len(rows) // spec.publish.rows_per_file))
+        # A file per filter shard (split at rows_per_file), rows read a shard at a time and written as they come (memory:
+        # one shard), so a rebuild that changes some shards leaves the others' files byte-identical for releases to share.
+        per_file = spec.publish.rows_per_file
+        chunks = [ids[start:start + per_file] for _, run in itertools.groupby((r["id"] for r in rows), key=index.shard_of.get)
+                  for ids in [list(run)] for start in range(0, len(ids), per_file)] or [[]]
         previews = set(preview_ids(spec.seed, [r["id"] for r in rows]))
         near = nearest_earlier(index.embeddings, [r["source_id"] for r in rows])
         preview_rows = {}
         stream = stream_rows(filter_dir, index, [r["id"] for r in rows], ImageStore.of_stage_dir(filter_dir))
         schema = with_features(PUBLISHED, PUBLISHED_FEATURES)
-        for number in range(files):
-            ids = [r["id"] for r in rows[number * per_file:(number + 1) * per_file]]
-            path = staging / "data" / f"train-{number:05d}-of-{files:05d}.parquet"
+        for number, ids in enumerate(chunks):
+            path = staging / "data" / f"train-{number:05d}-of-{len(chunks):05d}.parquet"
             with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-                for _, run in itertools.groupby(ids, key=index.shard_of.get):  # consecutive ids of one shard
-                    batch = [published_row(row, near[row["source_id"]]) for row in (next(stream) for _ in run)]
-                    preview_rows.update((r["id"], r) for r in batch if r["id"] in previews)
-                    writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                batch = [published_row(row, near[row["source_id"]]) for row in (next(stream) for _ in ids)]
+                preview_rows.update((r["id"], r) for r in batch if r["id"] in previews)
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
         sheets = [(i, render_sheet(from_published(preview_rows[i]))) for i in sorted(previews)]
         written = {**stats, "preview": [p.relative_to(staging).as_posix() for p in write_sheets(staging / "preview", sheets)]}
         (staging / "stats.json").write_text(json.dumps(written, indent=1) + "\n")
@@ -519,4 +522,9 @@ def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict
         _plots(staging / "plots", written["funnel"], counts)
         return written
 
-    return {**publish_folder(build_dir(spec) / "dataset", fingerprint, write), "skipped": False}
+    return {**publish_folder(build_dir(spec) / "dataset", fingerprint, write, spec, gate_target(spec)), "skipped": False}
+
+
+def gate_target(spec: BuildSpec) -> int | None:
+    """The sample count the `min_samples: target` gate asks of the training set."""
+    return spec.target.samples if spec.target else spec.publish.max_samples

@@ -66,6 +66,9 @@ CONCRETE = {
     # One regeneration here: diffed with itself (the diff's own cases are in tests/test_msic.py).
     "music msic diff OLD NEW": ["music msic diff out/msic_tiny/msic out/msic_tiny/msic"],
     "music msic check-overlap MSIC TRAINSET": ["music msic check-overlap out/msic_tiny/msic out/tiny/dataset"],
+    # The build above made one release: diffed with itself (tests/test_releases.py diffs two).
+    "music diff data_specs/tiny.yaml [A] [B]": ["music diff data_specs/tiny.yaml v1 v1"],
+    "music release list|promote|rollback SPEC": ["music release list data_specs/tiny.yaml"],
     # With the adapters `music train` wrote, as a user follows training: `music pipeline` then finds
     # these generations (same models, adapters and inputs) instead of making them again.
     "music generate msic|dreambench|case ...": [
@@ -98,6 +101,8 @@ EXPECT = {
     "music msic build": [r"^Prefect UI: http://127\.0\.0\.1:\d+$", r"out/msic_tiny/msic"],
     "music msic diff": [r"^added: 0$", r"^removed: 0$", r"^changed: 0$", r"^identical$"],
     "music msic check-overlap": [r"^no overlap: \d+ cases against out/tiny/dataset"],
+    "music diff": [r"^v1 -> v1: (\d+) -> \1 samples; added 0, removed 0, changed 0$"],
+    "music release list": [r"^\* v1 +parent - +accepted +\d+ samples"],
     "music train": [r"^trained \d+ of \d+ steps", r"^adapters: \S+/adapter"],
     "music generate msic": [r"^generated into \S+/generated/msic-", r"^  Pass@\d+ "],
     "music generate dreambench": [r"^generated into \S+/generated/dreambench-"],

@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from flows.cli.shared import BUSY_EXIT, fail, fail_lines, refuse_failed_preflight, refuse_if_building, start_server
+from flows.cli.release import diff_command, release_app
+from flows.cli.shared import BUSY_EXIT, GATE_EXIT, fail, fail_lines, refuse_failed_preflight, refuse_if_building, start_server
 from flows.cli.calibrate import calibrate_command
 from flows.cli.eval import eval_app
 from flows.cli.model import generate_app, pipeline_command, train_command
@@ -32,6 +33,8 @@ app.add_typer(generate_app, name="generate")
 app.command("plan")(plan_command)
 app.command("calibrate")(calibrate_command)
 app.command("show")(show)
+app.command("diff")(diff_command)
+app.add_typer(release_app, name="release")
 
 
 @app.callback()
@@ -153,6 +156,7 @@ def build(
     from flows.build import build_training_set
     from flows.runners import make_task_runner
     from tasks.engine import BuildLocked, build_dir
+    from flows.ops.alerts import GateFailed
     from tasks.preflight import PreflightError
 
     typer.echo(f"Output: {build_dir(parsed).resolve()}")
@@ -162,6 +166,8 @@ def build(
         fail(error, BUSY_EXIT)
     except PreflightError as error:  # the hub or the folder changed since the check
         fail_lines(error.problems)
+    except GateFailed as error:  # kept as a rejected release; dataset/ is the previous one
+        fail_lines(str(error).splitlines(), GATE_EXIT)
     if json_out:
         json_out.write_text(json.dumps(result, indent=1))
     for table in result["stages"]:
@@ -180,7 +186,8 @@ def clean(
     yes: bool = typer.Option(False, "--yes", help="Remove what is listed (default: only list it)."),
 ) -> None:
     """List (with --yes remove) what the spec's build folder holds that the spec no longer uses: stage
-    outputs of other fingerprints and stored images no current shard names, with the bytes they free."""
+    outputs of other fingerprints, stored images no current shard names and releases beyond the
+    spec's `release.keep` (never the current one), with the bytes they free."""
     from data_specs.build import load_build_spec
     from data_specs.roles import SpecError
     from tasks.clean import find_unused, remove
@@ -257,6 +264,11 @@ def deploy() -> None:
     if done.returncode != 0:
         typer.echo(done.stdout[-4000:] + done.stderr[-4000:], err=True)
         raise typer.Exit(done.returncode)
+    from flows.ops.alerts import register_automations
+
+    automations = register_automations()
+    typer.echo(f"automations: {', '.join(automations)}" if automations else
+               "automations: none (set MUSIC_ALERT_WEBHOOK or MUSIC_ALERT_BLOCK to be told of failed rebuilds and gates)")
     for row in deployments():
         typer.echo(f"{row['name']:40s} pool {row['pool']:12s} schedules {', '.join(row['schedules']) or '-':16s} next {row['next_run'] or '-'}")
     typer.echo(f"Prefect UI: {ui_url(api)}/deployments")

@@ -9,6 +9,7 @@ import typer
 
 
 BUSY_EXIT = 3  # another run is building into the same output folder
+GATE_EXIT = 4  # the rebuild's release failed its quality gates (kept as a rejected candidate)
 
 
 def fail(error: Exception | str, code: int = 2) -> NoReturn:
