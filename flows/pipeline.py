@@ -38,10 +38,18 @@ from tasks.train_tasks import generate_dreambench_task, generate_msic_task, merg
 BENCHMARKS = ("msic", "dreambench")
 
 
+def _generation_content(spec: TrainSpec) -> dict:
+    """The generation fields that change images; `full` ignores the strategy's knobs, so its
+    fingerprint (and folder) is the one it had before strategies existed."""
+    generation = spec.generation
+    ignored = {"selector", "shard_size"} | ({"strategy", "screen_keep", "prune_at", "prune_fraction"} if generation.strategy == "full" else set())
+    return generation.model_dump(exclude=ignored)
+
+
 def _generation_fingerprint(spec: TrainSpec, adapters: str | None, inputs: str) -> str:
     adapter_files = sorted(p for p in Path(adapters).rglob("*") if p.is_file()) if adapters else []
     payload = {"planner": spec.planner.model_dump(), "renderer": spec.renderer.model_dump(), "plan": spec.plan.model_dump(),
-               "render": spec.render.model_dump(), "generation": spec.generation.model_dump(exclude={"selector", "shard_size"}),
+               "render": spec.render.model_dump(), "generation": _generation_content(spec),
                "adapters": files_digest(adapter_files), "inputs": inputs}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
