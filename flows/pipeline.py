@@ -88,6 +88,9 @@ def music_generate(spec_json: str, benchmark: str, adapters: str | None = None, 
     else:
         from music_model.scoring.dreambench import load_dreambench
 
+        if spec.generation.strategy != "full":
+            # A DreamBench image that is never rendered would look missing to every rerun (its file name is its cell).
+            logger.warning("generation.strategy %s applies to MSIC only: DreamBench renders every candidate in full", spec.generation.strategy)
         root = load_eval_spec(resolve_spec_path(spec.evaluation.eval_spec)).dreambench_root
         if not root:
             raise ValueError(f"{spec.evaluation.eval_spec}: dreambench_root is not set")

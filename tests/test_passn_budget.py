@@ -23,6 +23,7 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow
 def test_a_pruned_survivor_is_byte_identical_to_its_full_render_and_the_ledger_counts_the_scheduler_steps(zoo_root, monkeypatch):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -97,6 +98,7 @@ def test_selection_never_reads_the_judge():
     assert all(len(set(p)) >= 1 for p in picks.values())
 
 
+@pytest.mark.slow
 def test_the_judge_on_the_dreambench_subset_is_deterministic_with_intervals(zoo_root, dreambench_dir):
     from music_model.scoring.dreambench import load_dreambench
     from music_model.scoring.judge import judge_images
@@ -119,6 +121,7 @@ def test_the_judge_on_the_dreambench_subset_is_deterministic_with_intervals(zoo_
         assert estimate.ci_low <= estimate.mean <= estimate.ci_high and estimate.n == len(subjects)
 
 
+@pytest.mark.prefect
 def test_music_eval_passn_budget_on_the_tiny_msic(msic_build, prefect_api, tmp_path):
     import subprocess
     import sys
