@@ -94,6 +94,9 @@ def replay(rows: list[dict], steps: int, tokens: int, screen_keep: int | None = 
     candidates (candidate, plan_score, step_scores {step: selector score}, select_clip_t). Costs:
     denoising steps (and x latent tokens), VAE decodes (previews and finals), selector calls
     (previews and the final choice), renders (candidates denoised to the end)."""
+    from music_model.music.trajectory import halving
+
+    keep = halving(prune_fraction)
     by_index = {row["candidate"]: row for row in rows}
     live = sorted(by_index)
     if screen_keep is not None:
@@ -104,8 +107,7 @@ def replay(rows: list[dict], steps: int, tokens: int, screen_keep: int | None = 
         if step in prune_at and step < steps - 1:
             cost["decodes"] += len(live)
             cost["selector_calls"] += len(live)
-            count = max(1, int(round(len(live) * prune_fraction)))
-            live = sorted(_ranked({k: by_index[k]["step_scores"][step] for k in live}, live)[:count])
+            live = sorted(keep(step, live, [by_index[k]["step_scores"][step] for k in live]))
     cost["decodes"] += len(live)
     cost["selector_calls"] += len(live)
     cost["renders"] = len(live)
