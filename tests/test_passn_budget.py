@@ -27,7 +27,8 @@ def png(image: Image.Image) -> bytes:
 def test_a_pruned_survivor_is_byte_identical_to_its_full_render_and_the_ledger_counts_the_scheduler_steps(zoo_root, monkeypatch):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from music_model.music.trajectory import Trajectories, halving
+    from music_model.music.trajectory import Trajectories
+    from music_model.scoring.passn import halving
     from music_model.scoring.metrics import Scorer
 
     editor = load_role(EDITOR)

@@ -31,7 +31,8 @@ from music_model.media.images import to_struct
 from music_model.music.plan import Plan, PlanBounds, SubjectNote, format_plan, placement_of_cells
 from music_model.music.planner import Planner
 from music_model.music.renderer import Renderer, subject_box
-from music_model.music.trajectory import Ledger, Selector, Trajectories, halving
+from music_model.music.trajectory import Ledger, Selector, Trajectories
+from music_model.scoring.passn import halving
 from music_model.subjects.layout import GRID
 
 # One row per generated candidate: what made it (seeds, plan text, repairs) and where it is.

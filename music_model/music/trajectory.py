@@ -177,14 +177,3 @@ class Trajectories:
         ledger.model_seconds = time.perf_counter() - started
         return images, scores, ledger
 
-
-def halving(fraction: float = 0.5, minimum: int = 1) -> Callable[[int, list[int], list[float]], list[int]]:
-    """Successive halving: keep the best `fraction` of the live candidates (at least `minimum`); a
-    tie goes to the earlier candidate, as in Pass@N selection."""
-
-    def keep(step: int, live: list[int], scores: list[float]) -> list[int]:
-        count = max(minimum, int(round(len(live) * fraction)))
-        order = sorted(range(len(live)), key=lambda j: (-scores[j], live[j]))
-        return [live[j] for j in order[:count]]
-
-    return keep

@@ -16,7 +16,7 @@ mean over candidates.
 from __future__ import annotations
 
 from math import comb
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -88,14 +88,24 @@ def _ranked(values: dict[int, float], among: Sequence[int]) -> list[int]:
     return sorted(among, key=lambda k: (-values[k], k))
 
 
+def halving(fraction: float = 0.5, minimum: int = 1) -> Callable[[int, list[int], list[float]], list[int]]:
+    """Successive halving: keep the best `fraction` of the live candidates (at least `minimum`); a
+    tie goes to the earlier candidate, as in Pass@N selection."""
+
+    def keep(step: int, live: list[int], scores: list[float]) -> list[int]:
+        count = max(minimum, int(round(len(live) * fraction)))
+        order = sorted(range(len(live)), key=lambda j: (-scores[j], live[j]))
+        return [live[j] for j in order[:count]]
+
+    return keep
+
+
 def replay(rows: list[dict], steps: int, tokens: int, screen_keep: int | None = None, prune_at: Sequence[int] = (),
            prune_fraction: float = 0.5) -> tuple[int, dict]:
     """The candidate a strategy keeps for one case, and what it spent. `rows` are the case's
     candidates (candidate, plan_score, step_scores {step: selector score}, select_clip_t). Costs:
     denoising steps (and x latent tokens), VAE decodes (previews and finals), selector calls
     (previews and the final choice), renders (candidates denoised to the end)."""
-    from music_model.music.trajectory import halving
-
     keep = halving(prune_fraction)
     by_index = {row["candidate"]: row for row in rows}
     live = sorted(by_index)
