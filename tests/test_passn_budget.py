@@ -159,4 +159,7 @@ def test_music_eval_passn_budget_on_the_tiny_msic(msic_build, prefect_api, tmp_p
     assert cases == 3 and len(candidates) == 4 * cases and all(len(r["step_scores"]) == 1 for r in candidates)
     assert all(json.loads(r["cost"])["denoise_steps"] == 8 for r in candidates)
     assert (tmp_path / "out").joinpath("train-tiny").exists() and summary["plot"].endswith("budget.png")
+    from test_evaluate_flow import artifact_keys
+
+    assert {"train-tiny-passn-budget", "train-tiny-passn-budget-cost"} <= artifact_keys(prefect_api, "train-tiny-passn-budget%")
     assert "meaningless" in (tmp_path / "out" / "train-tiny" / "passn_budget").joinpath(summary["output"].split("/")[-1], "report.md").read_text()
