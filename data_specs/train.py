@@ -158,6 +158,10 @@ class TrainSpec(_Section):
             raise ValueError(f"planner: must be a vlm role, got {self.planner.role}")
         if self.renderer.role != "editor":
             raise ValueError(f"renderer: must be an editor role, got {self.renderer.role}")
+        steps = self.renderer.options.get("num_inference_steps", 28)  # the editor role's default (music_model.roles.editor)
+        late = [step for step in self.generation.prune_at if step >= steps - 1]
+        if self.generation.strategy in ("prune", "screen_prune") and late:
+            raise ValueError(f"generation.prune_at: step {late[0]} leaves nothing to save: the renderer runs {steps} steps (0..{steps - 1})")
         return self
 
     def out_dir(self) -> Path:

@@ -163,3 +163,13 @@ def test_music_eval_passn_budget_on_the_tiny_msic(msic_build, prefect_api, tmp_p
 
     assert {"train-tiny-passn-budget", "train-tiny-passn-budget-cost"} <= artifact_keys(prefect_api, "train-tiny-passn-budget%")
     assert "meaningless" in (tmp_path / "out" / "train-tiny" / "passn_budget").joinpath(summary["output"].split("/")[-1], "report.md").read_text()
+
+
+def test_a_prune_step_with_nothing_left_to_save_fails_naming_the_field():
+    from data_specs.roles import SpecError
+    from data_specs.train import load_train_spec, parse_train_spec
+
+    data = load_train_spec("train_tiny.yaml").model_dump()
+    data["generation"] |= {"strategy": "prune", "prune_at": [1]}  # the tiny renderer runs steps 0 and 1
+    with pytest.raises(SpecError, match=r"generation\.prune_at: step 1 leaves nothing to save"):
+        parse_train_spec(data, "train_tiny.yaml")
