@@ -21,7 +21,9 @@ EVAL_ROLES: dict[str, str] = {
     "clip": "clip",  # CLIP-I and CLIP-T (ViT-B/32)
     "clip_select": "clip",  # Pass@N selection by text-image similarity (the paper: ViT-L/14)
     "detector": "detector",  # grounded multi-subject score (GroundingDINO)
+    "judge": "vlm",  # optional: the VQAScore-style judge (p(yes) of an open VLM), reported, never selecting
 }
+OPTIONAL_EVAL_ROLES = frozenset({"judge"})
 GENERATOR_ROLES = ("editor", "t2i")
 
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # Hugging Face `Image` layout
@@ -110,7 +112,7 @@ class EvalSpec(_Section):
         unknown = sorted(set(self.roles) - set(EVAL_ROLES))
         if unknown:
             raise ValueError(f"roles: unknown role {unknown[0]!r}; known: {', '.join(EVAL_ROLES)}")
-        missing = [name for name in EVAL_ROLES if name not in self.roles]
+        missing = [name for name in EVAL_ROLES if name not in self.roles and name not in OPTIONAL_EVAL_ROLES]
         if missing:
             raise ValueError(f"roles: missing {', '.join(missing)}")
         for name, spec in self.roles.items():

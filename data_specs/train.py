@@ -11,7 +11,7 @@ import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_specs import load_yaml, resolve_spec_path
 from data_specs.build import canonical_json
@@ -87,6 +87,20 @@ class GenerateParams(_Section):
     seed: int = 0
     selector: Literal["clip_t", "identity_aware"] = "clip_t"
     shard_size: int = Field(8, ge=1, description="cases (or DreamBench subjects) per generation task run")
+    # Pass@N below linear cost (music_model/music/model.py): `full` renders all N (the paper's);
+    # `screen` renders the `screen_keep` best plans; `prune` stops the worst half of the rendering
+    # candidates after each step in `prune_at`; `screen_prune` does both.
+    strategy: Literal["full", "screen", "prune", "screen_prune"] = "full"
+    screen_keep: int = Field(2, ge=1, le=64, description="screen: plans rendered per case")
+    prune_at: list[int] = Field(default_factory=lambda: [0], description="prune: 0-based denoising steps after which to halve")
+    prune_fraction: float = Field(0.5, gt=0, lt=1, description="prune: share of the live candidates kept at each prune step")
+
+    @field_validator("prune_at")
+    @classmethod
+    def _prune_steps(cls, value: list[int]) -> list[int]:
+        if any(step < 0 for step in value) or len(set(value)) != len(value):
+            raise ValueError(f"must be distinct denoising step indices >= 0, got {value}")
+        return sorted(value)
 
 
 class EvaluationParams(_Section):
@@ -144,6 +158,10 @@ class TrainSpec(_Section):
             raise ValueError(f"planner: must be a vlm role, got {self.planner.role}")
         if self.renderer.role != "editor":
             raise ValueError(f"renderer: must be an editor role, got {self.renderer.role}")
+        steps = self.renderer.options.get("num_inference_steps", 28)  # the editor role's default (music_model.roles.editor)
+        late = [step for step in self.generation.prune_at if step >= steps - 1]
+        if self.generation.strategy in ("prune", "screen_prune") and late:
+            raise ValueError(f"generation.prune_at: step {late[0]} leaves nothing to save: the renderer runs {steps} steps (0..{steps - 1})")
         return self
 
     def out_dir(self) -> Path:

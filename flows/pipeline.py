@@ -38,10 +38,18 @@ from tasks.train_tasks import generate_dreambench_task, generate_msic_task, merg
 BENCHMARKS = ("msic", "dreambench")
 
 
+def _generation_content(spec: TrainSpec) -> dict:
+    """The generation fields that change images; `full` ignores the strategy's knobs, so its
+    fingerprint (and folder) is the one it had before strategies existed."""
+    generation = spec.generation
+    ignored = {"selector", "shard_size"} | ({"strategy", "screen_keep", "prune_at", "prune_fraction"} if generation.strategy == "full" else set())
+    return generation.model_dump(exclude=ignored)
+
+
 def _generation_fingerprint(spec: TrainSpec, adapters: str | None, inputs: str) -> str:
     adapter_files = sorted(p for p in Path(adapters).rglob("*") if p.is_file()) if adapters else []
     payload = {"planner": spec.planner.model_dump(), "renderer": spec.renderer.model_dump(), "plan": spec.plan.model_dump(),
-               "render": spec.render.model_dump(), "generation": spec.generation.model_dump(exclude={"selector", "shard_size"}),
+               "render": spec.render.model_dump(), "generation": _generation_content(spec),
                "adapters": files_digest(adapter_files), "inputs": inputs}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -80,6 +88,9 @@ def music_generate(spec_json: str, benchmark: str, adapters: str | None = None, 
     else:
         from music_model.scoring.dreambench import load_dreambench
 
+        if spec.generation.strategy != "full":
+            # A DreamBench image that is never rendered would look missing to every rerun (its file name is its cell).
+            logger.warning("generation.strategy %s applies to MSIC only: DreamBench renders every candidate in full", spec.generation.strategy)
         root = load_eval_spec(resolve_spec_path(spec.evaluation.eval_spec)).dreambench_root
         if not root:
             raise ValueError(f"{spec.evaluation.eval_spec}: dreambench_root is not set")
@@ -108,6 +119,42 @@ def music_generate(spec_json: str, benchmark: str, adapters: str | None = None, 
             result["scores"] = evaluate(eval_json, "dreambench", images=result["images_dir"], bench_root=result["bench_root"])
     result["wall_seconds"] = round(time.perf_counter() - started, 2)
     return json_safe(result)
+
+
+@flow(name="passn-budget", flow_run_name=run_name("passn-budget"), log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+def passn_budget(spec_json: str, adapters: str | None = None) -> dict:
+    """Pass@N strategies against `full` on the spec's MSIC (tasks/evaluate/passn_budget.py): one
+    task run per shard renders every candidate in full with its step scores; the flow replays the
+    strategies, writes report.md, budget.parquet and the plot, and publishes them as artifacts."""
+    from music_model.roles.editor import DiffusersEditor
+    from tasks.evaluate.passn_budget import budget_shard_task, finish_budget
+
+    logger = get_run_logger()
+    spec = TrainSpec.model_validate_json(spec_json)
+    eval_json = _eval_spec_json(spec, "msic")
+    eval_spec = parse_eval_spec(json.loads(eval_json))
+    if "judge" not in eval_spec.roles:
+        raise ValueError(f"{spec.evaluation.eval_spec}: roles.judge: passn-budget reports the judge (a vlm role)")
+    if not spec.evaluation.msic:
+        raise ValueError("evaluation.msic: no MSIC benchmark given (its folder or cases Parquet)")
+    cases = msic_cases_file(spec.evaluation.msic)
+    fingerprint = _generation_fingerprint(spec, adapters, files_digest([cases.resolve()]) + eval_json)
+    out = spec.out_dir() / "passn_budget" / f"msic-{fingerprint}"
+    ranges = chunks(list(range(pq.ParquetFile(cases).metadata.num_rows)), spec.generation.shard_size)
+    futures = budget_shard_task.map(unmapped(spec_json), unmapped(eval_json), unmapped(adapters), unmapped(str(cases)), [r[0] for r in ranges],
+                                    [r[-1] + 1 for r in ranges], list(range(len(ranges))), unmapped(str(out)))
+    [f.result() for f in futures]
+    steps = int((DiffusersEditor.OPTION_DEFAULTS | spec.renderer.options).get("num_inference_steps"))
+    tokens = (spec.render.width // 16) * (spec.render.height // 16)  # FLUX: 8x VAE, 2x2 packing
+    models = {"planner": spec.planner.model, "renderer": spec.renderer.model,
+              **{k: v.model for k, v in eval_spec.roles.items() if k in ("clip_select", "judge")}}
+    summary = finish_budget(spec, eval_spec, out, len(ranges), steps, tokens, models)
+    create_markdown_artifact(summary.pop("markdown"), key=artifact_key(spec.name, "passn-budget"),
+                             description=f"{spec.name}: Pass@N strategies against full (renders, steps, retained gain)")
+    create_table_artifact(summary.pop("cost_rows"), key=artifact_key(spec.name, "passn-budget-cost"),
+                          description=f"{spec.name}: cost per case of each Pass@N strategy")
+    logger.info("passn-budget: report %s, plot %s", summary["report"], summary["plot"])
+    return json_safe(summary)
 
 
 def _msic_spec_path(spec: TrainSpec, msic_spec: str, dataset: str) -> Path:

@@ -64,6 +64,18 @@ def train_run(spec_json: str, on_step: Callable[[dict], None] | None = None) -> 
     return {**summary, "plot": str(plot)}
 
 
+def pass_selector(spec: TrainSpec):
+    """The Pass@N selector (the eval spec's `clip_select`) when the strategy prunes, else None."""
+    if spec.generation.strategy not in ("prune", "screen_prune"):
+        return None
+    from data_specs.eval import load_eval_spec
+    from data_specs.train import resolve_spec_path
+    from music_model.roles import load_role
+    from music_model.scoring.metrics import Scorer
+
+    return Scorer(None, None, load_role(load_eval_spec(resolve_spec_path(spec.evaluation.eval_spec)).roles["clip_select"])).selection_scores
+
+
 def generate_msic_part(spec_json: str, adapters: str | None, cases_path: str, start: int, stop: int, shard: int, out_dir: str) -> dict:
     """Candidates for MSIC cases [start, stop): images, the cases-table rows and the seeds, then a marker."""
     out = Path(out_dir)
@@ -71,7 +83,7 @@ def generate_msic_part(spec_json: str, adapters: str | None, cases_path: str, st
     def generated() -> tuple[dict, list[Path]]:
         spec = TrainSpec.model_validate_json(spec_json)
         rows, records = generate_msic_shard(load_model(spec, adapters), read_msic_cases(cases_path, start, stop), out,
-                                            spec.generation.candidates, spec.generation.seed)
+                                            spec.generation.candidates, spec.generation.seed, spec.generation, pass_selector(spec))
         outputs = [out / "parts" / f"{shard_name(shard)}.cases.parquet", out / "parts" / f"{shard_name(shard)}.generation.parquet"]
         write_table(rows, CASES, outputs[0])
         write_table(records, GENERATION, outputs[1])

@@ -80,6 +80,8 @@ CONCRETE = {
         ("music eval dreambench --images {} --spec eval_tiny.yaml", newest("out/train/*/generated/dreambench-*/images"))],
     "music eval msic --cases CASES.parquet --spec eval_tiny.yaml": [
         ("music eval msic --cases {} --spec eval_tiny.yaml", newest("out/train/*/generated/msic-*/cases.parquet"))],
+    # N = 8 over every tiny MSIC case takes minutes: tests/test_passn_budget.py runs the command on 3 cases.
+    "music eval passn-budget --spec data_specs/train_tiny.yaml --candidates 8": [],
     "music server / music server stop": ["music server", "music server stop"],
     # `ray start` daemonizes on the fixed port 6379 and `ray stop` stops every Ray of the machine's
     # user: on a shared machine the test runs its own head on a free port in the foreground and stops it.

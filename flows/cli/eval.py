@@ -98,3 +98,39 @@ def msic(
     typer.echo("  " + "  ".join(f"{m}={overall[m]:.4f}" for m in ("uno_dino", "uno_clip_i", "clip_t", "grounded_dino", "missing_rate")
                                 if overall.get(m) is not None))
     typer.echo(f"dropped: {summary['dropped'] or 'none'}; report: {Path(summary['output']) / 'report.md'}")
+
+
+@eval_app.command("passn-budget")
+def passn_budget_command(
+    spec: Path = typer.Option(Path("train_tiny.yaml"), "--spec", help="Training spec YAML: the model, N (generation.candidates), "
+                              "the strategies' knobs (generation.*), the eval spec (with a `judge` role) and the MSIC benchmark."),
+    adapters: Optional[Path] = typer.Option(None, "--adapters", help="A training run's adapter folder (default: the base models)."),
+    msic: Optional[str] = typer.Option(None, "--msic", help="MSIC benchmark folder or cases Parquet (default: the spec's evaluation.msic)."),
+    candidates: Optional[int] = typer.Option(None, "--candidates", help="N: candidates per case (default: the spec's)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON here."),
+) -> None:
+    """Pass@N at fewer renders: plan screening and pruned trajectories replayed from one full pass, with R(C) against cost."""
+    from flows.cli.model import _spec as train_spec
+    from music_model.music.model import msic_cases_file
+
+    try:
+        parsed = train_spec(spec, **{"generation.candidates": candidates, "evaluation.msic": msic})
+        if adapters is not None and not any((adapters / part).is_dir() for part in ("planner", "renderer")):
+            raise FileNotFoundError(f"--adapters {adapters}: no planner/ or renderer/ folder (a training run's adapter folder)")
+        if not parsed.evaluation.msic:
+            raise SpecError("evaluation.msic: no MSIC benchmark (pass --msic)")
+        msic_cases_file(parsed.evaluation.msic)
+    except (SpecError, FileNotFoundError, ValueError) as error:
+        fail(error)
+    start_server()
+    from flows.pipeline import passn_budget
+
+    summary = passn_budget(parsed.model_dump_json(), str(adapters) if adapters else None)
+    if json_out:
+        json_out.write_text(json.dumps(summary, indent=1))
+    typer.echo(f"{summary['cases']} cases, N = {summary['candidates']}, {summary['steps']} steps x {summary['tokens']} latent tokens per render")
+    full = next(r for r in summary["budget"] if r["strategy"] == "full")
+    for row in summary["budget"]:
+        typer.echo(f"  {row['strategy']:28s} renders {row['renders']:5.2f}  steps {row['denoise_steps']:6.2f} "
+                   f"({row['denoise_steps'] / full['denoise_steps']:.0%} of full)  R(clip_t) {row['R_clip_t']:+.2f}  R(judge) {row['R_judge']:+.2f}")
+    typer.echo(f"report: {summary['report']}; plot: {summary['plot']}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,9 @@ from data_specs.train import TrainSpec
 from music_model.media.images import to_struct
 from music_model.music.plan import Plan, PlanBounds, SubjectNote, format_plan, placement_of_cells
 from music_model.music.planner import Planner
-from music_model.music.renderer import Renderer
+from music_model.music.renderer import Renderer, subject_box
+from music_model.music.trajectory import Ledger, Selector, Trajectories
+from music_model.scoring.passn import halving
 from music_model.subjects.layout import GRID
 
 # One row per generated candidate: what made it (seeds, plan text, repairs) and where it is.
@@ -38,6 +41,9 @@ GENERATION = pa.schema([
     ("case_id", pa.string()), ("candidate", pa.int32()), ("plan_seed", pa.int64()), ("render_seed", pa.int64()),
     ("planner_output", pa.string()), ("plan", pa.string()), ("repairs", pa.list_(pa.string())), ("plan_error", pa.string()),
     ("path", pa.string()),
+    # Pass@N strategies: the plan's screening score, the step after which a pruned candidate stopped
+    # (null: rendered to the end, or never rendered when `path` is null) and the case's cost ledger (JSON).
+    ("plan_score", pa.float64()), ("stopped_at", pa.int32()), ("cost", pa.string()),
 ])
 
 
@@ -61,11 +67,16 @@ class Candidate:
     repairs: list[str] = field(default_factory=list)
     plan_error: str | None = None
     image: Image.Image | None = None
+    plan_score: float = 0.0
+    stopped_at: int | None = None
+    cost: dict | None = None  # the case's ledger (music_model.music.trajectory.Ledger), shared by its candidates
+    step_scores: dict[int, float] = field(default_factory=dict)  # selector score of the predicted clean image by step
 
     def record(self, path: str | None = None) -> dict:
         return {"case_id": self.case_id, "candidate": self.index, "plan_seed": self.plan_seed, "render_seed": self.render_seed,
                 "planner_output": self.planner_output, "plan": format_plan(self.plan), "repairs": self.repairs,
-                "plan_error": self.plan_error, "path": path}
+                "plan_error": self.plan_error, "path": path, "plan_score": self.plan_score, "stopped_at": self.stopped_at,
+                "cost": json.dumps(self.cost, sort_keys=True) if self.cost is not None else None}
 
 
 def candidate_seed(seed: int, case_id: str, index: int, part: str) -> int:
@@ -117,8 +128,8 @@ class MusicModel:
         self.planner.vlm.close()
         self.renderer.editor.close()
 
-    def generate(self, cases: Sequence[GenerationCase], candidates: int, seed: int) -> list[list[Candidate]]:
-        """`candidates` images per case: plans for every (case, k) first, then renders, each in batches."""
+    def plan(self, cases: Sequence[GenerationCase], candidates: int, seed: int) -> list[list[Candidate]]:
+        """The plans of every (case, k), in batches; a rejected plan becomes the default layout."""
         jobs = [(case, k) for case in cases for k in range(candidates)]
         readings = self.planner.plan(
             [case.references for case, _ in jobs], [case.instruction for case, _ in jobs], [case.categories for case, _ in jobs],
@@ -128,15 +139,91 @@ class MusicModel:
             plan = reading.plan if reading.ok else default_plan(case.categories, self.planner.bounds.grid)
             made.append(Candidate(case.case_id, k, reading.seed, candidate_seed(seed, case.case_id, k, "render"), reading.text, plan,
                                   list(reading.repairs), reading.error))
+        for candidate in made:
+            candidate.plan_score = plan_score(candidate, self.width, self.height)
+        return [made[c * candidates : (c + 1) * candidates] for c in range(len(cases))]
+
+    def generate(self, cases: Sequence[GenerationCase], candidates: int, seed: int, strategy=None,
+                 selector: Selector | None = None) -> list[list[Candidate]]:
+        """`candidates` images per case: plans for every (case, k) first, then renders. `strategy`
+        (data_specs.train.GenerateParams; default `full`) decides which candidates are rendered and
+        how far; a candidate that is not rendered to its end keeps `image` None. Pruning needs the
+        `selector` (the Pass@N text-image score) for the predicted clean images."""
+        groups = self.plan(cases, candidates, seed)
+        name = strategy.strategy if strategy is not None else "full"
+        if name == "full":
+            self._render_full(cases, groups)
+            return groups
+        trajectories = Trajectories(self.renderer.editor)
+        checkpoints = strategy.prune_at if name in ("prune", "screen_prune") else []
+        for case, group in zip(cases, groups):
+            chosen = screen(group, strategy.screen_keep) if name in ("screen", "screen_prune") else list(range(len(group)))
+            canvases, prompts = self.renderer.inputs([case.references] * len(chosen), [group[k].plan for k in chosen],
+                                                     [case.instruction] * len(chosen), [case.categories] * len(chosen), self.width, self.height)
+            images, scores, ledger = trajectories.run(
+                canvases, prompts, [group[k].render_seed for k in chosen], self.width, self.height, checkpoints,
+                halving(strategy.prune_fraction), selector, [case.prompt or case.instruction] * len(chosen))
+            ledger.plans = len(group)
+            for j, k in enumerate(chosen):
+                group[k].image = images[j]
+                group[k].step_scores = {step: values[j] for step, values in scores.items() if j in values}
+                group[k].stopped_at = None if images[j] is not None else max(group[k].step_scores)
+            for candidate in group:
+                candidate.cost = ledger.record()
+        return groups
+
+    def _render_full(self, cases: Sequence[GenerationCase], groups: list[list[Candidate]]) -> None:
+        """Today's Pass@N: every candidate rendered through the pipeline call, in batches over the
+        flat (case, k) list; each case's ledger counts what its candidates took."""
+        by_id = {case.case_id: case for case in cases}
+        made = [candidate for group in groups for candidate in group]
         batch = self.renderer.editor.batch_size
+        steps = int(self.renderer.editor.call_options.get("num_inference_steps", 28))
+        tokens = (self.width // 16) * (self.height // 16)  # FLUX: 8x VAE, 2x2 packing
+        seconds = [0.0] * len(made)
         for start in range(0, len(made), batch):
             chunk = list(range(start, min(start + batch, len(made))))
-            images = self.renderer.render([jobs[i][0].references for i in chunk], [made[i].plan for i in chunk],
-                                          [jobs[i][0].instruction for i in chunk], [jobs[i][0].categories for i in chunk],
+            started = time.perf_counter()
+            images = self.renderer.render([by_id[made[i].case_id].references for i in chunk], [made[i].plan for i in chunk],
+                                          [by_id[made[i].case_id].instruction for i in chunk], [by_id[made[i].case_id].categories for i in chunk],
                                           [made[i].render_seed for i in chunk], self.width, self.height)
             for i, image in zip(chunk, images):
                 made[i].image = image
-        return [made[c * candidates : (c + 1) * candidates] for c in range(len(cases))]
+                seconds[i] = (time.perf_counter() - started) / len(chunk)
+        offset = 0
+        for group in groups:
+            n = len(group)
+            ledger = Ledger(plans=n, denoise_steps=n * steps, latent_token_steps=n * steps * tokens, decodes=n, renders=n,
+                            model_seconds=sum(seconds[offset:offset + n]))
+            for candidate in group:
+                candidate.cost = ledger.record()
+            offset += n
+
+
+def plan_score(candidate: Candidate, width: int, height: int) -> float:
+    """A plan's screening score, before any pixel: the share of subjects that got a layout cell,
+    minus the mean pairwise overlap (IoU) of their boxes on the canvas (overlapping subjects hide
+    each other), minus 0.1 a repair the plan needed, minus 1 when it was rejected for the default
+    layout. Higher is better."""
+    plan = candidate.plan
+    n = plan.n_subjects
+    boxes = [subject_box(plan, s, width, height) for s in range(1, n + 1) if plan.cells(s)]
+    overlaps = [box_iou(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]]
+    return (len(boxes) / n - (float(np.mean(overlaps)) if overlaps else 0.0) - 0.1 * len(candidate.repairs)
+            - (1.0 if candidate.plan_error is not None else 0.0))
+
+
+def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    width, height = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0, width) * max(0, height)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union else 0.0
+
+
+def screen(group: Sequence[Candidate], keep: int) -> list[int]:
+    """The `keep` best plans of a case by `plan_score` (a tie goes to the earlier candidate), in candidate order."""
+    order = sorted(range(len(group)), key=lambda k: (-group[k].plan_score, k))
+    return sorted(order[:keep])
 
 
 def load_model(spec: TrainSpec, adapters: str | Path | None = None, merge: bool = True) -> MusicModel:
@@ -216,15 +303,20 @@ def read_msic_cases(path: str | Path, start: int = 0, stop: int | None = None) -
             for r in rows]
 
 
-def generate_msic_shard(model: MusicModel, cases: Sequence[GenerationCase], out_dir: Path, candidates: int, seed: int) -> tuple[list[dict], list[dict]]:
+def generate_msic_shard(model: MusicModel, cases: Sequence[GenerationCase], out_dir: Path, candidates: int, seed: int,
+                        strategy=None, selector: Selector | None = None) -> tuple[list[dict], list[dict]]:
     """Generate `candidates` images per case into `out_dir/images/<case>/<k>.png`; returns rows of the
     scoring code's cases table (data_specs.eval.CASES, images by path relative to `out_dir`) and the
-    generation records (GENERATION)."""
-    made = model.generate(cases, candidates, seed)
+    generation records (GENERATION, one per candidate; a candidate the strategy did not render to
+    its end has no path and no image in the cases table)."""
+    made = model.generate(cases, candidates, seed, strategy, selector)
     case_rows, records = [], []
     for case, group in zip(cases, made):
         paths = []
         for candidate in group:
+            if candidate.image is None:
+                records.append(candidate.record(None))
+                continue
             relative = f"images/{case.case_id}/{candidate.index}.png"
             save_image(candidate.image, out_dir / relative)
             paths.append(relative)

@@ -149,17 +149,26 @@ class Renderer:
             editor.pipeline.unload_lora_weights()
         return cls(editor, background)
 
-    def render(self, references: Sequence[Sequence[Image.Image]], plans: Sequence[Plan], instructions: Sequence[str],
-               categories: Sequence[Sequence[str | None]], seeds: Sequence[int], width: int, height: int) -> list[Image.Image]:
-        """One width x height image per sample, from its layout canvas and CoT-enriched prompt."""
+    def inputs(self, references: Sequence[Sequence[Image.Image]], plans: Sequence[Plan], instructions: Sequence[str],
+               categories: Sequence[Sequence[str | None]], width: int, height: int) -> tuple[list[Image.Image], list[str]]:
+        """Each sample's layout canvas and CoT-enriched prompt."""
         count = len(plans)
-        if not count == len(references) == len(instructions) == len(categories) == len(seeds):
+        if not count == len(references) == len(instructions) == len(categories):
             raise ValueError(f"one entry per sample expected: {len(references)} reference lists, {count} plans, "
-                             f"{len(instructions)} instructions, {len(categories)} category lists, {len(seeds)} seeds")
+                             f"{len(instructions)} instructions, {len(categories)} category lists")
         width, height = self.editor.check_size(width, height)
         canvases = [layout_canvas(refs, plan, width, height, self.background) for refs, plan in zip(references, plans)]
         prompts = [render_prompt(i, p, c) for i, p, c in zip(instructions, plans, categories)]
         note_clip_cut(self.editor.pipeline, prompts, "generate")
+        return canvases, prompts
+
+    def render(self, references: Sequence[Sequence[Image.Image]], plans: Sequence[Plan], instructions: Sequence[str],
+               categories: Sequence[Sequence[str | None]], seeds: Sequence[int], width: int, height: int) -> list[Image.Image]:
+        """One width x height image per sample, from its layout canvas and CoT-enriched prompt."""
+        if len(seeds) != len(plans):
+            raise ValueError(f"one entry per sample expected: {len(plans)} plans, {len(seeds)} seeds")
+        canvases, prompts = self.inputs(references, plans, instructions, categories, width, height)
+        width, height = self.editor.check_size(width, height)
         with self.editor.lock:
             return self.editor.edit(canvases, prompts, [int(s) for s in seeds], width=width, height=height)
 
