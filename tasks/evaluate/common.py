@@ -27,9 +27,15 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+# Bump when the scoring code changes what a shard holds (2: the detector scores a phrase over all its
+# tokens), so a resumed evaluation never reuses scores the old code made.
+SCORING_VERSION = 2
+
+
 def fingerprint(spec: EvalSpec, benchmark: str, inputs: str) -> str:
-    """What a shard's scores depend on: the scoring models, the grounding parameters, the inputs."""
-    payload = {"benchmark": benchmark, "roles": {k: v.model_dump() for k, v in sorted(spec.roles.items())},
+    """What a shard's scores depend on: the scoring code's version, the scoring models, the grounding
+    parameters, the inputs."""
+    payload = {"version": SCORING_VERSION, "benchmark": benchmark, "roles": {k: v.model_dump() for k, v in sorted(spec.roles.items())},
                "grounding": spec.grounding.model_dump(), "inputs": inputs}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -23,7 +23,7 @@ from prefect import task
 
 from data_specs.eval import EvalSpec
 from data_specs.train import TrainSpec
-from music_model.music.model import load_model, plan_score, read_msic_cases, save_image, selection_scores
+from music_model.music.model import load_model, read_msic_cases, save_image, selection_scores
 from music_model.music.trajectory import Trajectories
 from music_model.roles import load_role
 from music_model.scoring.judge import JUDGE_METRICS, judge_images
