@@ -115,7 +115,8 @@ def test_sigterm_ends_a_build_within_seconds_with_its_run_crashed_and_slots_free
 
 def damage_a_published_target(build_folder: Path) -> str:
     """Flip one byte in the middle of a stored target image that is published (same size: only its
-    sha256 shows it, as after a bad copy or bit rot) and remove the dataset; the image's path."""
+    sha256 shows it, as after a bad copy or bit rot) and remove the publication (the dataset and its
+    releases, so the build must publish again); the image's path."""
     import shutil
 
     import pyarrow.parquet as pq
@@ -127,6 +128,7 @@ def damage_a_published_target(build_folder: Path) -> str:
     data[len(data) // 2] ^= 0xFF
     image.write_bytes(bytes(data))
     shutil.rmtree(build_folder / "dataset")
+    shutil.rmtree(build_folder / "releases")
     return relative
 
 
@@ -207,6 +209,7 @@ def test_a_disk_that_fills_mid_build_is_one_line_and_the_rerun_after_freeing_spa
     spec = copy_build(tiny_build, tmpfs)
     stages = tmpfs / "out" / "tiny" / "stages"
     shutil.rmtree(tmpfs / "out" / "tiny" / "dataset")
+    shutil.rmtree(tmpfs / "out" / "tiny" / "releases")  # copied without its hard links: room the 16 MiB disk needs
     for stage in ("rerender", "annotate", "layout", "decimate", "filter", "publish"):  # work left to do, no model reloads before
         shutil.rmtree(stages / stage)
     build = start_build(spec, dict(os.environ))

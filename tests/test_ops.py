@@ -131,9 +131,11 @@ def test_deployment_run_completes_on_the_worker_with_readable_artifacts(deployme
     assert run["infrastructure_pid"].split(":")[-1] == run["labels"]["music.pid"]
     artifacts = api_post(prefect_api, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [deployment_run["id"]]}}})
     by_type = Counter(a["type"] for a in artifacts)
-    assert by_type["table"] >= 9 and by_type["progress"] >= 9 and by_type["markdown"] == 1, by_type
-    report = next(a for a in artifacts if a["type"] == "markdown")
-    assert report["key"] == "tiny-report" and "| compose |" in report["data"]
+    # markdown: the build report and the release's diff (the release history under the spec's key)
+    assert by_type["table"] >= 9 and by_type["progress"] >= 9 and by_type["markdown"] == 2, by_type
+    assert {a["key"] for a in artifacts if a["type"] == "markdown"} == {"tiny-report", "tiny-release"}
+    report = next(a for a in artifacts if a["key"] == "tiny-report")
+    assert "| compose |" in report["data"]
     compose = next(a for a in artifacts if a["key"] == "tiny-compose")
     assert json.loads(compose["data"])[0]["rows_in"] == 16
     assert len(data_bytes(deployment_run["dataset"])) > 0
@@ -166,7 +168,9 @@ def ray_head(tmp_path_factory):
     deadline = time.monotonic() + 120
     while subprocess.run([str(ray), "status", "--address", address], env=env, capture_output=True).returncode != 0:
         assert process.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "the Ray head did not come up"
+        if time.monotonic() > deadline:
+            stop(process)  # no head left behind for the rest of the session
+            pytest.fail("the Ray head did not come up in 120 s")
         time.sleep(0.5)
     yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}"}
     stop(process)
