@@ -86,12 +86,17 @@ def newest_flow_run(api: str) -> dict:
     return httpx.post(f"{api}/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 1}).json()[0]
 
 
-def event_time(api: str, name: str) -> float:
-    """When the newest event of this name occurred (server's record), seconds since the epoch."""
+def event_time(api: str, name: str, timeout: float = 60) -> float:
+    """When the newest event of this name occurred (server's record), seconds since the epoch. The
+    server's triggers act on an event before its persister writes it in a batch: a notification can
+    come before the event is found, so this waits for it."""
     import httpx
     from datetime import datetime
 
-    events = httpx.post(f"{api}/events/filter", json={"filter": {"event": {"name": [name]}}, "limit": 1}).json()["events"]
+    deadline = time.time() + timeout
+    while not (events := httpx.post(f"{api}/events/filter", json={"filter": {"event": {"name": [name]}}, "limit": 1}).json()["events"]):
+        assert time.time() < deadline, f"no {name} event on the server in {timeout} s"
+        time.sleep(0.2)
     return datetime.fromisoformat(events[0]["occurred"].replace("Z", "+00:00")).timestamp()
 
 
