@@ -215,10 +215,10 @@ def test_a_disk_that_fills_mid_build_is_one_line_and_the_rerun_after_freeing_spa
     build = start_build(spec, dict(os.environ))
     wait_for(stages, "rerender/*/*.done.json", build)
     filler = tmpfs / "filler"
-    with filler.open("wb") as handle, pytest.raises(OSError):  # the other job: writes until the disk is full
+    # the other job writes until the disk is full; unbuffered, so closing has no bytes left to fail on
+    with filler.open("wb", buffering=0) as handle, pytest.raises(OSError, match="No space left"):
         while True:
             handle.write(bytes(1 << 16))
-            handle.flush()
     _, stderr = build.communicate(timeout=300)
     done = subprocess.CompletedProcess(build.args, build.returncode, "", stderr)
     line = one_operational_line(done)
