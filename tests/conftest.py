@@ -6,7 +6,9 @@ Whatever the environment holds, the session uses only its own state: every `PREF
 `PREFECT_API_URL` would send the suite's runs, and the deployments `music deploy` registers with
 live schedules, to someone's real server; a profile under the user's PREFECT_HOME could do the
 same; `HF_HUB_OFFLINE=1`, usual on clusters without internet, would turn the tests' local hub into
-"not in the cache"; tests that need one set it themselves), PREFECT_HOME points into the session's
+"not in the cache"; tests that need one set it themselves), Ray's token authentication is off for
+the suite's own 127.0.0.1 heads (left unset, a token in the user's `~/.ray` turns it on for `ray
+start`, and a local `ray.init()` writes one), PREFECT_HOME points into the session's
 temporary MUSIC_HOME, and the server runs with its scheduler off, so no registered schedule ever
 starts a run during the suite.
 
@@ -37,6 +39,7 @@ def pytest_configure(config):
     for name in [n for n in os.environ if n.startswith(("PREFECT_", "MUSIC_", "HF_", "HUGGINGFACE_")) or n == "TRANSFORMERS_OFFLINE"]:
         del os.environ[name]
     os.environ["MUSIC_HOME"] = str(home)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["PREFECT_HOME"] = str(home / "prefect-client")
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED"] = "false"
