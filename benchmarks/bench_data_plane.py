@@ -33,7 +33,8 @@ PUBLISH_ALONE = """
 import json, resource, sys
 from pathlib import Path
 from data_specs.build import load_build_spec
-from tasks.engine import build_dir, num_shards
+from tasks.build_paths import build_dir
+from tasks.contract import num_shards
 from tasks.publish import publish
 spec = load_build_spec(sys.argv[1])
 (filter_dir,) = [p for p in (build_dir(spec) / "stages" / "filter").iterdir() if p.is_dir()]

@@ -4,7 +4,7 @@ The build is `music_10k.yaml` (1024 px targets, 28 steps, its batch sizes and de
 with each model replaced by its `arch:` twin (`music_model.zoo.arch`: the published architecture,
 random weights built on the GPU in bf16) and a few sources. Stages run through the project's own
 per-shard entry (`tasks.build_tasks.run_stage_shard`: stage-scoped residency, then
-`tasks.engine.run_shard`) without Prefect, so no server is needed; publish runs at the end.
+`tasks.contract.run_shard`) without Prefect, so no server is needed; publish runs at the end.
 Random models produce noise, so the thresholds that judge content are opened (every sample flows
 through every stage) and generated texts run to their schema's bounds: LLM/VLM times are upper
 bounds of what real checkpoints, which stop early, take.
@@ -181,7 +181,7 @@ class Call:
 def recording(calls: list[Call]):
     """Record every model call the stages make through `StageContext.timed` (their one entry to a
     model), so the plain loops replay the same inputs."""
-    from tasks.engine import StageContext
+    from tasks.contract import StageContext
 
     timed = StageContext.timed
 
@@ -449,8 +449,9 @@ def diffusion_figures(calls: list[Call], peak_tflops: float | None) -> list[dict
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from music_model.roles import release_roles
-    from tasks.engine import read_rows, shard_name
     from tasks.build_tasks import enter_stage, run_stage_shard
+    from tasks.contract import read_rows
+    from tasks.markers import shard_name
     from tasks.stages import stage_chain
     from tasks.cost_plan import funnel, measured_rates, project_hours
     from tasks.publish import publish

@@ -19,11 +19,16 @@ from flows.ops.monitor import on_flow_running, stop_promptly
 from flows.run_names import run_name
 from flows.runners import default_task_runner, shard_placement
 from music_model.roles import release_roles
+from safe_files import write_atomic
+from tasks.build_lock import build_lock
+from tasks.build_paths import build_dir
 from tasks.build_tasks import enter_stage, publish_dataset, stage_shard
 from tasks import releases, waves
+from tasks.contract import num_shards, shard_input
 from tasks.cost_plan import funnel
-from tasks.engine import build_dir, build_lock, check_shard, forget_image, num_shards, shard_input, write_atomic
 from tasks.faults import operational_exit
+from tasks.image_store import forget_image
+from tasks.markers import check_shard
 from tasks.preflight import preflight
 from tasks.publish import preview_markdown, publish_fingerprint, publishable, published_stats
 from tasks.stages import stage_chain

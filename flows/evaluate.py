@@ -21,10 +21,10 @@ from music_model.roles import total_model_loads
 from music_model.scoring.dreambench import DreamBenchError, load_dreambench, scan_generated
 from music_model.scoring.multisubject import CasesError, read_cases_table
 from tasks.evaluate.cases import finish_cases, score_cases_task
-from tasks.engine import check_marker
 from tasks.faults import stops_on_fault
 from tasks.evaluate.common import chunks, files_digest, fingerprint, json_safe, shard_marker, write_json
 from tasks.evaluate.dreambench import finish_dreambench, generate_task, score_dreambench_task, write_plan
+from tasks.markers import check_marker
 
 MAX_ARTIFACT_ROWS = 500
 BENCHMARKS = ("dreambench", "cases")

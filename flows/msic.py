@@ -15,8 +15,10 @@ from flows.run_names import run_name
 from flows.runners import default_task_runner
 from flows.ops.alerts import GateFailed, announce, release_lines
 from tasks import releases
-from tasks.engine import DamagedImage, build_dir, build_lock
+from tasks.build_lock import build_lock
+from tasks.build_paths import build_dir
 from tasks.faults import operational_exit
+from tasks.image_store import DamagedImage
 from tasks.preflight import preflight
 from tasks.msic import msic_fingerprint, publish_msic, published_msic
 from tasks.publish import preview_markdown

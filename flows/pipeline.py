@@ -31,7 +31,7 @@ from flows.ops.monitor import on_flow_running
 from flows.run_names import run_name
 from music_model.music.model import msic_cases_file
 from music_model.roles import release_roles
-from tasks.engine import write_atomic
+from safe_files import write_atomic
 from tasks.evaluate.common import chunks, files_digest, json_safe
 from tasks.train_tasks import generate_dreambench_task, generate_msic_task, merge_msic_parts
 

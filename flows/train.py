@@ -19,7 +19,7 @@ from flows.ops.monitor import on_flow_running, stop_promptly
 from flows.run_names import run_name
 from music_model.music import training
 from music_model.roles import resident_roles
-from tasks.engine import write_atomic
+from safe_files import write_atomic
 from tasks.faults import stops_on_fault
 from tasks.train_tasks import train_task
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from music_model.media.images import draw_labelled_boxes, pixel_box
 from music_model.roles.structured import bounded_text, describe_schema, end_at_word
 from music_model.subjects.decimate import mentioned, token
-from tasks.engine import Stage, StageContext
+from tasks.contract import Stage, StageContext
 
 PROMPT = (
     "The image ({width}x{height} pixels) shows these subjects, each outlined in its own colour and labelled with "

@@ -20,8 +20,10 @@ from data_specs.build import BuildSpec
 from music_model.roles import release_roles
 from music_model.roles.slots import Slot, device_slot, machine_slots
 from tasks import publish
-from tasks.engine import DamagedImage, build_dir, run_shard
+from tasks.build_paths import build_dir
+from tasks.contract import run_shard
 from tasks.faults import operational_exit
+from tasks.image_store import DamagedImage
 from tasks.stages import BY_NAME, STAGES
 
 # Stages that run models take a device slot (locally) or run on actors (Ray); decimate runs none.

@@ -22,8 +22,11 @@ import numpy as np
 import yaml
 
 from data_specs.build import BuildSpec, parse_build_spec
+from safe_files import write_atomic
+from tasks.build_paths import build_dir, stage_dir
 from tasks.clean import current_fingerprints
-from tasks.engine import build_dir, num_shards, read_rows, scores_path, shard_name, stage_dir, write_atomic
+from tasks.contract import num_shards, read_rows
+from tasks.markers import scores_path, shard_name
 from tasks.publish import near_duplicate_scores, read_filter_index
 from tasks.stages import BY_NAME
 

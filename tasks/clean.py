@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 from data_specs.build import BuildSpec
 from music_model.paths import folder_bytes
 from tasks import releases
-from tasks.engine import build_dir, num_shards
+from tasks.build_paths import build_dir
+from tasks.contract import num_shards
 from tasks.msic import msic_fingerprint
 from tasks.publish import publish_fingerprint
 from tasks.stages import stage_chain

@@ -37,7 +37,7 @@ from data_specs.roles import RoleSpec, model_kind
 from music_model.paths import zoo_dir
 from music_model.zoo.arch import ARCH_BY_HUB_ID, param_bytes, param_count
 from tasks import waves
-from tasks.engine import num_shards
+from tasks.contract import num_shards
 from tasks.stages import BY_NAME, STAGES
 
 # What a stage's work is proportional to (its `Stage.unit`): a row (one caption, image, detection or

@@ -7,7 +7,7 @@ import json
 
 from music_model.subjects.decimate import decimate
 from music_model.subjects.layout import layout_grid, layout_to_text, subject_regions
-from tasks.engine import Stage, StageContext
+from tasks.contract import Stage, StageContext
 
 
 def process(rows: list[dict], ctx: StageContext) -> list[dict]:

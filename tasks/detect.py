@@ -12,7 +12,7 @@ import numpy as np
 
 from music_model.roles.detector import Detections
 from music_model.subjects.decimate import box_area
-from tasks.engine import Stage, StageContext
+from tasks.contract import Stage, StageContext
 
 
 def box_iou(a, b) -> float:

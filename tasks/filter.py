@@ -2,7 +2,7 @@
 publish uses to drop near-duplicate sources across the whole build."""
 from __future__ import annotations
 
-from tasks.engine import Stage, StageContext
+from tasks.contract import Stage, StageContext
 
 
 def process(rows: list[dict], ctx: StageContext) -> list[dict]:

@@ -33,8 +33,11 @@ from music_model.media.images import from_struct
 from music_model.roles import load_role
 from music_model.subjects.decimate import SUBJECT_TOKEN
 from music_model.subjects.preview import from_case, render_sheet
+from safe_files import write_atomic
+from tasks.build_paths import build_dir, stage_dir
+from tasks.contract import read_rows, role_content, stable_int, write_table
+from tasks.image_store import ImageStore
 from tasks.releases import hash_changes, row_hash
-from tasks.engine import ImageStore, build_dir, read_rows, role_content, stable_int, stage_dir, write_atomic, write_table
 from tasks.publish import (code_version, drop_near_duplicates, preview_ids, preview_markdown, publish_folder, published_result,
                            read_filter_index, stream_rows, with_features, write_sheets, yaml_header)
 

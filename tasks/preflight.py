@@ -23,8 +23,9 @@ from pathlib import Path
 from data_specs.build import BuildSpec
 from music_model.roles.hub import HubState, Resolved, resolve
 from music_model.roles.kernels import triton_toolchain_problem
+from safe_files import write_atomic
+from tasks.build_paths import build_dir
 from tasks.cost_plan import disk, funnel
-from tasks.engine import build_dir, write_atomic
 
 RECORD = "models.json"
 

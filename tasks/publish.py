@@ -39,8 +39,12 @@ from data_specs.roles import model_kind
 from data_specs.schemas import DROPPED, PUBLISHED, PUBLISHED_FEATURES
 from music_model.roles.hub import licence_of
 from music_model.subjects.preview import from_published, render_sheet
+from safe_files import write_atomic
 from tasks import releases, waves
-from tasks.engine import ImageStore, build_dir, read_rows, shard_name, stable_int, stage_dir, write_atomic, write_table
+from tasks.build_paths import build_dir, stage_dir
+from tasks.contract import read_rows, stable_int, write_table
+from tasks.image_store import ImageStore
+from tasks.markers import shard_name
 from tasks.preflight import recorded
 
 PREVIEW_SAMPLES = 6

@@ -18,7 +18,7 @@ from PIL import Image
 
 from music_model.media.images import crop, letterbox, square
 from music_model.subjects import nouns
-from tasks.engine import Stage, StageContext
+from tasks.contract import Stage, StageContext
 from tasks.verify import renumber
 
 KONTEXT_SIDE = 1024  # the side of Kontext's square preferred resolution, which render_size scales

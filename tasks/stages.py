@@ -2,7 +2,7 @@
 the funnel, the cost plan's units and roles, the tests). It imports no Prefect, so a notebook, a
 benchmark or a test runs stages without a server.
 
-Adding a stage is one module that defines its `Stage` (tasks.engine) plus one line here."""
+Adding a stage is one module that defines its `Stage` (tasks.contract) plus one line here."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +11,8 @@ from pathlib import Path
 from data_specs.build import BuildSpec
 from tasks import annotate, compose, decimate, detect, layout, rerender, synthesize, verify
 from tasks import filter as filter_stage
-from tasks.engine import Stage, fingerprint, root_fingerprint, stage_dir
+from tasks.build_paths import stage_dir
+from tasks.contract import Stage, fingerprint, root_fingerprint
 
 STAGES: list[Stage] = [
     compose.STAGE, synthesize.STAGE, detect.STAGE, verify.STAGE, rerender.STAGE,

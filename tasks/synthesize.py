@@ -1,7 +1,7 @@
 """synthesize: the text-to-image target of each caption, seeded per sample."""
 from __future__ import annotations
 
-from tasks.engine import Stage, StageContext
+from tasks.contract import Stage, StageContext
 
 
 def process(rows: list[dict], ctx: StageContext) -> list[dict]:

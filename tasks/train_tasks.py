@@ -25,8 +25,10 @@ from data_specs.eval import CASES
 from data_specs.train import TrainSpec
 from music_model.music.model import GENERATION, generate_dreambench_images, generate_msic_shard, load_model, read_msic_cases
 from music_model.music.training import read_history, train
-from tasks.engine import run_marked, shard_name, write_atomic, write_table
+from safe_files import write_atomic
+from tasks.contract import write_table
 from tasks.faults import stops_on_fault
+from tasks.markers import run_marked, shard_name
 
 MAX_PLOTTED = 2000
 

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from music_model.media.images import TAG_COLOURS, crop, pixel_box
 from music_model.subjects import nouns
-from tasks.engine import Stage, StageContext
+from tasks.contract import Stage, StageContext
 
 # Not "shown whole and clearly": occluded and interacting subjects are what multi-subject scenes are made of.
 PROMPT = ("A detector found an object in this image and labelled it \"{category}\"; the red box outlines it. "

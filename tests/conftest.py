@@ -107,7 +107,7 @@ def chain(tmp_path_factory):
     from data_specs import shipped
     from data_specs.build import parse_build_spec
     from data_specs.schemas import WORK
-    from tasks.engine import read_rows, run_shard
+    from tasks.contract import read_rows, run_shard
     from tasks.stages import stage_chain
 
     data = yaml.safe_load(shipped("tiny.yaml").read_text())

@@ -136,7 +136,7 @@ def test_a_changed_read_reruns_its_readers_and_the_resumed_build_equals_a_fresh_
     first = subprocess.Popen([sys.executable, "-m", "flows.cli", "build", str(spec), "--json", str(tmp_path / "resumed.json")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     from data_specs.build import load_build_spec
-    from tasks.engine import lock_holder
+    from tasks.build_lock import lock_holder
 
     deadline = time.monotonic() + 120
     while not (holder := lock_holder(load_build_spec(spec))):
@@ -161,7 +161,7 @@ def test_a_stage_added_to_a_copy_of_the_list_runs_in_the_build(tiny_build, tmp_p
     out = tmp_path / "noop.json"
     script = f"""
 import json
-from tasks.engine import Stage
+from tasks.contract import Stage
 from tasks.stages import BY_NAME, STAGES
 noop = Stage("noop", 1, lambda rows, ctx: rows)
 STAGES.insert(6, noop)
@@ -246,7 +246,7 @@ def test_kill_during_build_then_resume_is_byte_identical(tiny_build, tmp_path, p
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     from data_specs.build import load_build_spec
-    from tasks.engine import lock_holder
+    from tasks.build_lock import lock_holder
 
     assert lock_holder(load_build_spec(spec)) is None  # the kernel freed the dead holder's lock
     assert not (tmp_path / "out" / "tiny" / "dataset").exists()
@@ -260,7 +260,7 @@ def test_kill_during_build_then_resume_is_byte_identical(tiny_build, tmp_path, p
 def test_each_stage_holds_only_its_own_models(tiny_build):
     """Residency is stage-scoped: while a model stage runs only its roles are loaded; a model the
     next model stage shares (clip: layout, then filter) stays and is not loaded again."""
-    from tasks.engine import declares
+    from tasks.contract import declares
     from tasks.stages import STAGES
 
     result, stages = tiny_build["result"], tiny_build["dir"] / "stages"

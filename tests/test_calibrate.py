@@ -42,7 +42,9 @@ def test_near_duplicate_clip_is_the_highest_cosine_to_a_lower_published_id():
 
 def test_rerender_scores_every_candidate_kept_or_rejected(chain, tmp_path):
     from tasks import rerender
-    from tasks.engine import fingerprint, read_rows, run_shard, scores_path, stage_dir
+    from tasks.build_paths import stage_dir
+    from tasks.contract import fingerprint, read_rows, run_shard
+    from tasks.markers import scores_path
 
     spec, out = chain
     candidates = {(r["index"], s["id"]): s["category"] for r in out["verify"][1] for s in r["subjects"]}
@@ -90,8 +92,9 @@ def test_published_set_carries_quality_scores_a_user_filters_on(tiny_build):
     import datasets
 
     from data_specs.build import load_build_spec
+    from tasks.build_paths import stage_dir
     from tasks.clean import current_fingerprints
-    from tasks.engine import num_shards, stage_dir
+    from tasks.contract import num_shards
     from tasks.publish import read_filter_index
 
     spec = load_build_spec(tiny_build["spec"])

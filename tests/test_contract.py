@@ -9,8 +9,10 @@ import time
 
 import pytest
 
-from tasks.engine import (BuildLocked, ContractError, Stage, build_lock, check_shard, declares, fingerprint, lock_holder,
-                          root_fingerprint, run_shard, stage_dir)
+from tasks.build_lock import BuildLocked, build_lock, lock_holder
+from tasks.build_paths import stage_dir
+from tasks.contract import ContractError, Stage, declares, fingerprint, root_fingerprint, run_shard
+from tasks.markers import check_shard
 from tasks.stages import STAGES
 
 
@@ -174,7 +176,7 @@ def test_a_shard_whose_source_range_grew_is_redone_and_so_are_the_shards_made_fr
     """Fingerprints do not count sources: 6 sources in shards of 4, then 8, share one fingerprint;
     the last shard's range grew (4-6 to 4-8), so it is redone, and the synthesize shard made from its
     old part is redone too, while shard 0 is reused."""
-    from tasks.engine import shard_input
+    from tasks.contract import shard_input
     from tasks.stages import BY_NAME
 
     spec, _ = chain

@@ -21,7 +21,9 @@ from music_model.media.images import TAG_COLOURS, TAG_HEIGHT, draw_labelled_boxe
 from music_model.roles.structured import DecodeOptions, decode_settings, max_json_bytes, schema_token_budget
 from music_model.subjects.layout import box_to_mask, layout_grid
 from tasks import annotate, compose, decimate, rerender
-from tasks.engine import StageContext, fingerprint, image_store, read_rows, run_shard, stage_dir, write_table
+from tasks.build_paths import stage_dir
+from tasks.contract import StageContext, fingerprint, read_rows, run_shard, write_table
+from tasks.image_store import image_store
 
 
 def tiny_spec(tmp_path, **changes):

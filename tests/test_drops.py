@@ -21,7 +21,9 @@ from data_specs.build import parse_build_spec
 from data_specs.schemas import DROPPED, WORK
 from music_model.media.images import to_struct
 from tasks import annotate, compose, detect, filter, publish, rerender, verify
-from tasks.engine import fingerprint, read_rows, run_shard, shard_name, stage_dir, write_table
+from tasks.build_paths import stage_dir
+from tasks.contract import fingerprint, read_rows, run_shard, write_table
+from tasks.markers import shard_name
 
 
 def variant(spec, tmp_path: Path, **sections):

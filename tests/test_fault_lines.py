@@ -54,7 +54,9 @@ def test_an_image_that_fails_its_check_is_removed_so_the_redo_writes_it_anew(cha
     and the redone shard stores it again (the store keeps a name it holds, so it must be gone)."""
     from test_contract import _shard_spec
 
-    from tasks.engine import check_shard, run_shard, stage_dir
+    from tasks.build_paths import stage_dir
+    from tasks.contract import run_shard
+    from tasks.markers import check_shard
     from tasks.stages import STAGES
 
     spec, out = chain

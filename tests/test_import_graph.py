@@ -39,8 +39,8 @@ def _tree(root: Path, files: dict[str, str]) -> Path:
 
 def test_the_checker_names_every_kind_of_break(tmp_path):
     root = _tree(tmp_path, {
-        "data_specs/spec.py": "from tasks.engine import run\n",                                   # upward
-        "tasks/engine.py": "def run():\n    from flows.cli import app\n",                         # upward, lazily
+        "data_specs/spec.py": "from tasks.contract import run\n",                                 # upward
+        "tasks/contract.py": "def run():\n    from flows.cli import app\n",                       # upward, lazily
         "music_model/media/__init__.py": "",
         "music_model/media/images.py": "from music_model.roles.clip import embed\n",              # layer break
         "music_model/roles/__init__.py": "",
@@ -51,8 +51,8 @@ def test_the_checker_names_every_kind_of_break(tmp_path):
         "flows/eval_cli.py": "from .cli import app\n",                                             # relative circle
     })
     problems = "\n".join(violations(import_graph(root)))
-    assert "data_specs.spec imports tasks.engine: data_specs may not import tasks" in problems
-    assert "tasks.engine imports flows.cli: tasks may not import flows" in problems
+    assert "data_specs.spec imports tasks.contract: data_specs may not import tasks" in problems
+    assert "tasks.contract imports flows.cli: tasks may not import flows" in problems
     assert "music_model.media.images imports music_model.roles.clip: music_model.media may import only nothing" in problems
     assert "music_model.roles.clip imports" not in problems
     assert "import circle: music_model.media.images -> music_model.roles.clip" in problems

@@ -200,7 +200,7 @@ def test_near_duplicate_sources_are_removed_before_cases_are_selected(builds, tm
     """msic.yaml's filter.near_duplicate_clip applies to the benchmark: at -1 every source but the
     first nearly duplicates it, so every case comes from that one source."""
     from data_specs.build import load_build_spec
-    from tasks.engine import num_shards
+    from tasks.contract import num_shards
     from tasks.msic import publish_msic
 
     _, _, msic = builds

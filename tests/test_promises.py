@@ -50,7 +50,9 @@ def test_a_failed_shard_fails_its_flow_run_and_the_other_shards_keep_their_marke
     from data_specs.build import load_build_spec
     from tasks import compose, synthesize
     from data_specs.schemas import WORK
-    from tasks.engine import fingerprint, part_record, read_rows, root_fingerprint, run_shard, stage_dir, write_table
+    from tasks.build_paths import stage_dir
+    from tasks.contract import fingerprint, read_rows, root_fingerprint, run_shard, write_table
+    from tasks.markers import part_record
 
     path = tiny_spec(tmp_path, "tiny-fail", num_source_images=4, shard_size=2)
     spec = load_build_spec(path)

@@ -19,7 +19,8 @@ from music_model.roles import load_role
 from music_model.roles.structured import bounded_int, bounded_list, bounded_text, describe_schema, end_at_word
 from music_model.subjects import nouns
 from tasks import annotate, compose, verify
-from tasks.engine import StageContext, fingerprint, read_rows, run_shard, stage_dir
+from tasks.build_paths import stage_dir
+from tasks.contract import StageContext, fingerprint, read_rows, run_shard
 
 TWELVE = ["cutting board", "tape measure", "French horn", "computer mouse", "fire extinguisher", "baseball glove",
           "toothbrush", "wine glass", "potted plant", "hair dryer", "traffic cone", "monitor"]

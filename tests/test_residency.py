@@ -15,7 +15,8 @@ from music_model.roles import load_role, release_roles, resident_roles, thread_o
 from music_model.roles.base import OutOfMemory
 from music_model.roles.slots import Slot, current_device, device_slot, free_slots, slot_dir
 from tasks import filter as filter_stage
-from tasks.engine import fingerprint, read_rows, run_shard, stage_dir
+from tasks.build_paths import stage_dir
+from tasks.contract import fingerprint, read_rows, run_shard
 
 CLIP = {"role": "clip", "backend": "transformers", "model": "zoo:clip_b32", "batch_size": 8}
 DINO = {"role": "dino", "backend": "transformers", "model": "zoo:dino_vits16", "batch_size": 8}

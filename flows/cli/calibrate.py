@@ -40,8 +40,9 @@ def calibrate_command(
         refuse_failed_preflight(variant)
     start_server()
     from flows.build import build_training_set
+    from tasks.build_lock import BuildLocked
+    from tasks.build_paths import build_dir
     from tasks.calibrate import calibration_report, text_table, variants_table
-    from tasks.engine import BuildLocked, build_dir
     from tasks.preflight import PreflightError
 
     if field:

@@ -155,8 +155,9 @@ def build(
     start_server()
     from flows.build import build_training_set
     from flows.runners import make_task_runner
-    from tasks.engine import BuildLocked, build_dir
     from flows.ops.alerts import GateFailed
+    from tasks.build_lock import BuildLocked
+    from tasks.build_paths import build_dir
     from tasks.preflight import PreflightError
 
     typer.echo(f"Output: {build_dir(parsed).resolve()}")
@@ -190,8 +191,9 @@ def clean(
     spec's `release.keep` (never the current one), with the bytes they free."""
     from data_specs.build import load_build_spec
     from data_specs.roles import SpecError
+    from tasks.build_lock import build_lock, lock_holder
+    from tasks.build_paths import build_dir
     from tasks.clean import find_unused, remove
-    from tasks.engine import build_dir, build_lock, lock_holder
 
     try:
         parsed = load_build_spec(spec)

@@ -41,7 +41,7 @@ def build(
     refuse_failed_preflight(parsed)
     start_server()
     from flows.msic import build_msic
-    from tasks.engine import BuildLocked
+    from tasks.build_lock import BuildLocked
     from tasks.preflight import PreflightError
 
     try:

@@ -59,7 +59,7 @@ def list_releases(spec: Path = typer.Argument(..., help="The build spec.")) -> N
 
 
 def _swap(spec: Path, action) -> None:
-    from tasks.engine import build_lock, lock_holder
+    from tasks.build_lock import build_lock, lock_holder
     from tasks.releases import ReleaseError
 
     parsed, folder = _folder(spec)

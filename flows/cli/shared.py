@@ -21,7 +21,8 @@ def fail(error: Exception | str, code: int = 2) -> NoReturn:
 def refuse_if_building(spec, wait: bool) -> None:
     """Exit at once, naming the holder, when another run builds into this spec's folder (unless
     `wait`: the flow then waits for it). Checked before the server starts, so it takes a second."""
-    from tasks.engine import build_dir, busy_message, lock_holder
+    from tasks.build_lock import busy_message, lock_holder
+    from tasks.build_paths import build_dir
     from tasks.faults import operational_exit
 
     with operational_exit(build_dir(spec)):  # the lock is the build's first write: a read-only folder stops here

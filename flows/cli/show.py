@@ -18,7 +18,7 @@ def published_folder(target: Path) -> tuple[Path, str]:
     is) and its kind."""
     if target.suffix in (".yaml", ".yml"):
         from data_specs.build import load_build_spec
-        from tasks.engine import build_dir
+        from tasks.build_paths import build_dir
 
         spec = load_build_spec(target)
         target = build_dir(spec) / ("msic" if spec.msic else "dataset")
@@ -39,7 +39,7 @@ def show(
     import pyarrow.parquet as pq
 
     from music_model.subjects import preview
-    from tasks.engine import read_rows
+    from tasks.contract import read_rows
     from tasks.publish import preview_ids, write_sheets
 
     try:

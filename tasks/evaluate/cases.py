@@ -16,10 +16,12 @@ from music_model.roles import load_role
 from music_model.scoring.metrics import PROTOCOL, SCALE, Scorer
 from music_model.scoring.multisubject import CASE_METRICS, by_subject_count, decode_case, score_cases
 from music_model.scoring.passn import passn_curve
-from tasks.engine import run_marked, shard_name, write_atomic, write_table
+from safe_files import write_atomic
+from tasks.contract import write_table
 from tasks.evaluate.common import (LABELS, comparison_rows, figure, gather, markdown_table, passn_outputs,
                                    published_note, save_figure, shard_marker, tiny_note, with_ci, write_json)
 from tasks.faults import stops_on_fault
+from tasks.markers import run_marked, shard_name
 
 
 def read_row_range(path: str | Path, start: int, stop: int) -> list[dict]:

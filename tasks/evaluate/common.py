@@ -1,5 +1,5 @@
 """What the DreamBench and the multi-subject evaluations share: shard bookkeeping (chunks, input
-fingerprints, marker paths, gathering shard files; the markers themselves are `tasks.engine`'s), report pieces (JSON without NaN, Markdown tables,
+fingerprints, marker paths, gathering shard files; the markers themselves are `tasks.markers`'), report pieces (JSON without NaN, Markdown tables,
 the paper's published rows, the Pass@N section) and the plotting set-up."""
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_specs.eval import PAPER_FIGURES, PAPER_FIGURES_SOURCE, EvalSpec
-from tasks.engine import shard_name, write_atomic, write_table
+from safe_files import write_atomic
+from tasks.contract import write_table
+from tasks.markers import shard_name
 
 LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "uno_dino": "DINO (UNO)", "uno_clip_i": "CLIP-I (UNO)",
           "grounded_dino": "grounded DINO", "grounded_clip_i": "grounded CLIP-I", "missing_rate": "missing rate",

@@ -17,10 +17,12 @@ from music_model.scoring.dreambench import (DreamBench, GeneratedImage, Scan, co
                                             score_generated, summarise)
 from music_model.scoring.metrics import METRICS, PROTOCOL, SCALE, Scorer
 from music_model.scoring.passn import passn_curve
-from tasks.engine import ShardMeter, run_marked, shard_name, write_atomic, write_table
+from safe_files import write_atomic
+from tasks.contract import write_table
 from tasks.evaluate.common import (LABELS, comparison_rows, figure, gather, markdown_table, passn_outputs,
                                    published_note, save_figure, shard_marker, tiny_note, with_ci, write_json)
 from tasks.faults import stops_on_fault
+from tasks.markers import ShardMeter, run_marked, shard_name
 
 PLAN = pa.schema([("subject", pa.string()), ("prompt_index", pa.int32()), ("sample", pa.int32()), ("path", pa.string())])
 

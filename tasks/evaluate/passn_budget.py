@@ -29,8 +29,10 @@ from music_model.roles import load_role
 from music_model.scoring.judge import JUDGE_METRICS, judge_images
 from music_model.scoring.metrics import Scorer, bootstrap_estimate
 from music_model.scoring.passn import budget_table, rank_agreement, strategies
-from tasks.engine import run_marked, shard_name, write_atomic, write_table
+from safe_files import write_atomic
+from tasks.contract import write_table
 from tasks.evaluate.common import figure, gather, markdown_table, save_figure, with_ci, write_json
+from tasks.markers import run_marked, shard_name
 
 METRICS = ("uno_dino", "uno_clip_i", "clip_t", "grounded_dino", *JUDGE_METRICS)
 BUDGET_CANDIDATES = pa.schema([

@@ -1,4 +1,4 @@
-"""The stage contract, shard I/O, fingerprints and completion markers: what makes every stage resumable.
+"""The stage contract, shard I/O, fingerprints and the stage shard runner: what makes every stage resumable.
 
 A `Stage` declares its whole contract in one place: the roles it loads, the spec fields it reads,
 the columns it writes and what its work counts. The engine holds it to that contract: a stage sees
@@ -7,43 +7,38 @@ column it writes that it did not declare, or that `schemas.WORK` lacks, fails th
 
 A stage's output for shard k lives at `stages/<stage>/<fingerprint>/part-0000k.parquet`, with its
 dropped rows beside it (and its scores table, for a stage that declares scores) and a
-`.done.json` marker written last. The fingerprint hashes the stage's
+`.done.json` marker written last (`tasks.markers`). The fingerprint hashes the stage's
 name, version, the values of the fields it reads, its roles' content settings (backend, model,
 dtype, options: what decides the output) and the upstream fingerprint, so changing a field reruns
 the stages that read it and what follows, and nothing else. Execution settings (batch size, device,
-offload: how fast, not what) are recorded in each marker instead. The marker records each part's
-bytes, rows and sha256 and the size of each image the shard stored: a shard is reused only when
-they still prove themselves (sizes and Parquet footers; the hashes too with `verify`), and is
-redone otherwise. Images live once per build in `ImageStore`; rows name them by path.
+offload: how fast, not what) are recorded in each marker instead. Images live once per build in
+`ImageStore` (`tasks.image_store`); rows name them by path.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from filelock import FileLock, Timeout
 from pydantic import BaseModel
 
 from data_specs.build import BuildSpec, canonical_json
 from data_specs.roles import RoleSpec
-from safe_files import sha256_file, write_atomic
 from data_specs.schemas import DROPPED, SCORES, WORK
-from music_model.roles import (load_role, peak_memory_bytes, reset_peak_memory, resident_roles, thread_load_seconds,
-                               thread_model_loads, thread_oom_retries)
-from music_model.media.images import from_struct, to_struct
+from music_model.roles import load_role, peak_memory_bytes, reset_peak_memory, resident_roles
 from music_model.roles.base import resolve_device
-from music_model.roles.slots import current_device, describe_holders, write_holder
+from music_model.roles.slots import current_device
+from safe_files import sha256_file, write_atomic
+from tasks.build_paths import build_dir, stage_dir
+from tasks.image_store import ImageStore, image_store
+from tasks.markers import marker_path, run_marked, scores_path, shard_name
 
 # How a role runs, not what it makes: recorded in markers and the card, never fingerprinted.
 EXECUTION_FIELDS = ("batch_size", "device", "offload")
@@ -78,10 +73,6 @@ def write_table(rows: list[dict], schema: pa.Schema, path: Path) -> None:
 
 def read_rows(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
-
-
-def shard_name(shard: int) -> str:
-    return f"part-{shard:05d}"
 
 
 def num_shards(spec: BuildSpec) -> int:
@@ -179,70 +170,6 @@ def role_content(role: RoleSpec) -> dict:
 
 def role_execution(role: RoleSpec) -> dict:
     return role.model_dump(mode="json", include=set(EXECUTION_FIELDS))
-
-
-class ImageStore:
-    """A build's images, each stored once, by content: `images/<aa>/<sha256>.png` under the build
-    folder. A stage row holds `{"bytes": None, "path": "images/aa/<sha256>.png"}` (the path form of
-    the Hugging Face image layout, relative to the build folder), so a target and every decimated
-    sibling of it, in every stage's shard, share one file; a row with its bytes inline is read as is.
-    A shard's paths are relative to the build folder it lives in (`of_stage_dir`)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    @classmethod
-    def of_stage_dir(cls, folder: Path) -> "ImageStore":
-        """The store of the build whose `stages/<stage>/<fingerprint>` folder is `folder`."""
-        return cls(folder.parents[2])
-
-    def put(self, image) -> dict:
-        """Store `image` (PNG, as `to_struct` encodes it) unless it is stored already; the struct naming it."""
-        data = to_struct(image)["bytes"]
-        digest = hashlib.sha256(data).hexdigest()
-        relative = f"images/{digest[:2]}/{digest}.png"
-        path = self.root / relative
-        if not path.exists() or path.stat().st_size != len(data):
-            write_atomic(path, lambda tmp: tmp.write_bytes(data))
-        return {"bytes": None, "path": relative}
-
-    def read_bytes(self, struct: dict) -> bytes:
-        return struct["bytes"] if struct.get("bytes") is not None else (self.root / struct["path"]).read_bytes()
-
-    def open(self, struct: dict):
-        return from_struct({"bytes": self.read_bytes(struct)})
-
-    def embedded(self, struct: dict) -> dict:
-        """The struct with its bytes inline, as published files hold it; a stored image whose bytes
-        are not its name's (damaged at equal size, which only its sha256 shows) raises `DamagedImage`."""
-        data = self.read_bytes(struct)
-        if struct.get("bytes") is None and hashlib.sha256(data).hexdigest() != Path(struct["path"]).stem:
-            raise DamagedImage(struct["path"])
-        return {"bytes": data, "path": None}
-
-
-class DamagedImage(ValueError):
-    """A stored image's bytes have another sha256 than its name: `forget_image` it and redo its shard."""
-
-    def __init__(self, relative: str):
-        super().__init__(f"{relative} has another sha256 than its name")
-        self.relative = relative
-
-
-def image_store(spec: BuildSpec) -> ImageStore:
-    return ImageStore(build_dir(spec))
-
-
-def image_problem(root: Path, relative: str, size: int, verify: bool) -> str | None:
-    """Why a stored image is not what its shard's marker recorded (the name is its sha256), or None."""
-    path = root / relative
-    if not path.exists():
-        return f"{relative} is missing"
-    if path.stat().st_size != size:
-        return f"{relative} is {path.stat().st_size} bytes, its marker says {size}"
-    if verify and sha256_file(path) != path.stem:
-        return f"{relative} has another sha256 than its name"
-    return None
 
 
 @dataclass
@@ -348,138 +275,6 @@ def shard_input(spec: BuildSpec, shard: int, upstream_dir: Path | None) -> str:
         return sha256_file(part)
 
 
-def build_dir(spec: BuildSpec) -> Path:
-    return Path(spec.output_root).expanduser() / spec.name
-
-
-def stage_dir(spec: BuildSpec, stage: str, fp: str) -> Path:
-    return build_dir(spec) / "stages" / stage / fp
-
-
-def part_record(path: Path) -> dict:
-    """What a marker records of one part it vouches for."""
-    return {"bytes": path.stat().st_size, "rows": pq.read_metadata(path).num_rows, "sha256": sha256_file(path)}
-
-
-def part_problem(path: Path, record: dict, verify: bool) -> str | None:
-    """Why the part at `path` is not what its marker recorded, or None when it is."""
-    if not path.exists():
-        return "is missing"
-    size = path.stat().st_size
-    if size != record["bytes"]:
-        return f"is {size} bytes, its marker says {record['bytes']}"
-    try:
-        rows = pq.read_metadata(path).num_rows
-    except (pa.ArrowException, OSError) as error:
-        return f"has an unreadable Parquet footer ({str(error).splitlines()[0]})"
-    if rows != record["rows"]:
-        return f"holds {rows} rows, its marker says {record['rows']}"
-    if verify and sha256_file(path) != record["sha256"]:
-        return "has another sha256 than its marker's"
-    return None
-
-
-def check_marker(marker: Path, verify: bool = False, images_root: Path | None = None, label: str | None = None,
-                 made_from: str | None = None) -> tuple[dict | None, str | None]:
-    """The one proof of a finished shard of any kind (a build stage's, an evaluation's, a
-    generation's): (marker, None) when every output it records still proves itself (and, under
-    `images_root`, every image it records) and, with `made_from`, it was made from that input;
-    (None, why) when not, the marker and every output or image that failed removed, so the shard is
-    redone and writes them anew; (None, None) for a shard still to do."""
-    try:
-        done = json.loads(marker.read_text())
-    except FileNotFoundError:
-        return None, None
-    except json.JSONDecodeError:
-        done = {}
-    outputs = done.get("outputs")
-    # path -> why: what failed its check is never trusted again, but removed so the redo writes it
-    # anew (the image store keeps a name it holds, and a damaged image keeps its name).
-    rejected = {marker.parent / name: f"{name} {problem}" for name, record in (outputs or {}).items()
-                if (problem := part_problem(marker.parent / name, record, verify))}
-    if images_root is not None:
-        rejected |= {images_root / relative: problem for relative, size in done.get("images", {}).items()
-                     if (problem := image_problem(images_root, relative, size, verify))}
-    problems = ([] if outputs is not None else [f"{marker.name} is unreadable or records no outputs"]) + [*rejected.values()]
-    if made_from is not None and done.get("input") != made_from:
-        problems.append(f"its input changed ({done.get('input')} -> {made_from})")
-    if problems:
-        for path in [marker, *rejected]:
-            path.unlink(missing_ok=True)
-        return None, f"redoing {label or marker.name.removesuffix('.done.json')} of {marker.parent}: {'; '.join(problems)}"
-    return {**done, "skipped": True}, None
-
-
-def forget_image(root: Path, relative: str) -> str:
-    """Remove a stored image found damaged (`DamagedImage`) and the markers of the shards that made
-    it, so the next pass redoes them and writes it anew; the log line saying so."""
-    (root / relative).unlink(missing_ok=True)
-    makers = []
-    for marker in sorted((root / "stages").glob("*/*/*.done.json")):
-        try:
-            made = relative in json.loads(marker.read_text()).get("images", {})
-        except (OSError, json.JSONDecodeError):
-            continue
-        if made:
-            marker.unlink(missing_ok=True)
-            makers.append(marker.relative_to(root).as_posix())
-    return f"{relative} has another sha256 than its name: removed, redoing the shards that made it ({', '.join(makers) or 'none found'})"
-
-
-def finish_marker(marker: Path, summary: dict, outputs: list[Path]) -> dict:
-    """Write a shard's marker, last: `summary` plus the bytes, rows and sha256 of each output (files
-    beside the marker) that `check_marker` later holds them to."""
-    summary = {**summary, "outputs": {path.name: part_record(path) for path in outputs}}
-    write_atomic(marker, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
-    return {**summary, "skipped": False}
-
-
-class ShardMeter:
-    """What one shard's work cost on this thread, from construction to `figures()`: wall seconds,
-    model loads and their seconds, out-of-memory retries."""
-
-    def __init__(self) -> None:
-        self.start, self.loads = time.perf_counter(), thread_model_loads()
-        self.load_seconds, self.oom_retries = thread_load_seconds(), thread_oom_retries()
-
-    def figures(self) -> dict:
-        return {"seconds": round(time.perf_counter() - self.start, 4), "model_loads": thread_model_loads() - self.loads,
-                "load_seconds": round(thread_load_seconds() - self.load_seconds, 4),
-                "oom_retries": thread_oom_retries() - self.oom_retries}
-
-
-def run_marked(marker: Path, work: Callable[[], tuple[dict, list[Path]]], images_root: Path | None = None,
-               made_from: str | None = None) -> dict:
-    """The one shard runner, for every kind of shard: the marker when the shard is done and proves
-    itself (made from `made_from`, when given); else `work()` (the summary and the output files it
-    wrote beside the marker), measured by a `ShardMeter`, then the marker, recording the input."""
-    if done := check_marker(marker, images_root=images_root, made_from=made_from)[0]:
-        return done
-    # Temporary files of a process killed mid-write: the shard is redone from scratch.
-    for stale in marker.parent.glob(f".{marker.name.removesuffix('.done.json')}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    meter = ShardMeter()
-    summary, outputs = work()
-    made = {} if made_from is None else {"input": made_from}
-    return finish_marker(marker, {**summary, **made, **meter.figures()}, outputs)
-
-
-def scores_path(folder: Path, shard: int) -> Path:
-    """A shard's scores table (`Stage(scores=...)`) in its stage folder."""
-    return folder / f"{shard_name(shard)}.scores.parquet"
-
-
-def marker_path(spec: BuildSpec, stage: str, fp: str, shard: int) -> Path:
-    return stage_dir(spec, stage, fp) / f"{shard_name(shard)}.done.json"
-
-
-def check_shard(spec: BuildSpec, stage: str, fp: str, shard: int, verify: bool = False,
-                expected_input: str | None = None) -> tuple[dict | None, str | None]:
-    """`check_marker` for a build stage's shard, its images checked in the build's store; with
-    `expected_input`, a marker made from another input (`shard_input`) is redone too."""
-    return check_marker(marker_path(spec, stage, fp, shard), verify, build_dir(spec), f"{stage} shard {shard}", expected_input)
-
-
 def check_columns(stage: Stage, rows_in: list[dict], rows_out: list[dict]) -> None:
     """A stage changes only the columns it declares writing: every other column of an output row
     holds its input row's value (found by id, or by source index for a stage that writes ids)."""
@@ -536,61 +331,3 @@ def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: 
         }, list(parts)
 
     return run_marked(marker_path(spec, stage.name, fp, shard), work, build_dir(spec), shard_input(spec, shard, upstream_dir))
-
-
-# --- one build per output folder ------------------------------------------------------------------
-
-
-LOCK_GRACE_SECONDS = 1.0
-
-
-class BuildLocked(RuntimeError):
-    """Another process is building into this output folder; the message names it."""
-
-
-def lock_path(spec: BuildSpec) -> Path:
-    return build_dir(spec) / ".build.lock"
-
-
-def _build_lock(spec: BuildSpec) -> FileLock:
-    path = lock_path(spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The file stays, so a waiter never locks a deleted inode; the kernel frees the lock when its holder dies.
-    return FileLock(path, thread_local=False, preserve_lock_file=True)
-
-
-def lock_holder(spec: BuildSpec) -> str | None:
-    """Who holds this build's lock now (None: nobody); the lock is tried and given straight back."""
-    lock = _build_lock(spec)
-    try:
-        lock.acquire(blocking=False)
-    except Timeout:
-        return describe_holders([lock_path(spec)], time.time())
-    lock.release()
-    return None
-
-
-def busy_message(spec: BuildSpec, holder: str) -> str:
-    return f"{build_dir(spec)} is being built by another run ({holder}): wait for it, or pass --wait"
-
-
-@contextmanager
-def build_lock(spec: BuildSpec, holder: dict, wait: bool = False, log: Callable[[str], None] | None = None) -> Iterator[None]:
-    """Hold the build folder's lock for the body: with `wait`, wait for it; else raise `BuildLocked`
-    naming the holder at once. `holder` (what, flow_run) is written beside the lock for the others."""
-    lock = _build_lock(spec)
-    try:
-        # A second's grace: `lock_holder` (a `music build` checking first) holds it for microseconds.
-        lock.acquire(timeout=LOCK_GRACE_SECONDS, poll_interval=0.05)
-    except Timeout:
-        who = describe_holders([lock_path(spec)], time.time())
-        if not wait:
-            raise BuildLocked(busy_message(spec, who)) from None
-        if log:
-            log(f"waiting for {build_dir(spec)}: {who}")
-        lock.acquire()
-    write_holder(lock_path(spec), {**holder, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
-    try:
-        yield
-    finally:
-        lock.release()
