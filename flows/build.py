@@ -13,17 +13,17 @@ from prefect import flow, get_run_logger, runtime, unmapped
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from data_specs.build import BuildSpec, load_build_spec
+from data_specs.build import BuildSpec
 from flows.ops.alerts import GateFailed, announce, release_lines
 from flows.ops.monitor import on_flow_running, stop_promptly
 from flows.run_names import run_name
 from flows.runners import default_task_runner, shard_placement
 from music_model.roles import release_roles
 from safe_files import write_atomic
+from tasks import releases, waves
 from tasks.build_lock import build_lock
 from tasks.build_paths import build_dir
 from tasks.build_tasks import enter_stage, publish_dataset, stage_shard
-from tasks import releases, waves
 from tasks.contract import num_shards, shard_input
 from tasks.cost_plan import funnel
 from tasks.faults import operational_exit
@@ -31,7 +31,7 @@ from tasks.image_store import forget_image
 from tasks.markers import check_shard
 from tasks.preflight import preflight
 from tasks.publish import preview_markdown, publish_fingerprint, publishable, published_stats
-from tasks.stages import stage_chain
+from tasks.stages import load_build_spec, stage_chain
 
 
 def artifact_key(*parts: str) -> str:

@@ -105,10 +105,9 @@ def chain(tmp_path_factory):
     import yaml
 
     from data_specs import shipped
-    from data_specs.build import parse_build_spec
     from data_specs.schemas import WORK
     from tasks.contract import read_rows, run_shard
-    from tasks.stages import stage_chain
+    from tasks.stages import parse_build_spec, stage_chain
 
     data = yaml.safe_load(shipped("tiny.yaml").read_text())
     data.update(name="stages", num_source_images=6, shard_size=6, output_root=str(tmp_path_factory.mktemp("stages")))

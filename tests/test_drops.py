@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from data_specs.build import parse_build_spec
 from data_specs.schemas import DROPPED, WORK
 from music_model.media.images import to_struct
 from tasks import annotate, compose, detect, filter, publish, rerender, verify
 from tasks.build_paths import stage_dir
 from tasks.contract import fingerprint, read_rows, run_shard, write_table
 from tasks.markers import shard_name
+from tasks.stages import parse_build_spec
 
 
 def variant(spec, tmp_path: Path, **sections):

@@ -77,9 +77,9 @@ def pipeline_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the pipeline summary as JSON here."),
 ) -> None:
     """Rebuild the training set, regenerate MSIC, train, then generate and evaluate on MSIC and DreamBench."""
-    from data_specs.build import load_build_spec
     from data_specs.eval import load_eval_spec
     from data_specs.train import resolve_spec_path
+    from tasks.stages import load_build_spec
 
     try:
         parsed = _spec(spec, output_root=str(output) if output else None)
