@@ -2,7 +2,6 @@
 segment + layout -> decimate -> filter -> publish, one task run per (stage, shard)."""
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from prefect.futures import as_completed
 from data_specs.build import BuildSpec, load_build_spec
 from flows.ops.alerts import GateFailed, announce, release_lines
 from flows.ops.monitor import on_flow_running, stop_promptly
-from flows.run_names import run_name
+from flows.run_names import artifact_key, run_name
 from flows.runners import default_task_runner, shard_placement
 from music_model.roles import release_roles
 from safe_files import write_atomic
@@ -32,11 +31,6 @@ from tasks.markers import check_shard
 from tasks.preflight import preflight
 from tasks.publish import preview_markdown, publish_fingerprint, publishable, published_stats
 from tasks.stages import stage_chain
-
-
-def artifact_key(*parts: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes."""
-    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
 def stage_table(stage: str, results: list[dict], wall: float) -> dict:

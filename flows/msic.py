@@ -9,9 +9,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from data_specs.build import BuildSpec, load_build_spec
-from flows.build import artifact_key, lock_holder_record, publish_redoing_damaged, run_stages
+from flows.build import lock_holder_record, publish_redoing_damaged, run_stages
 from flows.ops.monitor import on_flow_running
-from flows.run_names import run_name
+from flows.run_names import artifact_key, run_name
 from flows.runners import default_task_runner
 from flows.ops.alerts import GateFailed, announce, release_lines
 from tasks import releases
