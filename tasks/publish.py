@@ -41,11 +41,10 @@ from music_model.roles.hub import licence_of
 from music_model.subjects.preview import from_published, render_sheet
 from safe_files import write_atomic
 from tasks import releases, waves
-from tasks.build_paths import build_dir, stage_dir
+from tasks.build_paths import build_dir, recorded, stage_dir
 from tasks.contract import read_rows, stable_int, write_table
 from tasks.image_store import ImageStore
 from tasks.markers import shard_name
-from tasks.preflight import recorded
 
 PREVIEW_SAMPLES = 6
 # Bumped when the published files change for the same inputs. 2: the quality-score columns. 3: the
