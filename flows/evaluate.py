@@ -14,9 +14,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from data_specs.eval import EvalSpec, load_eval_spec
-from flows.build import artifact_key
 from flows.ops.monitor import on_flow_running
-from flows.run_names import run_name
+from flows.run_names import artifact_key, run_name
 from music_model.roles import total_model_loads
 from music_model.scoring.dreambench import DreamBenchError, load_dreambench, scan_generated
 from music_model.scoring.multisubject import CasesError, read_cases_table

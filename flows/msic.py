@@ -8,10 +8,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.build import artifact_key, lock_holder_record, publish_redoing_damaged, run_stages
+from flows.build import lock_holder_record, publish_once, run_stages
 from flows.ops.alerts import GateFailed, announce, release_lines
 from flows.ops.monitor import on_flow_running
-from flows.run_names import run_name
+from flows.run_names import artifact_key, run_name
 from flows.runners import default_task_runner
 from tasks import releases
 from tasks.build_lock import build_lock
@@ -51,11 +51,8 @@ def build_msic(spec_path: str, verify: bool = False, wait: bool = False) -> dict
         fingerprint = msic_fingerprint(spec, run.upstream, run.shards)
         folder = build_dir(spec).resolve() / "msic"
         before = (releases.current(folder) or {}).get("version")
-        result = published_msic(spec, fingerprint)
-        if result is None:
-            result = publish_redoing_damaged(spec, run, verify, lambda: publish_msic_task(
-                run.spec_json, str(run.upstream_dir), run.shards, spec.msic.version, fingerprint))
-            run.task_runs += 1
+        result = publish_once(spec, run, verify, lambda: published_msic(spec, fingerprint), lambda: publish_msic_task(
+            run.spec_json, str(run.upstream_dir), run.shards, spec.msic.version, fingerprint))
     announce(spec.name, folder, result, before, artifact_key(spec.name, "release"))
     if result["release"]["status"] == "rejected":
         raise GateFailed("\n".join(release_lines(spec.name, "msic", result["release"])))

@@ -26,9 +26,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from data_specs.eval import load_eval_spec, parse_eval_spec
 from data_specs.train import TrainSpec, load_train_spec, resolve_spec_path
-from flows.build import artifact_key
 from flows.ops.monitor import on_flow_running
-from flows.run_names import run_name
+from flows.run_names import artifact_key, run_name
 from music_model.music.model import msic_cases_file
 from music_model.roles import release_roles
 from safe_files import write_atomic

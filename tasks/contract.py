@@ -40,7 +40,7 @@ from music_model.roles.slots import current_device
 from safe_files import sha256_file, write_atomic
 from tasks.build_paths import build_dir, stage_dir
 from tasks.image_store import ImageStore, image_store
-from tasks.markers import marker_path, run_marked, scores_path, shard_name
+from tasks.markers import marker_path, run_marked, scores_path, shard_marker, shard_name
 
 # How a role runs, not what it makes: recorded in markers and the card, never fingerprinted.
 EXECUTION_FIELDS = ("batch_size", "device", "offload")
@@ -324,7 +324,7 @@ def shard_input(spec: BuildSpec, shard: int, upstream_dir: Path | None) -> str:
         return f"sources {sources.start}-{sources.stop}"
     part = upstream_dir / f"{shard_name(shard)}.parquet"
     try:
-        return json.loads((upstream_dir / f"{shard_name(shard)}.done.json").read_text())["outputs"][part.name]["sha256"]
+        return json.loads(shard_marker(upstream_dir, shard).read_text())["outputs"][part.name]["sha256"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):  # rows given without a marker (a test's, a notebook's)
         return sha256_file(part)
 

@@ -354,10 +354,9 @@ def published_msic(spec: BuildSpec, fingerprint: str) -> dict | None:
 
 def publish_msic(spec: BuildSpec, filter_dir: Path, shards: int, fingerprint: str) -> dict:
     """Drop near-duplicate sources, select, check and publish the benchmark: cases Parquet,
-    manifest.json, a card and preview sheets (or return the result when this fingerprint is
-    already published). Near-duplicate drops go to `stages/publish-msic/<fingerprint>/dropped.parquet`."""
-    if result := published_msic(spec, fingerprint):
-        return result
+    manifest.json, a card and preview sheets (whether this fingerprint is already published is the
+    caller's question: `published_msic`, asked by the MSIC flow's `publish_once`). Near-duplicate
+    drops go to `stages/publish-msic/<fingerprint>/dropped.parquet`."""
     # Selection reads the rows without their images; only the chosen cases' images are read.
     index = read_filter_index(filter_dir, shards)
     kept, dropped, duplicates = drop_near_duplicates(spec, index, "publish-msic")

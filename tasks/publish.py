@@ -41,11 +41,10 @@ from music_model.roles.hub import licence_of
 from music_model.subjects.preview import from_published, render_sheet
 from safe_files import write_atomic
 from tasks import releases, waves
-from tasks.build_paths import build_dir, stage_dir
+from tasks.build_paths import build_dir, recorded, stage_dir
 from tasks.contract import read_rows, stable_int, write_table
 from tasks.image_store import ImageStore
 from tasks.markers import shard_name
-from tasks.preflight import recorded
 from tasks.stages import published_schema, published_scores
 
 PREVIEW_SAMPLES = 6
@@ -457,10 +456,10 @@ def published_stats(spec: BuildSpec, fingerprint: str) -> dict | None:
 
 def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict], fingerprint: str,
             made: list[int] | None = None) -> dict:
-    """Write the published dataset (or return its stats when this fingerprint is already published).
+    """Write the published dataset and return its stats; whether this fingerprint is already
+    published is the caller's question (`published_stats`, asked by the build flow's `publish_once`):
+    publishing again makes no new release for the same data (`releases.commit`).
     `made`: a target build's sources after each wave."""
-    if stats := published_stats(spec, fingerprint):
-        return stats
     index = read_filter_index(filter_dir, shards)
     kept, dropped, _ = drop_near_duplicates(spec, index, "publish")
     rows = sorted(kept, key=lambda r: r["id"])

@@ -28,7 +28,7 @@ from music_model.music.training import read_history, train
 from safe_files import write_atomic
 from tasks.contract import write_table
 from tasks.faults import stops_on_fault
-from tasks.markers import run_marked, shard_name
+from tasks.markers import run_marked, shard_marker, shard_name
 
 MAX_PLOTTED = 2000
 
@@ -92,7 +92,7 @@ def generate_msic_part(spec_json: str, adapters: str | None, cases_path: str, st
         return {"shard": shard, "cases": len(rows), "images": len(records), "plans_repaired": sum(bool(r["repairs"]) for r in records),
                 "plans_rejected": sum(r["plan_error"] is not None for r in records)}, outputs
 
-    return run_marked(out / "parts" / f"{shard_name(shard)}.done.json", generated)
+    return run_marked(shard_marker(out / "parts", shard), generated)
 
 
 def merge_msic_parts(out_dir: str, shards: int) -> dict:
@@ -124,7 +124,7 @@ def generate_dreambench_part(spec_json: str, adapters: str | None, bench_root: s
         write_table(records, GENERATION, outputs[0])
         return {"shard": shard, "subjects": subjects, **counts}, outputs
 
-    return run_marked(out / "parts" / f"{shard_name(shard)}.done.json", generated)
+    return run_marked(shard_marker(out / "parts", shard), generated)
 
 
 # --- Prefect task wrappers ------------------------------------------------------------------------------

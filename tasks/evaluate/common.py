@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from data_specs.eval import PAPER_FIGURES, PAPER_FIGURES_SOURCE, EvalSpec
 from safe_files import write_atomic
 from tasks.contract import write_table
-from tasks.markers import shard_name
+from tasks.markers import shard_marker, shard_name  # shard_marker: re-exported for the benchmarks and flows.evaluate
 
 LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "uno_dino": "DINO (UNO)", "uno_clip_i": "CLIP-I (UNO)",
           "grounded_dino": "grounded DINO", "grounded_clip_i": "grounded CLIP-I", "missing_rate": "missing rate",
@@ -49,10 +49,6 @@ def files_digest(paths: list[Path]) -> str:
         stat = path.stat()
         digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
-
-
-def shard_marker(work_dir: Path, shard: int) -> Path:
-    return work_dir / f"{shard_name(shard)}.done.json"
 
 
 def gather(work_dir: Path, shards: int, kind: str, schema: pa.Schema) -> list[dict]:

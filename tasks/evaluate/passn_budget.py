@@ -32,7 +32,7 @@ from music_model.scoring.passn import budget_table, rank_agreement, strategies
 from safe_files import write_atomic
 from tasks.contract import write_table
 from tasks.evaluate.common import figure, gather, markdown_table, save_figure, with_ci, write_json
-from tasks.markers import run_marked, shard_name
+from tasks.markers import run_marked, shard_marker, shard_name
 
 METRICS = ("uno_dino", "uno_clip_i", "clip_t", "grounded_dino", *JUDGE_METRICS)
 BUDGET_CANDIDATES = pa.schema([
@@ -83,7 +83,7 @@ def budget_shard(train_json: str, eval_json: str, adapters: str | None, cases_pa
         write_table(rows, BUDGET_CANDIDATES, path)
         return {"shard": shard, "cases": len(cases), "candidates": len(rows)}, [path]
 
-    return run_marked(out / "shards" / f"{shard_name(shard)}.done.json", work)
+    return run_marked(shard_marker(out / "shards", shard), work)
 
 
 @task(name="passn-budget-shard", task_run_name="passn-budget-shard-{shard:05d}")
