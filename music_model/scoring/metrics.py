@@ -20,15 +20,15 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from data_specs.eval import CLIP_I, CLIP_T, DINO
 from data_specs.roles import RoleSpec
 
 SCALE = "raw cosine similarity of L2-normalised embeddings, in [-1, 1] (not x100, not rescaled)"
 PROTOCOL = {
-    "dino": "dino role CLS embedding; Resize 256 bicubic -> CenterCrop 224 -> ImageNet normalisation",
-    "clip_i": "clip role image embedding; Resize 224 bicubic -> CenterCrop 224 -> CLIP normalisation",
-    "clip_t": "clip role image embedding against the text embedding of the prompt (class noun, no rare token)",
+    DINO.name: "dino role CLS embedding; Resize 256 bicubic -> CenterCrop 224 -> ImageNet normalisation",
+    CLIP_I.name: "clip role image embedding; Resize 224 bicubic -> CenterCrop 224 -> CLIP normalisation",
+    CLIP_T.name: "clip role image embedding against the text embedding of the prompt (class noun, no rare token)",
 }
-METRICS = ("dino", "clip_i", "clip_t")
 
 
 class UnreadableImage(ValueError):

@@ -11,17 +11,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from data_specs.eval import CANDIDATE_SCORES, CASE_DROPS, SUBJECT_SCORES, EvalSpec
+from data_specs.eval import (CANDIDATE_SCORES, CASE_DROPS, CASE_METRICS, CLIP_T, GROUNDED_DINO, MISSING_RATE, SUBJECT_SCORES, UNO_CLIP_I,
+                             UNO_DINO, WORST_DINO, EvalSpec)
 from music_model.roles import load_role
 from music_model.scoring.metrics import PROTOCOL, SCALE, Scorer
-from music_model.scoring.multisubject import CASE_METRICS, by_subject_count, decode_case, score_cases
+from music_model.scoring.multisubject import by_subject_count, decode_case, score_cases
 from music_model.scoring.passn import passn_curve
 from safe_files import write_atomic
 from tasks.contract import write_table
-from tasks.evaluate.common import (LABELS, comparison_rows, figure, gather, markdown_table, passn_outputs,
+from tasks.evaluate.common import (comparison_rows, figure, gather, markdown_table, passn_outputs,
                                    published_note, save_figure, shard_marker, tiny_note, with_ci, write_json)
 from tasks.faults import stops_on_fault
 from tasks.markers import run_marked, shard_name
+
+# The headline scores: the Pass@N curve shows these.
+METRICS = (UNO_DINO, UNO_CLIP_I, CLIP_T, GROUNDED_DINO, MISSING_RATE)
 
 
 def read_row_range(path: str | Path, start: int, stop: int) -> list[dict]:
@@ -78,8 +82,7 @@ def finish_cases(spec: EvalSpec, cases_path: str, work_dir: Path, shards: int, c
     b = spec.bootstrap
     counts = by_subject_count(candidates, b.samples, b.confidence, b.seed) if candidates else []
     with_selection = any(not math.isnan(r["select_clip_t"]) for r in candidates)
-    passn_metrics = ["uno_dino", "uno_clip_i", "clip_t", "grounded_dino", "missing_rate"]
-    curve = passn_curve(candidates, ("case_id",), passn_metrics, "grounded_dino", spec.passn.identity_weight) if with_selection else []
+    curve = passn_curve(candidates, ("case_id",), [m.name for m in METRICS], "grounded_dino", spec.passn.identity_weight) if with_selection else []
     write_table(candidates, CANDIDATE_SCORES, out / "scores" / "candidates.parquet")
     write_table(subjects, SUBJECT_SCORES, out / "scores" / "subjects.parquet")
     write_table(drops, CASE_DROPS, out / "dropped.parquet")
@@ -89,7 +92,7 @@ def finish_cases(spec: EvalSpec, cases_path: str, work_dir: Path, shards: int, c
     models = {name: role.model for name, role in spec.roles.items() if name != "clip_select" or with_selection}
     overall = counts[-1] if counts else {}
     count_table = [{"subjects": r["subjects"], "cases": r["cases"], "images": r["images"],
-                    **{LABELS[m]: with_ci(r[m], r[f"{m}_ci_low"], r[f"{m}_ci_high"]) for m in CASE_METRICS}} for r in counts]
+                    **{m.label: with_ci(r[m.name], r[f"{m.name}_ci_low"], r[f"{m.name}_ci_high"]) for m in CASE_METRICS}} for r in counts]
     measured = [{"row": f"this run ({spec.name}, UNO-style, mean over candidates)", "source": "measured here",
                  "dino": overall.get("uno_dino"), "clip_i": overall.get("uno_clip_i"), "clip_t": overall.get("clip_t")}]
     if curve:
@@ -116,7 +119,7 @@ def finish_cases(spec: EvalSpec, cases_path: str, work_dir: Path, shards: int, c
              "![by subject count](plots/by_subject_count.png)", "",
              "## The paper's published figures", "", *published_note("msic"),
              *markdown_table(comparison, ["row", "source", "dino", "clip_i", "clip_t"])]
-    lines += passn_outputs(curve, passn_metrics, out, "grounded DINO")
+    lines += passn_outputs(curve, METRICS, out, "grounded DINO")
     lines += ["", "## Dropped inputs", "", *markdown_table(drops, ["case_id", "candidate", "reason", "detail"])]
     report = "\n".join(lines) + "\n"
     write_atomic(out / "report.md", lambda tmp: tmp.write_text(report))
@@ -130,15 +133,16 @@ def plot_by_count(counts: list[dict], path: Path) -> None:
     rows = [r for r in counts if r["subjects"] != "all"]
     x = [int(r["subjects"]) for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for metric in ("uno_dino", "uno_clip_i", "clip_t", "grounded_dino", "worst_dino"):
-        low = [r[metric] - r[f"{metric}_ci_low"] for r in rows]
-        high = [r[f"{metric}_ci_high"] - r[metric] for r in rows]
-        left.errorbar(x, [r[metric] for r in rows], yerr=[low, high], marker="o", capsize=3, label=LABELS[metric])
+    for metric in (UNO_DINO, UNO_CLIP_I, CLIP_T, GROUNDED_DINO, WORST_DINO):
+        m = metric.name
+        low = [r[m] - r[f"{m}_ci_low"] for r in rows]
+        high = [r[f"{m}_ci_high"] - r[m] for r in rows]
+        left.errorbar(x, [r[m] for r in rows], yerr=[low, high], marker="o", capsize=3, label=metric.label)
     left.set_xticks(x)
     left.set_xlabel("subjects in the case")
     left.set_ylabel("raw cosine")
     left.legend(fontsize=7)
-    right.bar(x, [r["missing_rate"] for r in rows], color="tab:red")
+    right.bar(x, [r[MISSING_RATE.name] for r in rows], color="tab:red")
     right.set_xticks(x)
     right.set_xlabel("subjects in the case")
     right.set_ylabel("subject-missing rate")

@@ -11,15 +11,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from data_specs.eval import DREAMBENCH_DROPS, DREAMBENCH_SCORES, EvalSpec
+from data_specs.eval import DREAMBENCH_DROPS, DREAMBENCH_METRICS, DREAMBENCH_SCORES, EvalSpec
 from music_model.roles import load_role
 from music_model.scoring.dreambench import (DreamBench, GeneratedImage, Scan, coverage, generate_missing, load_dreambench,
                                             score_generated, summarise)
-from music_model.scoring.metrics import METRICS, PROTOCOL, SCALE, Scorer
+from music_model.scoring.metrics import PROTOCOL, SCALE, Scorer
 from music_model.scoring.passn import passn_curve
 from safe_files import write_atomic
 from tasks.contract import write_table
-from tasks.evaluate.common import (LABELS, comparison_rows, figure, gather, markdown_table, passn_outputs,
+from tasks.evaluate.common import (comparison_rows, figure, gather, markdown_table, passn_outputs,
                                    published_note, save_figure, shard_marker, tiny_note, with_ci, write_json)
 from tasks.faults import stops_on_fault
 from tasks.markers import ShardMeter, run_marked, shard_name
@@ -78,22 +78,23 @@ def finish_dreambench(spec: EvalSpec, bench: DreamBench, scan: Scan, work_dir: P
     for row, cells in zip(subject_rows, cover):
         row |= {"prompts_covered": cells["prompts_covered"], "missing_cells": cells["missing_cells"]}
     with_selection = any(not math.isnan(r["select_clip_t"]) for r in rows)
-    curve = passn_curve(rows, ("subject", "prompt_index"), METRICS, "dino", spec.passn.identity_weight, "subject") if with_selection else []
+    names = [m.name for m in DREAMBENCH_METRICS]
+    curve = passn_curve(rows, ("subject", "prompt_index"), names, "dino", spec.passn.identity_weight, "subject") if with_selection else []
     write_table(rows, DREAMBENCH_SCORES, out / "scores" / "images.parquet")
     write_table(subject_rows, pa.schema([("subject", pa.string()), ("class_noun", pa.string()), ("live", pa.bool_()),
-                                         ("images", pa.int32()), ("pairs", pa.int32()), *[(m, pa.float64()) for m in METRICS],
+                                         ("images", pa.int32()), ("pairs", pa.int32()), *(m.column for m in DREAMBENCH_METRICS),
                                          ("prompts_covered", pa.int32()), ("missing_cells", pa.int32())]),
                 out / "scores" / "subjects.parquet")
     write_table(drops, DREAMBENCH_DROPS, out / "dropped.parquet")
     models = {name: role.model for name, role in spec.roles.items() if name in ("dino", "clip") or (name == "clip_select" and with_selection)}
     score_table = [{"part": part, "subjects": o["subjects"], "images": o["images"],
-                    **{LABELS[m]: with_ci(o[m]["mean"], o[m]["ci_low"], o[m]["ci_high"]) for m in METRICS}}
+                    **{m.label: with_ci(o[m.name]["mean"], o[m.name]["ci_low"], o[m.name]["ci_high"]) for m in DREAMBENCH_METRICS}}
                    for part, o in overall.items()]
     measured = [{"row": f"this run ({spec.name}, mean over every image)", "source": "measured here",
-                 **{m: overall["all"][m]["mean"] for m in METRICS}}]
+                 **{m: overall["all"][m]["mean"] for m in names}}]
     if curve:
         best = [p for p in curve if p["selector"] == "clip_t"][-1]
-        measured.append({"row": f"this run (Pass@{best['n']}, clip_t selector)", "source": "measured here", **{m: best[m] for m in METRICS}})
+        measured.append({"row": f"this run (Pass@{best['n']}, clip_t selector)", "source": "measured here", **{m: best[m] for m in names}})
     comparison = comparison_rows("dreambench", measured)
     plot_subjects(subject_rows, out / "plots" / "subjects.png")
     summary = {
@@ -114,7 +115,7 @@ def finish_dreambench(spec: EvalSpec, bench: DreamBench, scan: Scan, work_dir: P
              "## The paper's published figures", "", *published_note("dreambench"),
              *markdown_table(comparison, ["row", "source", "dino", "clip_i", "clip_t"]), "",
              "## Per subject", "", *markdown_table(subject_rows), "", "![per subject](plots/subjects.png)"]
-    lines += passn_outputs(curve, list(METRICS), out, "DINO")
+    lines += passn_outputs(curve, DREAMBENCH_METRICS, out, "DINO")
     lines += ["", "## Dropped inputs", "", *markdown_table(drops, ["path", "reason", "detail"])]
     report = "\n".join(lines) + "\n"
     write_atomic(out / "report.md", lambda tmp: tmp.write_text(report))
@@ -128,8 +129,8 @@ def plot_subjects(subject_rows: list[dict], path: Path) -> None:
     rows = [r for r in subject_rows if r["images"]]
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows) + 2), 3.4))
     width = 0.27
-    for k, metric in enumerate(METRICS):
-        ax.bar([i + (k - 1) * width for i in range(len(rows))], [r[metric] for r in rows], width, label=LABELS[metric])
+    for k, metric in enumerate(DREAMBENCH_METRICS):
+        ax.bar([i + (k - 1) * width for i in range(len(rows))], [r[metric.name] for r in rows], width, label=metric.label)
     ax.set_xticks(range(len(rows)), [r["subject"] for r in rows], rotation=30, ha="right")
     ax.set_ylabel("raw cosine")
     ax.set_title("DreamBench scores per subject")
