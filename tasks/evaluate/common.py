@@ -96,13 +96,10 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> list[s
     return lines
 
 
-def published_note(benchmark: str) -> list[str]:
+def published_note(differs: str) -> list[str]:
     """What the paper's rows in a report are: published figures of another model (on another
-    benchmark, for MSIC), shown for context, never as a like-for-like comparison."""
-    differs = {"dreambench": "the benchmark is the same public DreamBench (a subset of its subjects gives other numbers), "
-                             "but the model is not",
-               "msic": "neither the model nor the benchmark is the same: this MSIC is a regeneration by the paper's recipe "
-                       "(the paper's curated set was never released)"}[benchmark]
+    benchmark, for MSIC: `differs` says what differs), shown for context, never as a like-for-like
+    comparison."""
     return [f"The paper's rows are its published figures for its own model (built on SEED-X); {differs}. "
             "They are context, not a comparison: docs/FIDELITY.md lists every difference.", ""]
 
