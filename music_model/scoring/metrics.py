@@ -173,7 +173,10 @@ def bootstrap_estimate(
         point.append(members.mean())
         weights.append(1.0 if equal_group_weight else float(len(members)))
     weights_arr = np.asarray(weights) / np.sum(weights)
-    statistic = np.stack(group_means, axis=1) @ weights_arr
+    # The point estimate is row 0 of the resampled statistics' own product: computed apart (np.dot
+    # against a matrix product), it can differ in the last bit and fall outside an interval whose
+    # draws are all equal (one value per group).
+    statistic = np.vstack([point, np.stack(group_means, axis=1)]) @ weights_arr
     tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(statistic, [tail, 100 - tail])
-    return Estimate(float(np.dot(point, weights_arr)), float(low), float(high), int(len(values)))
+    low, high = np.percentile(statistic[1:], [tail, 100 - tail])
+    return Estimate(float(statistic[0]), float(low), float(high), int(len(values)))
