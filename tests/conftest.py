@@ -62,8 +62,20 @@ def pytest_collection_modifyitems(session, config, items):
 
 def pytest_unconfigure(config):
     if "process" in _server:
+        import sys
+        import threading
+
+        if "prefect" in sys.modules:
+            # Logs still queued here (a flow run flushes its own when it ends) go out while the
+            # server answers, not from Prefect's exit hook to a stopped one, retried.
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=10, at_exit=False)
         from flows.ops.server import stop_server
 
+        # The server is this process's child: reaped as soon as it exits, its pid goes, which is
+        # what stop_server waits for (an unreaped child's pid stays, and it waited out its 30 s).
+        threading.Thread(target=_server["process"].wait, daemon=True).start()
         stop_server()
     shutil.rmtree(_server.get("home", ""), ignore_errors=True)
 
