@@ -32,7 +32,7 @@ from music_model.paths import folder_bytes  # noqa: E402
 PUBLISH_ALONE = """
 import json, resource, sys
 from pathlib import Path
-from data_specs.build import load_build_spec
+from tasks.stages import load_build_spec
 from tasks.build_paths import build_dir
 from tasks.contract import num_shards
 from tasks.publish import publish

@@ -27,13 +27,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_specs.build import BuildSpec, load_build_spec, parse_build_spec  # noqa: E402
+from data_specs.build import BuildSpec  # noqa: E402
 from tasks import waves  # noqa: E402
 from tasks.build_paths import stage_dir  # noqa: E402
 from tasks.clean import current_fingerprints  # noqa: E402
 from tasks.contract import num_shards  # noqa: E402
 from tasks.cost_plan import funnel  # noqa: E402
 from tasks.publish import publishable  # noqa: E402
+from tasks.stages import load_build_spec, parse_build_spec  # noqa: E402
 
 SHARD_SIZE = 4
 # (name, samples, mix): the three-way mix whose rarest share (4 subjects) asks for 3 samples,

@@ -10,7 +10,7 @@ through every stage) and generated texts run to their schema's bounds: LLM/VLM t
 bounds of what real checkpoints, which stop early, take.
 
 Per stage it prints items/s (the stage's work unit: rows, subjects or source images, as
-`tasks.cost_plan.STAGE_UNITS`), model-call and load seconds and the peak accelerator memory (reset per
+`Stage.unit`), model-call and load seconds and the peak accelerator memory (reset per
 stage); beside each model call, the same model in a plain diffusers / transformers loop on the first
 `--plain-batches` batches of the same inputs (the ratio is ours / plain throughput: >= 1 means the
 pipeline costs nothing over a hand-written loop; generation compares tokens/s, since the plain loop
@@ -48,9 +48,10 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_specs.build import BuildSpec, load_build_spec, parse_build_spec  # noqa: E402
+from data_specs.build import BuildSpec  # noqa: E402
 from data_specs.roles import model_kind  # noqa: E402
 from music_model.zoo.arch import ARCH_BY_HUB_ID, ARCHES, TINY_SUFFIX  # noqa: E402
+from tasks.stages import load_build_spec, parse_build_spec  # noqa: E402
 
 # Dense (not sparse) bf16 tensor-core peaks from the vendors' data sheets, TFLOPS; first match wins.
 DENSE_BF16_TFLOPS = (("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
@@ -403,15 +404,15 @@ def subjects_of(row: dict, stage: str) -> int:
 
 def stage_record(stage: str, summary: dict, rows_in: list[dict], rows_out: list[dict], peak: int | None,
                  calls: list[dict], min_subjects: int) -> dict[str, Any]:
-    from tasks.cost_plan import STAGE_UNITS, SUBJECT_STAGES
+    from tasks.stages import stage_named
 
-    unit = STAGE_UNITS[stage]
+    unit, plan = stage_named(stage).unit, stage_named(stage).plan
     if unit == "subjects":
         units = sum(subjects_of(r, stage) for r in rows_in)
     else:
         units = len({r["source_id"] for r in rows_in}) if unit == "sources" else len(rows_in)
     subjects: dict[str, Any] = {}
-    if stage in SUBJECT_STAGES:  # a subject's survival, measured on the rows the stage kept
+    if plan == "subjects":  # a subject's survival, measured on the rows the stage kept
         before = {r["id"]: subjects_of(r, stage) for r in rows_in}
         sampled = sum(before[r["id"]] for r in rows_out)
         subjects = {"subject_keep": sum(r["num_subjects"] for r in rows_out) / sampled if sampled else None,
@@ -451,10 +452,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from music_model.roles import release_roles
     from tasks.build_tasks import enter_stage, run_stage_shard
     from tasks.contract import read_rows
-    from tasks.markers import shard_name
-    from tasks.stages import stage_chain
     from tasks.cost_plan import funnel, measured_rates, project_hours
+    from tasks.markers import shard_name
     from tasks.publish import publish
+    from tasks.stages import stage_chain
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

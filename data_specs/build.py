@@ -1,95 +1,34 @@
 """The build spec: one YAML file that says what a training-set (or benchmark) build makes.
 
-Every stage parameter has the paper's default (docs/FIDELITY.md lists where the project departs
-from the paper, and why); a bad spec fails in `load_build_spec` before any model loads, with one
-line that names the field.
+`BuildSpec` holds what every build has (name, seed, sources, roles, and the publish, msic, release
+and target sections); each stage's section is the stage's own (`Stage(params=...)` in its module),
+and `spec_model` assembles the whole model from the sections the stage list declares
+(`tasks.stages.spec_model`), so adding a stage's parameters touches no file here and this package
+imports nothing of `tasks`. Every stage parameter has the paper's default (docs/FIDELITY.md lists
+where the project departs from the paper, and why); a bad spec fails in `tasks.stages.load_build_spec`
+before any model loads, with one line that names the field.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from data_specs import load_yaml, resolve_spec_path, shipped
 from data_specs.roles import Role, RoleSpec, SpecError, one_line
-from data_specs.schemas import SCORE_COLUMNS
 
-class _Section(BaseModel):
+
+class Section(BaseModel):
+    """A spec section: a stage declares its own (`Stage(params=...)`, the stage's module holds it)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ComposeParams(_Section):
-    """Sample categories, then the LLM keeps plausible combinations and writes the scene caption."""
-
-    max_caption_chars: int = Field(240, ge=16, le=2000)
-    require_plausible: bool = Field(True, description="drop combinations the LLM judges implausible")
-    require_named: bool = Field(True, description="retry, then drop, a caption that does not name every category")
-    caption_attempts: int = Field(3, ge=1, description="captions tried (each with a new seed) before a sample is dropped")
-
-
-class SynthesizeParams(_Section):
-    width: int = Field(1024, ge=16)
-    height: int = Field(1024, ge=16)
-
-
-class DetectParams(_Section):
-    min_box_area: float = Field(0.01, ge=0, lt=1, description="a subject whose best box is under this fraction of the "
-                                                               "image is removed")
-    max_box_overlap: float = Field(0.9, ge=0, le=1, description="two subjects whose boxes overlap more than this (IoU) "
-                                                               "are one object named twice: the lower-scoring one is "
-                                                               "removed (1: never)")
-    box_threshold: float = Field(0.35, ge=0, le=1)
-    text_threshold: float = Field(0.25, ge=0, le=1)
-
-
-class VerifyParams(_Section):
-    min_subjects: int = Field(2, ge=1, description="a sample with fewer verified subjects is dropped")
-    crop_margin: float = Field(0.1, ge=0, le=1, description="context around a box in the crop the VLM judges")
-    require_match: bool = Field(True, description="remove subjects the VLM rejects (tiny specs: a random VLM's verdict)")
-    min_confidence: float = Field(0.5, ge=0, le=1, description="the VLM's p(yes) a subject needs to be kept")
-
-
-class RerenderParams(_Section):
-    # {category}: one of the subject's category, in the singular ("sneaker" for "sneakers").
-    prompt: str = "Show this {category} from a different viewpoint and in a different pose, on a plain background."
-    size: int = Field(512, ge=16, description="a reference's longer side in pixels (its aspect is its crop's)")
-    render_size: int = Field(1024, ge=16, description="Kontext renders at its preferred ~1 MP resolutions scaled by "
-                                                       "render_size / 1024 (1024: as trained; tiny specs: small)")
-    min_dino: float = Field(0.4, ge=-1, le=1, description="below: identity lost")
-    max_dino: float = Field(0.95, ge=-1, le=1, description="above: a copy of the crop, not a new view")
-    crop_margin: float = Field(0.05, ge=0, le=1)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "RerenderParams":
-        if self.min_dino >= self.max_dino:
-            raise ValueError(f"min_dino ({self.min_dino}) must be below max_dino ({self.max_dino})")
-        return self
-
-
-class AnnotateParams(_Section):
-    max_instruction_chars: int = Field(300, ge=16, le=4000)
-    max_relations: int = Field(6, ge=0, le=32)
-
-
-class LayoutParams(_Section):
-    grid: int = Field(8, ge=2, le=32)
-    lam: float = Field(0.05, gt=0, le=1, description="tau = lam * mean IoU")
-
-
-class DecimateParams(_Section):
-    min_subjects: int = Field(2, ge=1)
-
-
-class FilterParams(_Section):
-    min_subjects: int = Field(2, ge=1)
-    max_subjects: int = Field(12, ge=1)
-    near_duplicate_clip: float = Field(0.95, ge=-1, le=1.0001, description="CLIP image cosine at or above: near duplicate")
-
-
-class PublishParams(_Section):
+class PublishParams(Section):
     rows_per_file: int = Field(256, ge=1)
     max_samples: int | None = Field(None, ge=1, description="cap on published samples (deterministic: lowest IDs)")
 
@@ -97,7 +36,7 @@ class PublishParams(_Section):
 QUANTILES = ("p05", "p25", "p50", "p75", "p95")
 
 
-class GateParams(_Section):
+class GateParams(Section):
     """Expectations a new release must meet to become current (each off when unset): absolute, and
     against its parent (the current release)."""
 
@@ -111,23 +50,21 @@ class GateParams(_Section):
     @field_validator("score_bounds")
     @classmethod
     def _quantiles(cls, value: dict) -> dict:
-        for column, bounds in value.items():
-            if column not in SCORE_COLUMNS:
-                raise ValueError(f"{column!r} is not a published score; known: {', '.join(SCORE_COLUMNS)}")
+        for column, bounds in value.items():  # the columns are the stages' (BuildSpec checks them)
             unknown = sorted(set(bounds) - set(QUANTILES))
             if unknown:
                 raise ValueError(f"{column}: unknown quantiles {unknown}; known: {', '.join(QUANTILES)}")
         return value
 
 
-class ReleaseParams(_Section):
+class ReleaseParams(Section):
     """Every publish whose data differs from the current release is a release (`<build>/releases/vN`)."""
 
     keep: int = Field(5, ge=1, description="releases `music clean` keeps (the newest, and always the current one)")
     gates: GateParams = GateParams()
 
 
-class TargetParams(_Section):
+class TargetParams(Section):
     """Build to a target: sources are made in waves until `samples` publishable samples exist (with
     `mix`, that many of each subject count), and exactly that many are published;
     `num_source_images` is then the ceiling on sources."""
@@ -147,7 +84,7 @@ class TargetParams(_Section):
         return dict(sorted((count, share) for count, share in value.items() if share > 0))
 
 
-class MsicParams(_Section):
+class MsicParams(Section):
     """The benchmark build: cases stratified by subject count, drawn from the decimated samples."""
 
     version: str = Field("1.0", pattern=r"^[\w.\-]+$")
@@ -166,7 +103,10 @@ class MsicParams(_Section):
         return sorted(set(value))
 
 
-class BuildSpec(_Section):
+class BuildSpec(Section):
+    """What every build spec has; `spec_model` adds each stage's section after `roles`, then the tail
+    (`TAIL`). Code takes a `BuildSpec` and reads a stage's section as an attribute (`spec.detect`)."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][\w.\-]*$")
     seed: int = 0
     num_source_images: int = Field(ge=1, description="source images to make (with a target: the most it may make)")
@@ -175,19 +115,8 @@ class BuildSpec(_Section):
     shard_size: int = Field(16, ge=1)
     output_root: str = "out"
     roles: dict[str, RoleSpec]
-    compose: ComposeParams = ComposeParams()
-    synthesize: SynthesizeParams = SynthesizeParams()
-    detect: DetectParams = DetectParams()
-    verify: VerifyParams = VerifyParams()
-    rerender: RerenderParams = RerenderParams()
-    annotate: AnnotateParams = AnnotateParams()
-    layout: LayoutParams = LayoutParams()
-    decimate: DecimateParams = DecimateParams()
-    filter: FilterParams = FilterParams()
-    publish: PublishParams = PublishParams()
-    msic: MsicParams | None = None
-    release: ReleaseParams = ReleaseParams()
-    target: TargetParams | None = None
+    # The published score columns the stages declare: what `release.gates.score_bounds` may bound.
+    score_columns: ClassVar[tuple[str, ...]] = ()
 
     @field_validator("subject_counts")
     @classmethod
@@ -234,6 +163,15 @@ class BuildSpec(_Section):
             raise ValueError(f"target.mix: subject counts {outside} cannot be published (this spec publishes {low}..{high})")
         return self
 
+    @model_validator(mode="after")
+    def _gate_columns(self) -> "BuildSpec":
+        release = getattr(self, "release", None)
+        unknown = [c for c in (release.gates.score_bounds if release else {}) if c not in self.score_columns]
+        if unknown:
+            raise ValueError(f"release.gates.score_bounds: {unknown[0]!r} is not a published score; "
+                             f"known: {', '.join(self.score_columns)}")
+        return self
+
     def spec_hash(self) -> str:
         """Hash of what decides the content: not where it is written, nor which training set the
         benchmark is checked against and how."""
@@ -263,9 +201,29 @@ def load_categories(categories: str, largest_count: int) -> list[str]:
     return names
 
 
-def parse_build_spec(data: Any, source: str = "spec") -> BuildSpec:
+# The sections after the stages', in this order (a spec's field order is its YAML dump's).
+TAIL = {"publish": (PublishParams, PublishParams()), "msic": (MsicParams | None, None),
+        "release": (ReleaseParams, ReleaseParams()), "target": (TargetParams | None, None)}
+
+
+@functools.cache
+def spec_model(sections: tuple[tuple[str, type[Section]], ...], score_columns: tuple[str, ...]) -> type[BuildSpec]:
+    """The whole spec model: `BuildSpec`, then each (name, section) in order with the section's
+    defaults, then `TAIL`; `score_columns` are what a gate may bound. Cached: one class per stage list."""
+    taken = set(BuildSpec.model_fields) | set(TAIL)
+    clashes = [name for name, _ in sections if name in taken]
+    if clashes:
+        raise SpecError(f"stage sections {clashes} clash with the build spec's own fields")
+    fields = {name: (model, model()) for name, model in sections}
+    model = create_model("BuildSpec", __base__=BuildSpec, __module__=__name__, **fields, **TAIL)
+    model.score_columns = score_columns
+    return model
+
+
+def parse_build_spec(data: Any, model: type[BuildSpec], source: str = "spec") -> BuildSpec:
+    """`data` validated as `model` (`spec_model`'s), a failure as one line naming the field."""
     try:
-        spec = BuildSpec.model_validate(data)
+        spec = model.model_validate(data)
     except ValidationError as error:
         raise SpecError(f"{source}: {one_line(error)}") from None
     if spec.categories != "objects365" and not spec.categories_path().exists():
@@ -273,10 +231,10 @@ def parse_build_spec(data: Any, source: str = "spec") -> BuildSpec:
     return spec
 
 
-def load_build_spec(path: str | Path) -> BuildSpec:
+def load_build_spec(path: str | Path, model: type[BuildSpec]) -> BuildSpec:
     """Read and validate a build spec YAML (a name without a folder looks in the shipped specs)."""
     path = resolve_spec_path(path)
-    return parse_build_spec(load_yaml(path), source=path.name)
+    return parse_build_spec(load_yaml(path), model, source=path.name)
 
 
 def canonical_json(value: Any) -> str:

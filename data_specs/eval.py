@@ -1,11 +1,13 @@
 """The evaluation spec: which models score (DINO, CLIP-I/CLIP-T, the Pass@N selector, the detector of
 the grounded score), an optional generator, and the scoring parameters; plus the Arrow schema of the
-generic multi-subject cases table that the MSIC benchmark (or any user) feeds the scorer.
+generic multi-subject cases table that the MSIC benchmark (or any user) feeds the scorer, the metrics
+(each a `Metric`, named once) and the scores tables built from them.
 
 A bad spec fails in `load_eval_spec` before any model loads, with one line naming the field.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -171,25 +173,55 @@ PAPER_FIGURES: list[dict[str, Any]] = [
     {"benchmark": "dreambench", "method": "MUSIC", "setting": "1 sample", "dino": 0.761, "clip_i": 0.837, "clip_t": None},
 ]
 
+@dataclass(frozen=True)
+class Metric:
+    """One score, named once (as torchmetrics names a metric): `name` is its column in every scores
+    table, summary and Pass@N curve, `label` its name in reports and plots."""
+
+    name: str
+    label: str
+
+    @property
+    def column(self) -> tuple[str, pa.DataType]:
+        return self.name, pa.float64()
+
+
+DINO = Metric("dino", "DINO")
+CLIP_I = Metric("clip_i", "CLIP-I")
+CLIP_T = Metric("clip_t", "CLIP-T")
+UNO_DINO = Metric("uno_dino", "DINO (UNO)")
+UNO_CLIP_I = Metric("uno_clip_i", "CLIP-I (UNO)")
+GROUNDED_DINO = Metric("grounded_dino", "grounded DINO")
+GROUNDED_CLIP_I = Metric("grounded_clip_i", "grounded CLIP-I")
+MISSING_RATE = Metric("missing_rate", "missing rate")  # a fraction of subjects, not a cosine
+WORST_DINO = Metric("worst_dino", "worst-subject DINO")
+JUDGE_SUBJECTS = Metric("judge_subjects", "judge (subjects)")
+JUDGE_INSTRUCTION = Metric("judge_instruction", "judge (instruction)")
+JUDGE = Metric("judge", "judge")
+# DreamBench's scores of a generated image against its subject's photos and its prompt.
+DREAMBENCH_METRICS = (DINO, CLIP_I, CLIP_T)
+# A multi-subject candidate's scores, reported by subject count.
+CASE_METRICS = (UNO_DINO, UNO_CLIP_I, CLIP_T, GROUNDED_DINO, GROUNDED_CLIP_I, MISSING_RATE, WORST_DINO)
+# The VQAScore-style judge (music_model.scoring.judge), reported, never selecting.
+JUDGE_METRICS = (JUDGE_SUBJECTS, JUDGE_INSTRUCTION, JUDGE)
+
 # Output tables. Scores are raw cosines in [-1, 1]; NaN where a score does not exist (no selector run,
 # a subject not found by the detector).
 DREAMBENCH_SCORES = pa.schema([
     ("subject", pa.string()), ("class_noun", pa.string()), ("live", pa.bool_()), ("prompt_index", pa.int32()),
     ("sample", pa.int32()), ("prompt", pa.string()), ("path", pa.string()), ("references", pa.int32()),
-    ("dino", pa.float64()), ("clip_i", pa.float64()), ("clip_t", pa.float64()), ("select_clip_t", pa.float64()),
+    *(m.column for m in DREAMBENCH_METRICS), ("select_clip_t", pa.float64()),
 ])
 DREAMBENCH_DROPS = pa.schema([("path", pa.string()), ("subject", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
 CANDIDATE_SCORES = pa.schema([
     ("case_id", pa.string()), ("candidate", pa.int32()), ("n_subjects", pa.int32()), ("prompt", pa.string()),
-    ("uno_dino", pa.float64()), ("uno_clip_i", pa.float64()), ("clip_t", pa.float64()),
-    ("grounded_dino", pa.float64()), ("grounded_clip_i", pa.float64()), ("grounded_dino_found", pa.float64()),
-    ("missing_rate", pa.float64()), ("missing_subjects", pa.int32()), ("worst_subject", pa.int32()),
-    ("worst_category", pa.string()), ("worst_dino", pa.float64()), ("select_clip_t", pa.float64()),
+    UNO_DINO.column, UNO_CLIP_I.column, CLIP_T.column, GROUNDED_DINO.column, GROUNDED_CLIP_I.column, ("grounded_dino_found", pa.float64()),
+    MISSING_RATE.column, ("missing_subjects", pa.int32()), ("worst_subject", pa.int32()),
+    ("worst_category", pa.string()), WORST_DINO.column, ("select_clip_t", pa.float64()),
 ])
 SUBJECT_SCORES = pa.schema([
     ("case_id", pa.string()), ("candidate", pa.int32()), ("n_subjects", pa.int32()), ("subject", pa.int32()),
-    ("category", pa.string()), ("uno_dino", pa.float64()), ("uno_clip_i", pa.float64()), ("found", pa.bool_()),
-    ("box", pa.list_(pa.float32())), ("detector_score", pa.float64()),
-    ("grounded_dino", pa.float64()), ("grounded_clip_i", pa.float64()),
+    ("category", pa.string()), UNO_DINO.column, UNO_CLIP_I.column, ("found", pa.bool_()),
+    ("box", pa.list_(pa.float32())), ("detector_score", pa.float64()), GROUNDED_DINO.column, GROUNDED_CLIP_I.column,
 ])
 CASE_DROPS = pa.schema([("case_id", pa.string()), ("candidate", pa.int32()), ("reason", pa.string()), ("detail", pa.string())])

@@ -1,6 +1,8 @@
 """Arrow schemas of the stage shards, the dropped tables and the published dataset."""
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # Hugging Face `Image` layout
@@ -62,37 +64,30 @@ SCORES = pa.schema(
     ]
 )
 
-PUBLISHED = pa.schema(
-    [
-        ("id", pa.string()),
-        ("source_id", pa.string()),
-        ("num_subjects", pa.int32()),
-        ("image", IMAGE),
-        ("caption", pa.string()),
-        ("instruction", pa.string()),
-        ("cot", pa.string()),
-        ("layout", pa.list_(pa.int32())),
-        ("layout_text", pa.string()),
-        ("subject_ids", pa.list_(pa.int32())),
-        ("categories", pa.list_(pa.string())),
-        ("boxes", pa.list_(pa.list_(pa.float32()))),
-        ("masks", pa.list_(RLE)),
-        ("regions", pa.list_(pa.string())),
-        ("references", pa.list_(IMAGE)),
-        # Quality scores, per subject (aligned with subject_ids) and per sample: the card says what each means.
-        ("detector_scores", pa.list_(pa.float32())),
-        ("verify_confidences", pa.list_(pa.float32())),
-        ("reference_dino", pa.list_(pa.float32())),
-        ("mask_clip_margins", pa.list_(pa.float32())),
-        ("near_duplicate_clip", pa.float32()),
-        # sha256 of the row's content, images by their bytes' sha256: a diff between releases reads no image.
-        ("content_hash", pa.string()),
-    ]
-)
-SCORE_COLUMNS = ("detector_scores", "verify_confidences", "reference_dino", "mask_clip_margins", "near_duplicate_clip")
+# The published row before its quality scores (each stage declares its own: `Stage(published=...)`,
+# assembled by `published_schema`), and the content hash that ends it.
+PUBLISHED_BASE = [
+    ("id", pa.string()),
+    ("source_id", pa.string()),
+    ("num_subjects", pa.int32()),
+    ("image", IMAGE),
+    ("caption", pa.string()),
+    ("instruction", pa.string()),
+    ("cot", pa.string()),
+    ("layout", pa.list_(pa.int32())),
+    ("layout_text", pa.string()),
+    ("subject_ids", pa.list_(pa.int32())),
+    ("categories", pa.list_(pa.string())),
+    ("boxes", pa.list_(pa.list_(pa.float32()))),
+    ("masks", pa.list_(RLE)),
+    ("regions", pa.list_(pa.string())),
+    ("references", pa.list_(IMAGE)),
+]
+# sha256 of the row's content, images by their bytes' sha256: a diff between releases reads no image.
+CONTENT_HASH = ("content_hash", pa.string())
 
 # `datasets` reads this from the Parquet metadata to decode `image` and `references` as images.
-PUBLISHED_FEATURES = {
+PUBLISHED_BASE_FEATURES = {
     "id": {"dtype": "string", "_type": "Value"},
     "source_id": {"dtype": "string", "_type": "Value"},
     "num_subjects": {"dtype": "int32", "_type": "Value"},
@@ -111,8 +106,20 @@ PUBLISHED_FEATURES = {
     },
     "regions": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "List"},
     "references": {"feature": {"_type": "Image"}, "_type": "List"},
-    **{name: {"feature": {"dtype": "float32", "_type": "Value"}, "_type": "List"}
-       for name in ("detector_scores", "verify_confidences", "reference_dino", "mask_clip_margins")},
-    "near_duplicate_clip": {"dtype": "float32", "_type": "Value"},
-    "content_hash": {"dtype": "string", "_type": "Value"},
 }
+SCORE_TYPES = {"subject": (pa.list_(pa.float32()), {"feature": {"dtype": "float32", "_type": "Value"}, "_type": "List"}),
+               "sample": (pa.float32(), {"dtype": "float32", "_type": "Value"})}
+
+
+def with_features(schema: pa.Schema, features: dict) -> pa.Schema:
+    """`schema` carrying the Hugging Face features, so `datasets` decodes its images as images."""
+    return schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+
+
+def published_schema(scores: list[tuple[str, str]]) -> pa.Schema:
+    """The published schema with its quality-score columns, (name, per "subject" or "sample") in
+    order, and its `datasets` features."""
+    fields = [*PUBLISHED_BASE, *((name, SCORE_TYPES[per][0]) for name, per in scores), CONTENT_HASH]
+    features = {**PUBLISHED_BASE_FEATURES, **{name: SCORE_TYPES[per][1] for name, per in scores},
+                "content_hash": {"dtype": "string", "_type": "Value"}}
+    return with_features(pa.schema(fields), features)

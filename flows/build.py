@@ -2,9 +2,9 @@
 segment + layout -> decimate -> filter -> publish, one task run per (stage, shard)."""
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,17 +13,17 @@ from prefect import flow, get_run_logger, runtime, unmapped
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from data_specs.build import BuildSpec, load_build_spec
+from data_specs.build import BuildSpec
 from flows.ops.alerts import GateFailed, announce, release_lines
 from flows.ops.monitor import on_flow_running, stop_promptly
-from flows.run_names import run_name
+from flows.run_names import artifact_key, run_name
 from flows.runners import default_task_runner, shard_placement
 from music_model.roles import release_roles
 from safe_files import write_atomic
+from tasks import releases, waves
 from tasks.build_lock import build_lock
 from tasks.build_paths import build_dir
 from tasks.build_tasks import enter_stage, publish_dataset, stage_shard
-from tasks import releases, waves
 from tasks.contract import num_shards, shard_input
 from tasks.cost_plan import funnel
 from tasks.faults import operational_exit
@@ -31,12 +31,7 @@ from tasks.image_store import forget_image
 from tasks.markers import check_shard
 from tasks.preflight import preflight
 from tasks.publish import preview_markdown, publish_fingerprint, publishable, published_stats
-from tasks.stages import stage_chain
-
-
-def artifact_key(*parts: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes."""
-    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+from tasks.stages import load_build_spec, stage_chain
 
 
 def stage_table(stage: str, results: list[dict], wall: float) -> dict:
@@ -199,6 +194,19 @@ def publish_redoing_damaged(spec: BuildSpec, run: StagesRun, verify: bool, publi
                        f"check the disk under {build_dir(spec)}")
 
 
+def publish_once(spec: BuildSpec, run: StagesRun, verify: bool, published: Callable[[], dict | None],
+                 publish: Callable[[], dict]) -> dict:
+    """The one place a build asks whether it is published: `published()`, the result its publish
+    fingerprint already made (an unchanged rebuild runs no publish task and makes no release), else
+    `publish()`'s as `publish_redoing_damaged` runs it, counted as one task run. Shared by the
+    training-set and MSIC builds; call under the build's lock."""
+    if (result := published()) is not None:
+        return result
+    result = publish_redoing_damaged(spec, run, verify, publish)
+    run.task_runs += 1
+    return result
+
+
 def run_waves(spec: BuildSpec, verify: bool = False) -> tuple[StagesRun, list[int], list[dict]]:
     """Build to the spec's target (`tasks.waves`): waves of sources until the target is met or the
     ceiling reached; the run, the sources made after each wave and the publishable index rows."""
@@ -238,11 +246,8 @@ def build_training_set(spec_path: str, verify: bool = False, wait: bool = False)
         publish_fp = publish_fingerprint(spec, run.upstream, run.shards)
         dataset = build_dir(spec).resolve() / "dataset"
         before = (releases.current(dataset) or {}).get("version")
-        stats = published_stats(spec, publish_fp)
-        if stats is None:
-            stats = publish_redoing_damaged(spec, run, verify, lambda: publish_dataset(
-                run.spec_json, str(run.upstream_dir), run.shards, run.summaries, publish_fp, made))
-            run.task_runs += 1
+        stats = publish_once(spec, run, verify, lambda: published_stats(spec, publish_fp), lambda: publish_dataset(
+            run.spec_json, str(run.upstream_dir), run.shards, run.summaries, publish_fp, made))
         announce(spec.name, dataset, stats, before, artifact_key(spec.name, "release"))
         if stats["release"]["status"] == "rejected":  # dataset/ and its report stay the current release's
             raise GateFailed("\n".join(release_lines(spec.name, "dataset", stats["release"])))

@@ -8,26 +8,26 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from data_specs.build import BuildSpec, load_build_spec
-from flows.build import artifact_key, lock_holder_record, publish_redoing_damaged, run_stages
-from flows.ops.monitor import on_flow_running
-from flows.run_names import run_name
-from flows.runners import default_task_runner
+from flows.build import lock_holder_record, publish_once, run_stages
 from flows.ops.alerts import GateFailed, announce, release_lines
+from flows.ops.monitor import on_flow_running
+from flows.run_names import artifact_key, run_name
+from flows.runners import default_task_runner
 from tasks import releases
 from tasks.build_lock import build_lock
 from tasks.build_paths import build_dir
 from tasks.faults import operational_exit
 from tasks.image_store import DamagedImage
-from tasks.preflight import preflight
 from tasks.msic import msic_fingerprint, publish_msic, published_msic
+from tasks.preflight import preflight
 from tasks.publish import preview_markdown
+from tasks.stages import load_build_spec, spec_from_json
 
 
 @task(name="publish-msic", task_run_name="publish-msic-{version}")
 def publish_msic_task(spec_json: str, filter_dir: str, shards: int, version: str, fingerprint: str) -> dict:
     """The result, or `{"damaged": <image>}` (see `publish_redoing_damaged`)."""
-    spec = BuildSpec.model_validate_json(spec_json)
+    spec = spec_from_json(spec_json)
     with operational_exit(build_dir(spec)):
         try:
             return publish_msic(spec, Path(filter_dir), shards, fingerprint)
@@ -51,11 +51,8 @@ def build_msic(spec_path: str, verify: bool = False, wait: bool = False) -> dict
         fingerprint = msic_fingerprint(spec, run.upstream, run.shards)
         folder = build_dir(spec).resolve() / "msic"
         before = (releases.current(folder) or {}).get("version")
-        result = published_msic(spec, fingerprint)
-        if result is None:
-            result = publish_redoing_damaged(spec, run, verify, lambda: publish_msic_task(
-                run.spec_json, str(run.upstream_dir), run.shards, spec.msic.version, fingerprint))
-            run.task_runs += 1
+        result = publish_once(spec, run, verify, lambda: published_msic(spec, fingerprint), lambda: publish_msic_task(
+            run.spec_json, str(run.upstream_dir), run.shards, spec.msic.version, fingerprint))
     announce(spec.name, folder, result, before, artifact_key(spec.name, "release"))
     if result["release"]["status"] == "rejected":
         raise GateFailed("\n".join(release_lines(spec.name, "msic", result["release"])))

@@ -26,16 +26,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from data_specs.eval import load_eval_spec, parse_eval_spec
 from data_specs.train import TrainSpec, load_train_spec, resolve_spec_path
-from flows.build import artifact_key
 from flows.ops.monitor import on_flow_running
-from flows.run_names import run_name
+from flows.run_names import artifact_key, run_name
 from music_model.music.model import msic_cases_file
 from music_model.roles import release_roles
 from safe_files import write_atomic
+from tasks.evaluate import registry
 from tasks.evaluate.common import chunks, files_digest, json_safe
-from tasks.train_tasks import generate_dreambench_task, generate_msic_task, merge_msic_parts
-
-BENCHMARKS = ("msic", "dreambench")
+from tasks.evaluate.shard_tasks import generate_task
 
 
 def _generation_content(spec: TrainSpec) -> dict:
@@ -67,56 +65,27 @@ def music_generate(spec_json: str, benchmark: str, adapters: str | None = None, 
     then (with `score`) run `evaluate` on them. Returns paths, generation counts and the scores summary."""
     from flows.evaluate import evaluate
 
-    if benchmark not in BENCHMARKS:
-        raise ValueError(f"benchmark must be one of {', '.join(BENCHMARKS)}, got {benchmark!r}")
+    bench = registry.benchmark(benchmark)
+    if bench.generation is None:
+        raise ValueError(f"benchmark {benchmark!r}: the MUSIC model does not generate on it")
     logger = get_run_logger()
     started = time.perf_counter()
     spec = TrainSpec.model_validate_json(spec_json)
     eval_json = _eval_spec_json(spec, benchmark)  # a bad scoring spec fails before any generation
-    shard_size = spec.generation.shard_size
-    if benchmark == "msic":
-        if not spec.evaluation.msic:
-            raise ValueError("evaluation.msic: no MSIC benchmark given (its folder or cases Parquet)")
-        cases = msic_cases_file(spec.evaluation.msic)
-        out = spec.out_dir() / "generated" / f"msic-{_generation_fingerprint(spec, adapters, files_digest([cases.resolve()]))}"
-        ranges = chunks(list(range(pq.ParquetFile(cases).metadata.num_rows)), shard_size)
-        futures = generate_msic_task.map(unmapped(spec_json), unmapped(adapters), unmapped(str(cases)), [r[0] for r in ranges],
-                                         [r[-1] + 1 for r in ranges], list(range(len(ranges))), unmapped(str(out)))
-        shards = [f.result() for f in futures]
-        merged = merge_msic_parts(str(out), len(ranges))
-        result = {"benchmark": "msic", "cases_file": merged["cases"], "generation_file": merged["generation"]}
-    else:
-        from music_model.scoring.dreambench import load_dreambench
-
-        if spec.generation.strategy != "full":
-            # A DreamBench image that is never rendered would look missing to every rerun (its file name is its cell).
-            logger.warning("generation.strategy %s applies to MSIC only: DreamBench renders every candidate in full", spec.generation.strategy)
-        root = load_eval_spec(resolve_spec_path(spec.evaluation.eval_spec)).dreambench_root
-        if not root:
-            raise ValueError(f"{spec.evaluation.eval_spec}: dreambench_root is not set")
-        bench = load_dreambench(root)
-        subjects = spec.evaluation.dreambench_subjects or list(bench.subjects)
-        unknown = [s for s in subjects if s not in bench.subjects]
-        if unknown:
-            raise ValueError(f"evaluation.dreambench_subjects: {unknown[0]!r} has no photos in {bench.root}")
-        prompts = spec.evaluation.dreambench_prompts or list(range(min(len(bench.templates(s)) for s in subjects)))
-        inputs = files_digest([p for s in subjects for p in bench.subjects[s].references]) + json.dumps([subjects, prompts])
-        out = spec.out_dir() / "generated" / f"dreambench-{_generation_fingerprint(spec, adapters, inputs)}"
-        groups = chunks(subjects, shard_size)
-        futures = generate_dreambench_task.map(unmapped(spec_json), unmapped(adapters), unmapped(str(bench.root)), unmapped(str(out / "images")),
-                                               groups, unmapped(prompts), list(range(len(groups))), unmapped(str(out)))
-        shards = [f.result() for f in futures]
-        result = {"benchmark": "dreambench", "images_dir": str(out / "images"), "bench_root": str(bench.root)}
+    plan = bench.generation.plan(spec, logger)
+    out = spec.out_dir() / "generated" / f"{benchmark}-{_generation_fingerprint(spec, adapters, plan.inputs)}"
+    futures = generate_task.map(unmapped(spec_json), unmapped(benchmark), unmapped(adapters), plan.shards, list(range(len(plan.shards))),
+                                unmapped(str(out)))
+    shards = [f.result() for f in futures]
+    fields, inputs = bench.generation.finish(out, plan)
+    result = {"benchmark": benchmark, **fields}
     table = [{k: v for k, v in s.items() if not isinstance(v, (list, dict))} for s in shards]
     create_table_artifact(table, key=artifact_key(spec.name, "generate", benchmark),
                           description=f"{spec.name}: MUSIC generation on {benchmark}, {spec.generation.candidates} candidates per case")
     logger.info("generated on %s in %d shards (%d skipped) into %s", benchmark, len(shards), sum(s["skipped"] for s in shards), out)
     result |= {"output": str(out), "candidates": spec.generation.candidates, "seed": spec.generation.seed, "shards": shards}
     if score:
-        if benchmark == "msic":
-            result["scores"] = evaluate(eval_json, "cases", cases=result["cases_file"])
-        else:
-            result["scores"] = evaluate(eval_json, "dreambench", images=result["images_dir"], bench_root=result["bench_root"])
+        result["scores"] = evaluate(eval_json, benchmark, **inputs)
     result["wall_seconds"] = round(time.perf_counter() - started, 2)
     return json_safe(result)
 
@@ -167,7 +136,7 @@ def _msic_spec_path(spec: TrainSpec, msic_spec: str, dataset: str) -> Path:
     return path
 
 
-def _passn_rows(name: str, scores: dict, metrics: tuple[str, ...]) -> list[dict]:
+def _passn_rows(name: str, scores: dict, metrics: list[str]) -> list[dict]:
     return [{"benchmark": name, "selector": p["selector"], "n": p["n"], **{m: p.get(m) for m in metrics}} for p in scores.get("passn", [])]
 
 
@@ -187,7 +156,7 @@ def pipeline_report(spec: TrainSpec, built: dict, msic: dict | None, trained: di
     for benchmark, result in evaluated.items():
         scores = result["scores"]
         lines += [f"### {benchmark}", "", f"- report: {Path(scores['output']) / 'report.md'}"]
-        metrics = ("uno_dino", "uno_clip_i", "clip_t", "grounded_dino", "missing_rate") if benchmark == "msic" else ("dino", "clip_i", "clip_t")
+        metrics = [m.name for m in registry.benchmark(benchmark).metrics]
         rows = _passn_rows(benchmark, scores, metrics)
         if rows:
             lines += ["", "| selector | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
@@ -221,11 +190,8 @@ def music_pipeline(spec_json: str) -> dict:
     trained = train(trained_json)
     release_roles()
     adapters = str(Path(trained["output"]) / "adapter")
-    evaluated = {}
-    if trained_spec.evaluation.msic:
-        evaluated["msic"] = music_generate(trained_json, "msic", adapters)
-    if trained_spec.evaluation.dreambench:
-        evaluated["dreambench"] = music_generate(trained_json, "dreambench", adapters)
+    evaluated = {name: music_generate(trained_json, name, adapters) for name, bench in registry.benchmarks().items()
+                 if bench.generation is not None and bench.generation.wanted(trained_spec)}
     text = pipeline_report(trained_spec, built, msic, trained, evaluated)
     write_atomic(trained_spec.out_dir() / "pipeline_report.md", lambda tmp: tmp.write_text(text))
     create_markdown_artifact(text, key=artifact_key(spec.name, "pipeline-report"), description=f"MUSIC pipeline report of {spec.name}")

@@ -1,9 +1,10 @@
-"""Flow-run names a person can scan in the UI: the flow's prefix and the `name` of the spec the run
+"""Names a person can scan in the UI. Flow runs: the flow's prefix and the `name` of the spec the run
 was given (`build-tiny`, not `build-/abs/path/to/tiny.yaml`); the spec's path or JSON stays a
-parameter of the run."""
+parameter of the run. Artifacts: keys made of the spec name and what they show (`artifact_key`)."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,3 +38,8 @@ def run_name(prefix: str, *leading: str) -> Callable[[], str]:
 
     name.__name__ = f"{prefix}_run_name"
     return name
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")

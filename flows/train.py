@@ -14,9 +14,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
 
 from data_specs.train import TrainSpec, load_train_spec
-from flows.build import artifact_key
 from flows.ops.monitor import on_flow_running, stop_promptly
-from flows.run_names import run_name
+from flows.run_names import artifact_key, run_name
 from music_model.music import training
 from music_model.roles import resident_roles
 from safe_files import write_atomic

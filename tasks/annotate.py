@@ -12,17 +12,23 @@ entries with unknown IDs are removed and missing ones are filled from the subjec
 box position; relations that name unknown subjects are removed."""
 from __future__ import annotations
 
-from functools import lru_cache
-
 import json
+from functools import lru_cache
 from typing import Annotated
 
 from pydantic import BaseModel, Field
 
+from data_specs.build import Section
 from music_model.media.images import draw_labelled_boxes, pixel_box
 from music_model.roles.structured import bounded_text, describe_schema, end_at_word
 from music_model.subjects.decimate import mentioned, token
 from tasks.contract import Stage, StageContext
+
+
+class AnnotateParams(Section):
+    max_instruction_chars: int = Field(300, ge=16, le=4000)
+    max_relations: int = Field(6, ge=0, le=32)
+
 
 PROMPT = (
     "The image ({width}x{height} pixels) shows these subjects, each outlined in its own colour and labelled with "
@@ -123,4 +129,4 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
 # Version 2: legible colour tags, pixel boxes in the prompt, schema-derived token budget, explicit sampling.
 # Version 3: boxes in the frame the VLM sees, the answer's fields and bounds in the prompt, texts
 # ended at a whole word.
-STAGE = Stage("annotate", 3, process, roles=("vlm",), reads=("annotate",), writes=("instruction", "cot"))
+STAGE = Stage("annotate", 3, process, AnnotateParams, roles=("vlm",), reads=("annotate",), writes=("instruction", "cot"))

@@ -24,7 +24,7 @@ from tasks.build_paths import build_dir
 from tasks.contract import run_shard
 from tasks.faults import operational_exit
 from tasks.image_store import DamagedImage
-from tasks.stages import BY_NAME, STAGES
+from tasks.stages import STAGES, spec_from_json, stage_named
 
 # Stages that run models take a device slot (locally) or run on actors (Ray); decimate runs none.
 MODEL_STAGES = {stage.name for stage in STAGES if stage.roles}
@@ -48,16 +48,16 @@ def enter_stage(spec: BuildSpec, stage_name: str) -> None:
     """Free every model this stage does not use. A stage without models frees nothing: the next
     model stage may share them (layout and filter both use clip, decimate runs between them)."""
     if stage_name in MODEL_STAGES:
-        release_roles(keep=[spec.roles[name] for name in BY_NAME[stage_name].roles])
+        release_roles(keep=[spec.roles[name] for name in stage_named(stage_name).roles])
 
 
 def run_stage_shard(stage_name: str, spec_json: str, shard: int, fingerprint: str, upstream_dir: str | None) -> dict:
     """One shard in this process, with only its stage's models resident (a Ray actor or worker
     process that served an earlier stage frees that stage's models first)."""
-    spec = BuildSpec.model_validate_json(spec_json)
+    spec = spec_from_json(spec_json)
     enter_stage(spec, stage_name)
     with operational_exit(build_dir(spec)):
-        return run_shard(BY_NAME[stage_name], spec, shard, fingerprint, Path(upstream_dir) if upstream_dir else None)
+        return run_shard(stage_named(stage_name), spec, shard, fingerprint, Path(upstream_dir) if upstream_dir else None)
 
 
 class ShardWorker:
@@ -88,7 +88,7 @@ def publish_dataset(spec_json: str, filter_dir: str, shards: int, summaries: lis
                     waves: list[int] | None = None) -> dict:
     """The published stats, or `{"damaged": <image>}` when a stored image it embeds is damaged (the
     flow forgets it, redoes the shards that made it and publishes again)."""
-    spec = BuildSpec.model_validate_json(spec_json)
+    spec = spec_from_json(spec_json)
     with operational_exit(build_dir(spec)):
         try:
             return publish.publish(spec, Path(filter_dir), shards, summaries, fingerprint, waves)

@@ -15,47 +15,22 @@ finished build folder."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from data_specs.build import BuildSpec, parse_build_spec
+from data_specs.build import BuildSpec
 from safe_files import write_atomic
 from tasks.build_paths import build_dir, stage_dir
 from tasks.clean import current_fingerprints
-from tasks.contract import num_shards, read_rows
+from tasks.contract import Stage, Threshold, num_shards, read_rows
 from tasks.markers import scores_path, shard_name
 from tasks.publish import near_duplicate_scores, read_filter_index
-from tasks.stages import BY_NAME
+from tasks.stages import STAGES, parse_build_spec, thresholds
 
 QUANTILES = {"min": 0, "p5": 5, "p25": 25, "median": 50, "p75": 75, "p95": 95, "max": 100}
 DROPS = {"below": np.less, "above": np.greater, "at_or_above": np.greater_equal}
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """A spec field that cuts a score: `stage`'s `score` (a subject field, or a name in the stage's
-    scores table), dropping what lies `drops` the field's value."""
-
-    field: str
-    stage: str
-    score: str
-    drops: str
-    note: str = ""
-
-
-# Every threshold a build applies to a score it records.
-THRESHOLDS = (
-    Threshold("detect.box_threshold", "detect", "score", "below",
-              "applied inside the detector, which returns no box under it: the values are the subjects detect kept"),
-    Threshold("verify.min_confidence", "verify", "verify_confidence", "below"),
-    Threshold("rerender.min_dino", "rerender", "reference_dino", "below"),
-    Threshold("rerender.max_dino", "rerender", "reference_dino", "above"),
-    Threshold("filter.near_duplicate_clip", "publish", "near_duplicate_clip", "at_or_above",
-              "per source after the first: its highest CLIP cosine to an earlier kept source, as publish compares"),
-)
 
 
 def calibration_spec(spec: BuildSpec, sources: int) -> BuildSpec:
@@ -92,13 +67,14 @@ def variant_label(field: str, value) -> str:
 def shared_stages(specs: list[BuildSpec]) -> list[str]:
     """The stages every spec builds under one fingerprint: made once, whichever variant comes first."""
     fingerprints = [current_fingerprints(spec) for spec in specs]
-    return [stage for stage in BY_NAME if len({fp[stage] for fp in fingerprints}) == 1]
+    return [stage.name for stage in STAGES if len({fp[stage.name] for fp in fingerprints}) == 1]
 
 
 def variants_table(field: str, variants: list[dict], shared: list[str]) -> str:
     """Variants side by side: samples, the share of sources published, the task runs each needed and
     model-seconds per published sample (all stages, and each model stage a variant makes its own)."""
-    stages = [s for s in variants[0]["cost"] if s != "all" and s not in shared and BY_NAME[s].roles]
+    model_stages = {stage.name for stage in STAGES if stage.roles}
+    stages = [s for s in variants[0]["cost"] if s in model_stages and s not in shared]
     lines = [f"Variants of {field} (model-seconds per published sample: all stages, then each stage the variants make apart):",
              f"  {'value':>8s} {'samples':>7s} {'published/source':>16s} {'task runs':>9s} {'all':>9s} "
              + " ".join(f"{s:>10s}" for s in stages)]
@@ -118,14 +94,14 @@ def spec_value(spec: BuildSpec, path: str) -> float | None:
     return value
 
 
-def score_values(spec: BuildSpec, threshold: Threshold, folders: dict[str, Path], shards: int) -> tuple[list[float], str]:
-    """The values `threshold` cuts, from the build's shards, and which values they are."""
-    if threshold.stage == "publish":
+def score_values(spec: BuildSpec, stage: Stage, threshold: Threshold, folders: dict[str, Path], shards: int) -> tuple[list[float], str]:
+    """The values `threshold` (of `stage`) cuts, from the build's shards, and which values they are."""
+    if threshold.measured_at == "publish":
         index = read_filter_index(folders["filter"], shards)
         nearest = near_duplicate_scores(index.embeddings, spec.filter.near_duplicate_clip)
         return [score for _, score in nearest.values()], "every source after the first"
-    folder = folders[threshold.stage]
-    if threshold.score in BY_NAME[threshold.stage].scores:  # the stage's scores table: kept and rejected alike
+    folder = folders[stage.name]
+    if threshold.score in stage.scores:  # the stage's scores table: kept and rejected alike
         rows = [r for k in range(shards) for r in read_rows(scores_path(folder, k)) if r["name"] == threshold.score]
         return [r["value"] for r in rows], "every candidate"
     values = [s.get(threshold.score) for k in range(shards) for row in read_rows(folder / f"{shard_name(k)}.parquet")
@@ -248,12 +224,13 @@ def calibration_report(spec: BuildSpec, sources: int | None = None, variant: str
     folders = {stage: stage_dir(spec, stage, fp) for stage, fp in fingerprints.items()}
     stats = json.loads((root / "dataset" / "stats.json").read_text())
     rows, values = [], {}
-    for threshold in THRESHOLDS:
+    for stage, threshold in thresholds():
         value = spec_value(spec, threshold.field)
         if value is None:
             continue
-        values[threshold.field], which = score_values(spec, threshold, folders, shards)
-        rows.append({"threshold": threshold.field, "value": value, "drops": threshold.drops, "stage": threshold.stage,
+        values[threshold.field], which = score_values(spec, stage, threshold, folders, shards)
+        rows.append({"threshold": threshold.field, "value": value, "drops": threshold.drops,
+                     "stage": threshold.measured_at or stage.name,
                      "score": threshold.score, "values": which, **summarize(values[threshold.field], value, threshold.drops),
                      "note": threshold.note})
     out = root / "calibrate" / variant if variant else root / "calibrate"

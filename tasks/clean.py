@@ -29,7 +29,7 @@ def current_fingerprints(spec: BuildSpec) -> dict[str, str]:
         current["publish-msic"] = msic_fingerprint(spec, upstream, num_shards(spec))
     else:
         # A target build publishes from the shards its waves made: the published marker says which.
-        published = json.loads(marker.read_text()) if (marker := build_dir(spec) / "dataset" / "publish.done.json").exists() else {}
+        published = json.loads(marker.read_text()) if (marker := build_dir(spec) / "dataset" / releases.DONE).exists() else {}
         current["publish"] = (published.get("fingerprint") if spec.target else None) or publish_fingerprint(spec, upstream, num_shards(spec))
     return current
 

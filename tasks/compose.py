@@ -22,10 +22,20 @@ from functools import lru_cache
 from pydantic import BaseModel, Field
 
 from data_specs import shipped
-from data_specs.build import load_categories
+from data_specs.build import Section, load_categories
 from music_model.roles.structured import bounded_text, describe_schema, end_at_word
 from music_model.subjects import nouns
 from tasks.contract import Stage, StageContext, sample_id
+
+
+class ComposeParams(Section):
+    """Sample categories, then the LLM keeps plausible combinations and writes the scene caption."""
+
+    max_caption_chars: int = Field(240, ge=16, le=2000)
+    require_plausible: bool = Field(True, description="drop combinations the LLM judges implausible")
+    require_named: bool = Field(True, description="retry, then drop, a caption that does not name every category")
+    caption_attempts: int = Field(3, ge=1, description="captions tried (each with a new seed) before a sample is dropped")
+
 
 PROMPT = (
     "Objects: {objects}.\n"
@@ -116,5 +126,5 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
 # Version 2: display names from the curated table (edit the table: bump the version).
 # Version 3: the prompt states the JSON fields and bounds; captions end at a word, and one that
 # misses a category is retried, then dropped.
-STAGE = Stage("compose", 4, process, roles=("llm",), reads=("compose", "name", "seed", "subject_counts", "categories"),
+STAGE = Stage("compose", 4, process, ComposeParams, roles=("llm",), reads=("compose", "name", "seed", "subject_counts", "categories"),
               writes=("id", "source_id", "categories", "num_subjects", "caption"))

@@ -1,9 +1,11 @@
 """The stage contract, shard I/O, fingerprints and the stage shard runner: what makes every stage resumable.
 
-A `Stage` declares its whole contract in one place: the roles it loads, the spec fields it reads,
-the columns it writes and what its work counts. The engine holds it to that contract: a stage sees
-the spec only through a view of its declared fields (any other read raises `ContractError`), and a
-column it writes that it did not declare, or that `schemas.WORK` lacks, fails the shard.
+A `Stage` declares its whole contract in one place: its spec section, the roles it loads, the spec
+fields it reads, the columns it writes, the thresholds `music calibrate` reads, what its work counts
+and how the plan treats it, and the quality scores it publishes. The engine holds it to that
+contract: a stage sees the spec only through a view of its declared fields (any other read raises
+`ContractError`), and a column it writes that it did not declare, or that neither `schemas.WORK` nor
+its `columns` hold, fails the shard.
 
 A stage's output for shard k lives at `stages/<stage>/<fingerprint>/part-0000k.parquet`, with its
 dropped rows beside it (and its scores table, for a stage that declares scores) and a
@@ -23,13 +25,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from data_specs.build import BuildSpec, canonical_json
+from data_specs.build import BuildSpec, Section, canonical_json
 from data_specs.roles import RoleSpec
 from data_specs.schemas import DROPPED, SCORES, WORK
 from music_model.roles import load_role, peak_memory_bytes, reset_peak_memory, resident_roles
@@ -38,7 +40,7 @@ from music_model.roles.slots import current_device
 from safe_files import sha256_file, write_atomic
 from tasks.build_paths import build_dir, stage_dir
 from tasks.image_store import ImageStore, image_store
-from tasks.markers import marker_path, run_marked, scores_path, shard_name
+from tasks.markers import marker_path, run_marked, scores_path, shard_marker, shard_name
 
 # How a role runs, not what it makes: recorded in markers and the card, never fingerprinted.
 EXECUTION_FIELDS = ("batch_size", "device", "offload")
@@ -46,6 +48,8 @@ EXECUTION_FIELDS = ("batch_size", "device", "offload")
 # commits changed is refused), so pinning the commit a build already uses keeps every shard.
 PINNED_BY_FOLDER = ("revision",)
 UNITS = ("rows", "subjects", "sources")
+# How the cost plan's funnel passes rows through a stage (`tasks.cost_plan.funnel`).
+PLANS = ("rows", "subjects", "decimate", "select")
 
 
 class ContractError(RuntimeError):
@@ -87,12 +91,13 @@ def _field_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _check_read(path: str) -> None:
-    model: type[BaseModel] | None = BuildSpec
+def check_read(model: type[BaseModel], path: str) -> None:
+    """Raise `ContractError` unless `path` (dotted) is a field of the spec `model`."""
+    current: type[BaseModel] | None = model
     for part in path.split("."):
-        if model is None or part not in model.model_fields:
+        if current is None or part not in current.model_fields:
             raise ContractError(f"reads: {path!r} is not a field of the build spec")
-        model = _field_model(model.model_fields[part].annotation)
+        current = _field_model(current.model_fields[part].annotation)
 
 
 def declares(reads: tuple[str, ...], path: str) -> bool:
@@ -100,37 +105,86 @@ def declares(reads: tuple[str, ...], path: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Stage:
-    """One stage's whole contract: everything else (the flow's order, the roles a stage loads,
-    the funnel, the plan's units, the fingerprint) derives from it and `tasks.stages.STAGES`.
+class Threshold:
+    """A spec field (dotted) that cuts one of the stage's scores, dropping what lies `drops` (below,
+    above, at_or_above) its value: `music calibrate` reports the score's distribution against it.
+    `score`: a name in the stage's scores table, or a field of the subjects it kept. `measured_at`:
+    where the score is computed when not in the stage (`publish`, for near duplicates)."""
 
+    field: str
+    score: str
+    drops: Literal["below", "above", "at_or_above"]
+    note: str = ""
+    measured_at: str | None = None
+
+
+@dataclass(frozen=True)
+class PublishedScore:
+    """A quality-score column of the published set: a value `per` subject (`source`: the subject
+    field, published as a list aligned with `subject_ids`) or per sample (`source`: the row column;
+    None: computed at publish, as `near_duplicate_clip`). The card's row: `meaning`, `span` and
+    `kept(spec)`, what this build kept."""
+
+    column: str
+    per: Literal["subject", "sample"]
+    source: str | None
+    meaning: str
+    span: str
+    kept: Callable[[BuildSpec], str] = lambda spec: "any"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage's whole contract: everything else (the flow's order, the spec's sections, the roles
+    a stage loads, the funnel, the plan, `music calibrate`, the published scores and the card, the
+    fingerprint) derives from it and `tasks.stages.STAGES`.
+
+    - `params`: its spec section (a `data_specs.build.Section`), the spec field named after the stage.
     - `roles`: the model roles `ctx.role` may load (and the stage keeps resident).
     - `reads`: the spec fields the stage reads, as dotted paths (`"verify.min_subjects"`, or a whole
       section: `"detect"`); they, and only they, are fingerprinted.
-    - `writes`: the `schemas.WORK` columns it adds or rewrites; a new column it does not declare fails.
+    - `writes`: the columns it adds or rewrites, of `schemas.WORK` or its own `columns`; a new column
+      it does not declare fails.
+    - `columns`: the (name, Arrow type) columns it adds to the working row beyond `schemas.WORK`.
     - `unit`: what its work is proportional to (the cost plan): rows, subjects or distinct sources.
+    - `plan`: how the plan's funnel passes rows through it: `rows` (drops rows), `subjects` (removes
+      subjects; a row left under `verify.min_subjects` drops), `decimate` (a row becomes one per
+      subject count) or `select` (keeps the subject counts within filter's bounds).
     - `scores`: the scores it records with `ctx.score` for every candidate it judges against a
       threshold, kept or not, in `part-0000k.scores.parquet` beside its part (`schemas.SCORES`): a
       dropped candidate's score lives nowhere else, and `music calibrate` needs the whole distribution.
+    - `thresholds`: the spec fields that cut its scores (`Threshold`).
+    - `published`: the quality-score columns it adds to the published set (`PublishedScore`).
     """
 
     name: str
     version: int
     process: Callable[[list[dict], "StageContext"], list[dict]]
+    params: type[Section] | None = None
     roles: tuple[str, ...] = ()
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
+    columns: tuple[tuple[str, pa.DataType], ...] = ()
     unit: str = "rows"
+    plan: str = "rows"
     scores: tuple[str, ...] = ()
+    thresholds: tuple[Threshold, ...] = ()
+    published: tuple[PublishedScore, ...] = ()
 
     def __post_init__(self) -> None:
-        for path in self.reads:
-            _check_read(path)
-        unknown = sorted(set(self.writes) - set(WORK.names))
+        unknown = sorted(set(self.writes) - set(WORK.names) - {name for name, _ in self.columns})
         if unknown:
-            raise ContractError(f"stage {self.name}: writes {unknown}, which schemas.WORK lacks")
+            raise ContractError(f"stage {self.name}: writes {unknown}, which neither schemas.WORK nor its columns hold")
         if self.unit not in UNITS:
             raise ContractError(f"stage {self.name}: unit {self.unit!r} is not one of {UNITS}")
+        if self.plan not in PLANS:
+            raise ContractError(f"stage {self.name}: plan {self.plan!r} is not one of {PLANS}")
+
+
+def work_schema(upstream: pa.Schema, stage: Stage) -> pa.Schema:
+    """The working row a stage writes: its input's columns (`schemas.WORK` and every earlier stage's
+    `columns`), then its own."""
+    return pa.schema([*upstream, *(pa.field(name, kind) for name, kind in stage.columns if name not in upstream.names)])
 
 
 class SpecView:
@@ -270,7 +324,7 @@ def shard_input(spec: BuildSpec, shard: int, upstream_dir: Path | None) -> str:
         return f"sources {sources.start}-{sources.stop}"
     part = upstream_dir / f"{shard_name(shard)}.parquet"
     try:
-        return json.loads((upstream_dir / f"{shard_name(shard)}.done.json").read_text())["outputs"][part.name]["sha256"]
+        return json.loads(shard_marker(upstream_dir, shard).read_text())["outputs"][part.name]["sha256"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):  # rows given without a marker (a test's, a notebook's)
         return sha256_file(part)
 
@@ -298,9 +352,10 @@ def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: 
         device = current_device()
         reset_peak_memory(device)
         if upstream_dir is None:
-            rows = [{"index": i} for i in source_range(spec, shard)]
+            rows, upstream = [{"index": i} for i in source_range(spec, shard)], WORK
         else:
-            rows = read_rows(upstream_dir / f"{shard_name(shard)}.parquet")
+            table = pq.read_table(upstream_dir / f"{shard_name(shard)}.parquet")
+            rows, upstream = table.to_pylist(), table.schema
         context = StageContext(spec, stage, shard, source_root=ImageStore.of_stage_dir(upstream_dir).root if upstream_dir else None)
         kept = stage.process(rows, context)
         check_columns(stage, rows, kept)
@@ -308,7 +363,7 @@ def run_shard(stage: Stage, spec: BuildSpec, shard: int, fp: str, upstream_dir: 
             {"id": d.row.get("id"), "index": d.row.get("index"), "stage": stage.name, "reason": d.reason, "detail": d.detail}
             for d in context.drops
         ]
-        parts = {out_dir / f"{shard_name(shard)}.parquet": (kept, WORK), out_dir / f"{shard_name(shard)}.dropped.parquet": (dropped, DROPPED)}
+        parts = {out_dir / f"{shard_name(shard)}.parquet": (kept, work_schema(upstream, stage)), out_dir / f"{shard_name(shard)}.dropped.parquet": (dropped, DROPPED)}
         if stage.scores:
             parts[scores_path(out_dir, shard)] = (context.scores, SCORES)
         for path, (table, schema) in parts.items():

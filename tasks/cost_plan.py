@@ -37,14 +37,9 @@ from data_specs.roles import RoleSpec, model_kind
 from music_model.paths import zoo_dir
 from music_model.zoo.arch import ARCH_BY_HUB_ID, param_bytes, param_count
 from tasks import waves
-from tasks.contract import num_shards
-from tasks.stages import BY_NAME, STAGES
+from tasks.contract import Stage, num_shards
+from tasks.stages import STAGES, stage_named
 
-# What a stage's work is proportional to (its `Stage.unit`): a row (one caption, image, detection or
-# annotation), a subject (one verification, re-render or mask) or a distinct source image (filter's CLIP embedding).
-STAGE_UNITS = {stage.name: stage.unit for stage in STAGES}
-BUILD_STAGES = list(STAGE_UNITS)  # the stages in order (publish follows)
-SUBJECT_STAGES = ("detect", "verify", "rerender")  # remove subjects; a source below verify.min_subjects drops
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _VARIANT = re.compile(r"\.(fp16|bf16|fp32)\.safetensors$")
 
@@ -125,10 +120,10 @@ def stage_models(spec: BuildSpec) -> list[dict[str, Any]]:
     """Per stage: its roles' sizes and its peak, the sum of its roles' weights (None if one is unknown)."""
     sizes = {name: model_size(role) for name, role in spec.roles.items()}
     rows = []
-    for stage in BUILD_STAGES:
-        models = [sizes[name] for name in BY_NAME[stage].roles]
+    for stage in STAGES:
+        models = [sizes[name] for name in stage.roles]
         known = all(m.bytes is not None for m in models)
-        rows.append({"stage": stage, "models": [asdict(m) for m in models],
+        rows.append({"stage": stage.name, "models": [asdict(m) for m in models],
                      "peak_bytes": sum(m.bytes for m in models) if known else None})
     return rows
 
@@ -170,33 +165,35 @@ def funnel(spec: BuildSpec, rates: Rates = NO_DROPS) -> dict[str, Any]:
     dist = {n: spec.num_source_images * w / total for n, w in spec.subject_counts.items()}
     stages = []
 
-    def record(stage: str, dist_in: dict[int, float], rows_out: float, units: float | None = None) -> None:
+    def record(stage: Stage, dist_in: dict[int, float], rows_out: float, sources: float | None) -> None:
+        # A stage's work (`Stage.unit`): a row (one caption, image, detection or annotation), a subject
+        # (one verification, re-render or mask) or a distinct source image (filter's CLIP embedding).
         rows_in, subjects_in = sum(dist_in.values()), sum(n * r for n, r in dist_in.items())
-        unit = STAGE_UNITS[stage]
-        if units is None:
-            units = subjects_in if unit == "subjects" else rows_in
-        stages.append({"stage": stage, "unit": unit, "units": units, "rows_in": rows_in, "subjects_in": subjects_in, "rows_out": rows_out})
+        units = {"rows": rows_in, "subjects": subjects_in, "sources": rows_in if sources is None else sources}[stage.unit]
+        stages.append({"stage": stage.name, "unit": stage.unit, "units": units, "rows_in": rows_in, "subjects_in": subjects_in,
+                       "rows_out": rows_out})
 
-    for stage in BUILD_STAGES[:BUILD_STAGES.index("decimate")]:
+    sources = None  # rows are sources until a stage decimates them
+    for stage in STAGES:  # each as its `Stage.plan` says
         entering = dist
-        if stage in SUBJECT_STAGES:
-            dist = {n: r for n, r in _thin(dist, rates.subject_keep.get(stage, 1.0)).items() if n >= spec.verify.min_subjects}
-        dist = {n: r * rates.row_keep.get(stage, 1.0) for n, r in dist.items()}
-        record(stage, entering, sum(dist.values()))
-    sources = sum(dist.values())
-    decimated: dict[int, float] = defaultdict(float)
-    for n, rows in dist.items():
-        for k in decimation_counts(n, spec):
-            decimated[k] += rows
-    record("decimate", dist, sum(decimated.values()))
-    kept = sum(r for k, r in decimated.items() if spec.filter.min_subjects <= k <= spec.filter.max_subjects)
-    record("filter", decimated, kept, units=sources)
+        if stage.plan == "subjects":  # a source left under verify.min_subjects drops
+            dist = {n: r for n, r in _thin(dist, rates.subject_keep.get(stage.name, 1.0)).items() if n >= spec.verify.min_subjects}
+        elif stage.plan == "decimate":
+            sources, decimated = sum(dist.values()), defaultdict(float)
+            for n, rows in dist.items():
+                for k in decimation_counts(n, spec):
+                    decimated[k] += rows
+            dist = dict(decimated)
+        elif stage.plan == "select":
+            dist = {k: r for k, r in dist.items() if spec.filter.min_subjects <= k <= spec.filter.max_subjects}
+        dist = {n: r * rates.row_keep.get(stage.name, 1.0) for n, r in dist.items()}
+        record(stage, entering, sum(dist.values()), sources)
+    kept = sum(dist.values())
     samples = kept * rates.near_duplicate_keep
     cap = spec.target.samples if spec.target else spec.publish.max_samples  # a target publishes exactly its samples
     published = min(samples, cap) if cap is not None else samples
     per_source = samples / spec.num_source_images
-    by_count = {k: r * rates.near_duplicate_keep / spec.num_source_images for k, r in sorted(decimated.items())
-                if spec.filter.min_subjects <= k <= spec.filter.max_subjects}
+    by_count = {k: r * rates.near_duplicate_keep / spec.num_source_images for k, r in sorted(dist.items())}
     return {"stages": stages, "samples": samples, "published": published, "max_samples": cap, "per_source": per_source,
             "per_source_by_count": by_count, "sources_for_cap": math.ceil(cap / per_source) if cap and per_source else None}
 
@@ -259,14 +256,15 @@ def read_bench(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as error:
         raise PlanError(f"{path}: not JSON: {error}") from None
     stages = {s.get("stage"): s for s in bench.get("stages", []) if isinstance(s, dict)}
-    for stage in BUILD_STAGES:
-        if stage not in stages:
-            raise PlanError(f"{path}: no record of stage {stage!r} (a gpu_pipeline.py result has every stage)")
-        missing = [k for k in ("unit", "units", "rows_in", "rows_out", "seconds", "load_seconds") if k not in stages[stage]]
+    for stage in STAGES:
+        if stage.name not in stages:
+            raise PlanError(f"{path}: no record of stage {stage.name!r} (a gpu_pipeline.py result has every stage)")
+        record = stages[stage.name]
+        missing = [k for k in ("unit", "units", "rows_in", "rows_out", "seconds", "load_seconds") if k not in record]
         if missing:
-            raise PlanError(f"{path}: stage {stage!r} lacks {', '.join(missing)}")
-        if stages[stage]["unit"] != STAGE_UNITS[stage]:
-            raise PlanError(f"{path}: stage {stage!r} counts {stages[stage]['unit']}, the plan counts {STAGE_UNITS[stage]}")
+            raise PlanError(f"{path}: stage {stage.name!r} lacks {', '.join(missing)}")
+        if record["unit"] != stage.unit:
+            raise PlanError(f"{path}: stage {stage.name!r} counts {record['unit']}, the plan counts {stage.unit}")
     return {**bench, "stages": stages}
 
 
@@ -286,19 +284,19 @@ def measured_rates(bench: dict[str, Any]) -> Rates:
     thinning model predicts to keep are scaled to the rows the stage really kept."""
     stages = bench["stages"]
     row_keep, subject_keep = {}, {}
-    for stage in BUILD_STAGES[:BUILD_STAGES.index("decimate")]:
-        record = stages[stage]
-        if not record["rows_in"]:
+    for stage in STAGES:
+        record = stages[stage.name]
+        if not record["rows_in"] or stage.plan not in ("rows", "subjects"):  # decimate and select follow from the counts
             continue
         measured = record["rows_out"] / record["rows_in"]
-        if stage not in SUBJECT_STAGES:
-            row_keep[stage] = measured
+        if stage.plan == "rows":
+            row_keep[stage.name] = measured
             continue
-        subject_keep[stage] = record.get("subject_keep") or 1.0
+        subject_keep[stage.name] = record.get("subject_keep") or 1.0
         counts = {int(n): rows for n, rows in (record.get("subject_counts_in") or {}).items()}
-        predicted = _survival(counts, subject_keep[stage], record.get("min_subjects", 1)) if counts else 0.0
+        predicted = _survival(counts, subject_keep[stage.name], record.get("min_subjects", 1)) if counts else 0.0
         if predicted:
-            row_keep[stage] = min(1.0, measured / predicted)
+            row_keep[stage.name] = min(1.0, measured / predicted)
     publish = bench.get("publish") or {}
     near = publish.get("near_duplicate", 0) / publish["rows_in"] if publish.get("rows_in") else 0.0
     return Rates(row_keep, subject_keep, 1.0 - near)
@@ -309,7 +307,7 @@ def project_hours(expected: dict[str, Any], bench: dict[str, Any]) -> list[dict[
     excluded), plus one load of the stage's models."""
     rows = []
     for stage in expected["stages"]:
-        if not BY_NAME[stage["stage"]].roles:
+        if not stage_named(stage["stage"]).roles:
             continue  # CPU only (decimate)
         record = bench["stages"][stage["stage"]]
         compute = max(0.0, record["seconds"] - record["load_seconds"])
@@ -335,7 +333,7 @@ def plan(spec: BuildSpec, bench: dict[str, Any] | None = None) -> dict[str, Any]
     shards = num_shards(spec)
     result: dict[str, Any] = {
         "name": spec.name, "sources": spec.num_source_images, "shard_size": spec.shard_size, "shards": shards,
-        "task_runs": len(BUILD_STAGES) * shards + 1,  # every stage x shard, then publish
+        "task_runs": len(STAGES) * shards + 1,  # every stage x shard, then publish
         "models": stage_models(spec), "upper_bound": funnel(spec),
     }
     result["disk"] = disk(spec, result["upper_bound"])
@@ -367,7 +365,7 @@ def format_plan(result: dict[str, Any]) -> str:
     upper = result["upper_bound"]
     lines = [f"plan: {result['name']}",
              f"  sources {result['sources']} in {result['shards']} shards of {result['shard_size']}; "
-             f"task runs {result['task_runs']} ({len(BUILD_STAGES)} stages x {result['shards']} shards + publish)", "",
+             f"task runs {result['task_runs']} ({len(STAGES)} stages x {result['shards']} shards + publish)", "",
              "models and weight memory by stage (dtype auto = bfloat16 on a GPU; activations come on top):"]
     for row in result["models"]:
         if not row["models"]:

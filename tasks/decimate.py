@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import json
 
+from pydantic import Field
+
+from data_specs.build import Section
 from music_model.subjects.decimate import decimate
 from music_model.subjects.layout import layout_grid, layout_to_text, subject_regions
 from tasks.contract import Stage, StageContext
+
+
+class DecimateParams(Section):
+    min_subjects: int = Field(2, ge=1)
 
 
 def process(rows: list[dict], ctx: StageContext) -> list[dict]:
@@ -35,5 +42,5 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
 
 # Version 2: the smallest box (not mask) dropped first; the layout recomputed, not blanked.
 # 3: a dropped subject named once ("shrimp", not "shrimp (shrimp)")
-STAGE = Stage("decimate", 3, process, reads=("decimate", "layout"),
+STAGE = Stage("decimate", 3, process, DecimateParams, reads=("decimate", "layout"), plan="decimate",
               writes=("id", "source_id", "num_subjects", "subjects", "instruction", "cot", "layout", "layout_text"))

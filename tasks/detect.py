@@ -9,10 +9,22 @@ categories kept and gives each removed one's reason."""
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
 
+from data_specs.build import Section
 from music_model.roles.detector import Detections
 from music_model.subjects.decimate import box_area
-from tasks.contract import Stage, StageContext
+from tasks.contract import PublishedScore, Stage, StageContext, Threshold
+
+
+class DetectParams(Section):
+    min_box_area: float = Field(0.01, ge=0, lt=1, description="a subject whose best box is under this fraction of the "
+                                                               "image is removed")
+    max_box_overlap: float = Field(0.9, ge=0, le=1, description="two subjects whose boxes overlap more than this (IoU) "
+                                                               "are one object named twice: the lower-scoring one is "
+                                                               "removed (1: never)")
+    box_threshold: float = Field(0.35, ge=0, le=1)
+    text_threshold: float = Field(0.25, ge=0, le=1)
 
 
 def box_iou(a, b) -> float:
@@ -70,5 +82,12 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
 
 # 2: the area rule judges each category's best box (no fallback to a larger one); coincident boxes
 # of two categories keep one subject
-STAGE = Stage("detect", 3, process, roles=("detector",), reads=("detect", "verify.min_subjects"),
-              writes=("subjects", "num_subjects"))
+STAGE = Stage(
+    "detect", 3, process, DetectParams, roles=("detector",), reads=("detect", "verify.min_subjects"),
+    writes=("subjects", "num_subjects"), plan="subjects",
+    thresholds=(Threshold("detect.box_threshold", "score", "below", "applied inside the detector, which returns no box "
+                          "under it: the values are the subjects detect kept"),),
+    published=(PublishedScore("detector_scores", "subject", "score",
+                              "the detector's score of the subject's box for its category (detect)", "0 to 1",
+                              lambda spec: f">= `detect.box_threshold` {spec.detect.box_threshold}"),),
+)

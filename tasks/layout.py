@@ -9,12 +9,19 @@ as `mask_clip_margin` (mask score minus box score)."""
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
 
+from data_specs.build import Section
 from music_model.media import masks as rle
 from music_model.media.images import subject_view
 from music_model.subjects import nouns
 from music_model.subjects.layout import box_to_mask, layout_grid, layout_to_text
-from tasks.contract import Stage, StageContext
+from tasks.contract import PublishedScore, Stage, StageContext
+
+
+class LayoutParams(Section):
+    grid: int = Field(8, ge=2, le=32)
+    lam: float = Field(0.05, gt=0, le=1, description="tau = lam * mean IoU")
 
 
 def process(rows: list[dict], ctx: StageContext) -> list[dict]:
@@ -51,5 +58,10 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
 
 
 # 2: mask and box views framed alike (the box, padded to a square); the CLIP margin kept per subject
-STAGE = Stage("layout", 3, process, roles=("segmenter", "clip"), reads=("layout",), writes=("subjects", "layout", "layout_text"),
-              unit="subjects")
+STAGE = Stage(
+    "layout", 3, process, LayoutParams, roles=("segmenter", "clip"), reads=("layout",), writes=("subjects", "layout", "layout_text"),
+    unit="subjects",
+    published=(PublishedScore("mask_clip_margins", "subject", "mask_clip_margin",
+                              "the `clip` role's score of the masked region minus the box crop's, against `a photo of a "
+                              "{category}` (layout): above 0, the mask matched better and is the region unless empty", "-2 to 2"),),
+)

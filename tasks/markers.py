@@ -23,8 +23,16 @@ from tasks.build_paths import build_dir, stage_dir
 from tasks.image_store import image_problem
 
 
+MARKER_SUFFIX = ".done.json"
+
+
 def shard_name(shard: int) -> str:
     return f"part-{shard:05d}"
+
+
+def shard_marker(folder: Path, shard: int) -> Path:
+    """The marker of shard `shard` among the outputs in `folder`: the one place its name is spelled."""
+    return folder / f"{shard_name(shard)}{MARKER_SUFFIX}"
 
 
 def part_record(path: Path) -> dict:
@@ -77,7 +85,7 @@ def check_marker(marker: Path, verify: bool = False, images_root: Path | None = 
     if problems:
         for path in [marker, *rejected]:
             path.unlink(missing_ok=True)
-        return None, f"redoing {label or marker.name.removesuffix('.done.json')} of {marker.parent}: {'; '.join(problems)}"
+        return None, f"redoing {label or marker.name.removesuffix(MARKER_SUFFIX)} of {marker.parent}: {'; '.join(problems)}"
     return {**done, "skipped": True}, None
 
 
@@ -111,7 +119,7 @@ def run_marked(marker: Path, work: Callable[[], tuple[dict, list[Path]]], images
     if done := check_marker(marker, images_root=images_root, made_from=made_from)[0]:
         return done
     # Temporary files of a process killed mid-write: the shard is redone from scratch.
-    for stale in marker.parent.glob(f".{marker.name.removesuffix('.done.json')}.*.tmp"):
+    for stale in marker.parent.glob(f".{marker.name.removesuffix(MARKER_SUFFIX)}.*.tmp"):
         stale.unlink(missing_ok=True)
     meter = ShardMeter()
     summary, outputs = work()
@@ -125,7 +133,7 @@ def scores_path(folder: Path, shard: int) -> Path:
 
 
 def marker_path(spec: BuildSpec, stage: str, fp: str, shard: int) -> Path:
-    return stage_dir(spec, stage, fp) / f"{shard_name(shard)}.done.json"
+    return shard_marker(stage_dir(spec, stage, fp), shard)
 
 
 def check_shard(spec: BuildSpec, stage: str, fp: str, shard: int, verify: bool = False,

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_specs.build import BuildSpec, MsicParams, canonical_json
-from data_specs.schemas import DROPPED, IMAGE
+from data_specs.schemas import DROPPED, IMAGE, with_features
 from music_model.media.images import from_struct
 from music_model.roles import load_role
 from music_model.subjects.decimate import SUBJECT_TOKEN
@@ -37,9 +37,8 @@ from safe_files import write_atomic
 from tasks.build_paths import build_dir, stage_dir
 from tasks.contract import read_rows, role_content, stable_int, write_table
 from tasks.image_store import ImageStore
+from tasks.publish import code_version, drop_near_duplicates, preview_ids, preview_markdown, publish_folder, published_result, read_filter_index, stream_rows, write_sheets, yaml_header
 from tasks.releases import hash_changes, row_hash
-from tasks.publish import (code_version, drop_near_duplicates, preview_ids, preview_markdown, publish_folder, published_result,
-                           read_filter_index, stream_rows, with_features, write_sheets, yaml_header)
 
 BENCHMARK_CASES = pa.schema([
     ("case_id", pa.string()), ("subject_count", pa.int32()), ("instruction", pa.string()),
@@ -355,10 +354,9 @@ def published_msic(spec: BuildSpec, fingerprint: str) -> dict | None:
 
 def publish_msic(spec: BuildSpec, filter_dir: Path, shards: int, fingerprint: str) -> dict:
     """Drop near-duplicate sources, select, check and publish the benchmark: cases Parquet,
-    manifest.json, a card and preview sheets (or return the result when this fingerprint is
-    already published). Near-duplicate drops go to `stages/publish-msic/<fingerprint>/dropped.parquet`."""
-    if result := published_msic(spec, fingerprint):
-        return result
+    manifest.json, a card and preview sheets (whether this fingerprint is already published is the
+    caller's question: `published_msic`, asked by the MSIC flow's `publish_once`). Near-duplicate
+    drops go to `stages/publish-msic/<fingerprint>/dropped.parquet`."""
     # Selection reads the rows without their images; only the chosen cases' images are read.
     index = read_filter_index(filter_dir, shards)
     kept, dropped, duplicates = drop_near_duplicates(spec, index, "publish-msic")

@@ -24,10 +24,8 @@ from data_specs.build import BuildSpec
 from music_model.roles.hub import HubState, Resolved, resolve
 from music_model.roles.kernels import triton_toolchain_problem
 from safe_files import write_atomic
-from tasks.build_paths import build_dir
+from tasks.build_paths import build_dir, models_record, recorded
 from tasks.cost_plan import disk, funnel
-
-RECORD = "models.json"
 
 
 class PreflightError(RuntimeError):
@@ -100,12 +98,6 @@ def check(spec: BuildSpec) -> Preflight:
     return Preflight(roles, needed, free, where, problems, kernel_notes(spec, torch.cuda.is_available()))
 
 
-def recorded(spec: BuildSpec) -> dict | None:
-    """The models a build folder was made with, as its first run recorded them."""
-    path = build_dir(spec) / RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def changed_commits(spec: BuildSpec, result: Preflight, before: dict) -> list[str]:
     """One line for each role whose weights differ from the ones the folder was made with."""
     lines = []
@@ -140,5 +132,5 @@ def preflight(spec: BuildSpec) -> BuildSpec:
         raise PreflightError(problems)
     record = result.record()
     if record != recorded(spec):
-        write_atomic(build_dir(spec) / RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n"))
+        write_atomic(models_record(spec), lambda tmp: tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n"))
     return result.pinned_spec(spec)

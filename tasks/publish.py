@@ -36,16 +36,16 @@ from PIL import Image
 
 from data_specs.build import BuildSpec, canonical_json
 from data_specs.roles import model_kind
-from data_specs.schemas import DROPPED, PUBLISHED, PUBLISHED_FEATURES
+from data_specs.schemas import DROPPED
 from music_model.roles.hub import licence_of
 from music_model.subjects.preview import from_published, render_sheet
 from safe_files import write_atomic
 from tasks import releases, waves
-from tasks.build_paths import build_dir, stage_dir
+from tasks.build_paths import build_dir, recorded, stage_dir
 from tasks.contract import read_rows, stable_int, write_table
 from tasks.image_store import ImageStore
 from tasks.markers import shard_name
-from tasks.preflight import recorded
+from tasks.stages import published_schema, published_scores
 
 PREVIEW_SAMPLES = 6
 # Bumped when the published files change for the same inputs. 2: the quality-score columns. 3: the
@@ -196,11 +196,6 @@ def dropped_row(row: dict, stage: str, reason: str, detail: str) -> dict:
     return {"id": row["id"], "index": row["index"], "stage": stage, "reason": reason, "detail": detail}
 
 
-def with_features(schema: pa.Schema, features: dict) -> pa.Schema:
-    """`schema` carrying the Hugging Face features, so `datasets` decodes its images as images."""
-    return schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
-
-
 def yaml_header(header: dict) -> str:
     """A card's YAML front matter, as the Hub reads it."""
     return f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n\n"
@@ -233,7 +228,7 @@ def publish_folder(folder: Path, fingerprint: str, write: Callable[[Path], dict]
         raise
     meta = {"spec_hash": spec.spec_hash(), "code_version": code_version(), "models": recorded(spec),
             "inputs": releases.stage_inputs(spec)}
-    return releases.commit(folder, staging, fingerprint, result, meta, spec.release.gates, target)
+    return releases.commit(folder, staging, fingerprint, result, meta, spec.release.gates, target, spec.score_columns)
 
 
 def preview_ids(seed: int, ids: list[str], count: int = PREVIEW_SAMPLES) -> list[str]:
@@ -270,8 +265,9 @@ def preview_markdown(folder: Path, previews: list[str], inline: bool = False, wi
     return lines + [""]
 
 
-def published_row(row: dict, near_duplicate_clip: float | None = None) -> dict:
-    """A filter row as published; `near_duplicate_clip`: its source's (`nearest_earlier`)."""
+def published_row(row: dict, computed: dict | None = None) -> dict:
+    """A filter row as published, with every stage's published scores (`Stage(published=...)`);
+    `computed`: the scores publish computes (`near_duplicate_clip`: its source's, `nearest_earlier`)."""
     subjects = row["subjects"]
     published = {
         "id": row["id"], "source_id": row["source_id"], "num_subjects": row["num_subjects"], "image": row["image"],
@@ -280,10 +276,14 @@ def published_row(row: dict, near_duplicate_clip: float | None = None) -> dict:
         "categories": [s["category"] for s in subjects], "boxes": [s["box"] for s in subjects],
         "masks": [s["mask"] for s in subjects], "regions": [s["region"] for s in subjects],
         "references": [s["reference"] for s in subjects],
-        "detector_scores": [s["score"] for s in subjects], "reference_dino": [s["reference_dino"] for s in subjects],
-        "verify_confidences": [s["verify_confidence"] for s in subjects],
-        "mask_clip_margins": [s["mask_clip_margin"] for s in subjects], "near_duplicate_clip": near_duplicate_clip,
     }
+    for score in published_scores():
+        if score.source is None:
+            published[score.column] = (computed or {}).get(score.column)
+        elif score.per == "subject":
+            published[score.column] = [s[score.source] for s in subjects]
+        else:
+            published[score.column] = row[score.source]
     return {**published, "content_hash": releases.row_hash(published)}
 
 
@@ -342,22 +342,7 @@ def target_line(target: dict | None) -> str:
 def quality_scores_section(spec: BuildSpec) -> str:
     """The card's section on the quality-score columns: what each means, its range, what this build
     kept and a one-line `datasets` filter. Only the spec goes in, so one spec gives one text."""
-    detect, rerender = spec.detect, spec.rerender
-    rows = [
-        ("detector_scores", "subject", "the detector's score of the subject's box for its category (detect)", "0 to 1",
-         f">= `detect.box_threshold` {detect.box_threshold}"),
-        ("verify_confidences", "subject", "the VLM's p(yes) that the outlined box and its label are correct (verify)", "0 to 1",
-         f">= `verify.min_confidence` {spec.verify.min_confidence}" if spec.verify.require_match else "any (verify.require_match off)"),
-        ("reference_dino", "subject", "cosine of the `dino` role's embeddings of the re-rendered reference and the subject's "
-         "crop (rerender): low, identity lost; high, a copy of the crop", "-1 to 1",
-         f"`rerender.min_dino` {rerender.min_dino} to `rerender.max_dino` {rerender.max_dino}"),
-        ("mask_clip_margins", "subject", "the `clip` role's score of the masked region minus the box crop's, against "
-         "`a photo of a {category}` (layout): above 0, the mask matched better and is the region unless empty", "-2 to 2", "any"),
-        ("near_duplicate_clip", "sample", "the highest cosine of the `clip` role's embeddings of this sample's target and the "
-         "target of any other published source with a lower `source_id` (-1.0 for the first); decimated siblings share it",
-         "-1 to 1",
-         f"< `filter.near_duplicate_clip` {spec.filter.near_duplicate_clip}"),
-    ]
+    rows = [(score.column, score.per, score.meaning, score.span, score.kept(spec)) for score in published_scores()]
     table = "\n".join(f"| `{name}` | {per} | {meaning} | {span} | {kept} |" for name, per, meaning, span, kept in rows)
     return (
         "\n## Quality scores\n\nScores to filter the set on, as the pipeline computed them: a list per subject "
@@ -471,10 +456,10 @@ def published_stats(spec: BuildSpec, fingerprint: str) -> dict | None:
 
 def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict], fingerprint: str,
             made: list[int] | None = None) -> dict:
-    """Write the published dataset (or return its stats when this fingerprint is already published).
+    """Write the published dataset and return its stats; whether this fingerprint is already
+    published is the caller's question (`published_stats`, asked by the build flow's `publish_once`):
+    publishing again makes no new release for the same data (`releases.commit`).
     `made`: a target build's sources after each wave."""
-    if stats := published_stats(spec, fingerprint):
-        return stats
     index = read_filter_index(filter_dir, shards)
     kept, dropped, _ = drop_near_duplicates(spec, index, "publish")
     rows = sorted(kept, key=lambda r: r["id"])
@@ -512,11 +497,11 @@ def publish(spec: BuildSpec, filter_dir: Path, shards: int, summaries: list[dict
         near = nearest_earlier(index.embeddings, [r["source_id"] for r in rows])
         preview_rows = {}
         stream = stream_rows(filter_dir, index, [r["id"] for r in rows], ImageStore.of_stage_dir(filter_dir))
-        schema = with_features(PUBLISHED, PUBLISHED_FEATURES)
+        schema = published_schema()
         for number, ids in enumerate(chunks):
             path = staging / "data" / f"train-{number:05d}-of-{len(chunks):05d}.parquet"
             with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-                batch = [published_row(row, near[row["source_id"]]) for row in (next(stream) for _ in ids)]
+                batch = [published_row(row, {"near_duplicate_clip": near[row["source_id"]]}) for row in (next(stream) for _ in ids)]
                 preview_rows.update((r["id"], r) for r in batch if r["id"] in previews)
                 writer.write_table(pa.Table.from_pylist(batch, schema=schema))
         sheets = [(i, render_sheet(from_published(preview_rows[i]))) for i in sorted(previews)]

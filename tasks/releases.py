@@ -30,10 +30,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from data_specs.build import QUANTILES, BuildSpec, GateParams, canonical_json
-from data_specs.schemas import SCORE_COLUMNS
 from safe_files import write_atomic
+from tasks.build_paths import recorded
 from tasks.contract import role_content, spec_values
-from tasks.preflight import recorded
 from tasks.stages import STAGES
 
 RECORD = "release.json"
@@ -73,15 +72,16 @@ def file_sha256(path: Path) -> str:
 # --- what a release holds ---------------------------------------------------------------------------
 
 
-def read_samples(folder: Path) -> dict:
-    """Each sample's content hash, the subject-count mix and every score's values, from the
-    published Parquet files' small columns (no image is read)."""
+def read_samples(folder: Path, scores: tuple[str, ...]) -> dict:
+    """Each sample's content hash, the subject-count mix and the values of each of `scores` (the
+    published score columns, `BuildSpec.score_columns`) it has, from the published Parquet files'
+    small columns (no image is read)."""
     hashes, counts, scores = {}, Counter(), {}
     for path in sorted((folder / "data").glob("*.parquet")):
         names = pq.read_schema(path).names
         key = "id" if "id" in names else "case_id"
         count = "num_subjects" if "num_subjects" in names else "subject_count"
-        present = [c for c in SCORE_COLUMNS if c in names]
+        present = [c for c in scores if c in names]
         for row in pq.read_table(path, columns=[key, "content_hash", count, *present]).to_pylist():
             hashes[row[key]] = row["content_hash"]
             counts[row[count]] += 1
@@ -295,15 +295,16 @@ def reuse(folder: Path, fingerprint: str, gates: GateParams, target: int | None)
 
 
 def commit(folder: Path, staging: Path, fingerprint: str, result: dict, meta: dict, gates: GateParams,
-           target: int | None) -> dict:
+           target: int | None, scores: tuple[str, ...]) -> dict:
     """Make the candidate in `staging` (a filled publication folder) a release, or find the one
     its data already is; make it current when it passes its gates. `meta`: spec_hash,
-    code_version, models and inputs (`stage_inputs`). Returns the result with its release."""
+    code_version, models and inputs (`stage_inputs`); `scores`: the score columns the diff and the gates
+    read. Returns the result with its release."""
     root = releases_dir(folder)
     root.mkdir(parents=True, exist_ok=True)
     for leftover in root.glob(".v*"):  # a release folder a killed run did not finish (one build per folder runs)
         shutil.rmtree(leftover, ignore_errors=True)
-    samples = read_samples(staging)
+    samples = read_samples(staging, scores)
     content = data_hash(samples["hashes"])
     known = releases(folder)
     same = next((r for r in reversed(known) if r["data_hash"] == content), None)
@@ -317,7 +318,7 @@ def commit(folder: Path, staging: Path, fingerprint: str, result: dict, meta: di
     record = {"version": version, "parent": parent["version"] if parent else None, "kind": folder.name,
               "data_hash": content, "fingerprint": fingerprint, **meta,
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "samples": len(samples["hashes"]), "result": result}
-    parent_samples = read_samples(releases_dir(folder) / parent["version"]) if parent else None
+    parent_samples = read_samples(releases_dir(folder) / parent["version"], scores) if parent else None
     change = diff(parent, parent_samples, record, samples)
     failed = failed_gates(gates, change, target)
     record |= {"status": "rejected" if failed else "accepted", "failed_gates": failed,
@@ -346,8 +347,9 @@ def commit(folder: Path, staging: Path, fingerprint: str, result: dict, meta: di
     return make_current(folder, version, fingerprint)
 
 
-def diff_between(folder: Path, a: str | None = None, b: str | None = None) -> dict:
-    """The diff of release `b` (default: the current) against `a` (default: b's parent)."""
+def diff_between(folder: Path, scores: tuple[str, ...], a: str | None = None, b: str | None = None) -> dict:
+    """The diff of release `b` (default: the current) against `a` (default: b's parent), over the
+    score columns `scores`."""
     now = current(folder)
     b = b or (now["version"] if now else None)
     if b is None:
@@ -357,7 +359,7 @@ def diff_between(folder: Path, a: str | None = None, b: str | None = None) -> di
     if a is None:
         raise ReleaseError(f"release {b} has no parent: name the release to compare it with")
     record_a = read_record(release_path(folder, a))
-    return diff(record_a, read_samples(release_path(folder, a)), record_b, read_samples(release_path(folder, b)))
+    return diff(record_a, read_samples(release_path(folder, a), scores), record_b, read_samples(release_path(folder, b), scores))
 
 
 def promote(folder: Path, version: str) -> dict:

@@ -15,11 +15,31 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
+from pydantic import Field, model_validator
 
+from data_specs.build import Section
 from music_model.media.images import crop, letterbox, square
 from music_model.subjects import nouns
-from tasks.contract import Stage, StageContext
+from tasks.contract import PublishedScore, Stage, StageContext, Threshold
 from tasks.verify import renumber
+
+
+class RerenderParams(Section):
+    # {category}: one of the subject's category, in the singular ("sneaker" for "sneakers").
+    prompt: str = "Show this {category} from a different viewpoint and in a different pose, on a plain background."
+    size: int = Field(512, ge=16, description="a reference's longer side in pixels (its aspect is its crop's)")
+    render_size: int = Field(1024, ge=16, description="Kontext renders at its preferred ~1 MP resolutions scaled by "
+                                                       "render_size / 1024 (1024: as trained; tiny specs: small)")
+    min_dino: float = Field(0.4, ge=-1, le=1, description="below: identity lost")
+    max_dino: float = Field(0.95, ge=-1, le=1, description="above: a copy of the crop, not a new view")
+    crop_margin: float = Field(0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "RerenderParams":
+        if self.min_dino >= self.max_dino:
+            raise ValueError(f"min_dino ({self.min_dino}) must be below max_dino ({self.max_dino})")
+        return self
+
 
 KONTEXT_SIDE = 1024  # the side of Kontext's square preferred resolution, which render_size scales
 
@@ -88,5 +108,12 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
 
 # Version 2: letterboxed crops at Kontext's preferred resolutions, references in the crop's aspect.
 # Version 3: every candidate's DINO similarity in the scores table.
-STAGE = Stage("rerender", 4, process, roles=("editor", "dino"), reads=("rerender", "verify.min_subjects"),
-              writes=("subjects", "num_subjects"), unit="subjects", scores=("reference_dino",))
+STAGE = Stage(
+    "rerender", 4, process, RerenderParams, roles=("editor", "dino"), reads=("rerender", "verify.min_subjects"),
+    writes=("subjects", "num_subjects"), unit="subjects", plan="subjects", scores=("reference_dino",),
+    thresholds=(Threshold("rerender.min_dino", "reference_dino", "below"), Threshold("rerender.max_dino", "reference_dino", "above")),
+    published=(PublishedScore("reference_dino", "subject", "reference_dino",
+                              "cosine of the `dino` role's embeddings of the re-rendered reference and the subject's crop "
+                              "(rerender): low, identity lost; high, a copy of the crop", "-1 to 1",
+                              lambda spec: f"`rerender.min_dino` {spec.rerender.min_dino} to `rerender.max_dino` {spec.rerender.max_dino}"),),
+)

@@ -1,7 +1,15 @@
 """synthesize: the text-to-image target of each caption, seeded per sample."""
 from __future__ import annotations
 
+from pydantic import Field
+
+from data_specs.build import Section
 from tasks.contract import Stage, StageContext
+
+
+class SynthesizeParams(Section):
+    width: int = Field(1024, ge=16)
+    height: int = Field(1024, ge=16)
 
 
 def process(rows: list[dict], ctx: StageContext) -> list[dict]:
@@ -16,4 +24,4 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
     ]
 
 
-STAGE = Stage("synthesize", 1, process, roles=("t2i",), reads=("synthesize",), writes=("image", "width", "height"))
+STAGE = Stage("synthesize", 1, process, SynthesizeParams, roles=("t2i",), reads=("synthesize",), writes=("image", "width", "height"))

@@ -9,10 +9,20 @@ from __future__ import annotations
 import math
 
 from PIL import Image, ImageDraw
+from pydantic import Field
 
+from data_specs.build import Section
 from music_model.media.images import TAG_COLOURS, crop, pixel_box
 from music_model.subjects import nouns
-from tasks.contract import Stage, StageContext
+from tasks.contract import PublishedScore, Stage, StageContext, Threshold
+
+
+class VerifyParams(Section):
+    min_subjects: int = Field(2, ge=1, description="a sample with fewer verified subjects is dropped")
+    crop_margin: float = Field(0.1, ge=0, le=1, description="context around a box in the crop the VLM judges")
+    require_match: bool = Field(True, description="remove subjects the VLM rejects (tiny specs: a random VLM's verdict)")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="the VLM's p(yes) a subject needs to be kept")
+
 
 # Not "shown whole and clearly": occluded and interacting subjects are what multi-subject scenes are made of.
 PROMPT = ("A detector found an object in this image and labelled it \"{category}\"; the red box outlines it. "
@@ -66,5 +76,12 @@ def process(rows: list[dict], ctx: StageContext) -> list[dict]:
 
 # 4: the paper's question (box and label correct) on the crop with its box drawn, decided by p(yes)
 # from one forward pass against min_confidence (was: a sampled yes/no and an unused reason).
-STAGE = Stage("verify", 5, process, roles=("vlm",), reads=("verify",), writes=("subjects", "num_subjects"), unit="subjects",
-              scores=("verify_confidence",))
+STAGE = Stage(
+    "verify", 5, process, VerifyParams, roles=("vlm",), reads=("verify",), writes=("subjects", "num_subjects"),
+    unit="subjects", plan="subjects", scores=("verify_confidence",),
+    thresholds=(Threshold("verify.min_confidence", "verify_confidence", "below"),),
+    published=(PublishedScore("verify_confidences", "subject", "verify_confidence",
+                              "the VLM's p(yes) that the outlined box and its label are correct (verify)", "0 to 1",
+                              lambda spec: f">= `verify.min_confidence` {spec.verify.min_confidence}"
+                              if spec.verify.require_match else "any (verify.require_match off)"),),
+)

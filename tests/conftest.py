@@ -62,8 +62,20 @@ def pytest_collection_modifyitems(session, config, items):
 
 def pytest_unconfigure(config):
     if "process" in _server:
+        import sys
+        import threading
+
+        if "prefect" in sys.modules:
+            # Logs still queued here (a flow run flushes its own when it ends) go out while the
+            # server answers, not from Prefect's exit hook to a stopped one, retried.
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=10, at_exit=False)
         from flows.ops.server import stop_server
 
+        # The server is this process's child: reaped as soon as it exits, its pid goes, which is
+        # what stop_server waits for (an unreaped child's pid stays, and it waited out its 30 s).
+        threading.Thread(target=_server["process"].wait, daemon=True).start()
         stop_server()
     shutil.rmtree(_server.get("home", ""), ignore_errors=True)
 
@@ -105,10 +117,9 @@ def chain(tmp_path_factory):
     import yaml
 
     from data_specs import shipped
-    from data_specs.build import parse_build_spec
     from data_specs.schemas import WORK
     from tasks.contract import read_rows, run_shard
-    from tasks.stages import stage_chain
+    from tasks.stages import parse_build_spec, stage_chain
 
     data = yaml.safe_load(shipped("tiny.yaml").read_text())
     data.update(name="stages", num_source_images=6, shard_size=6, output_root=str(tmp_path_factory.mktemp("stages")))

@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 
-from music_model.zoo.arch import (ARCH_BY_HUB_ID, ARCHES, TINY_SUFFIX, ensure_arch, param_bytes, param_count, random_model,
-                                  random_pipeline)
+from music_model.zoo.arch import ARCH_BY_HUB_ID, ARCHES, TINY_SUFFIX, ensure_arch, param_bytes, param_count, random_model, random_pipeline
 
 # Published parameter counts (model cards / checkpoint headers); SAM 2.1's 224M includes the video
 # memory modules that the image model (Sam2Model) does not have.
@@ -29,7 +28,7 @@ def test_param_bytes_follow_the_dtype():
 
 
 def test_every_shipped_hub_model_has_an_arch():
-    from data_specs.build import load_build_spec
+    from tasks.stages import load_build_spec
 
     spec = load_build_spec("music_10k.yaml")
     assert {role.model for role in spec.roles.values()} <= set(ARCH_BY_HUB_ID)
@@ -67,8 +66,7 @@ def test_unknown_arch_names_the_known_ones():
 
 def test_real_size_models_build_on_meta_with_the_role_classes():
     """What the roles build on a GPU, built on `meta`: every real folder is read by the role's class."""
-    from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMaskGeneration,
-                              AutoModelForZeroShotObjectDetection, CLIPModel, ViTModel)
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMaskGeneration, AutoModelForZeroShotObjectDetection, CLIPModel, ViTModel
 
     classes = {"qwen3_8b": (AutoModelForCausalLM, {}), "qwen2_5_vl_7b": (AutoModelForImageTextToText, {}),
                "grounding_dino_base": (AutoModelForZeroShotObjectDetection, {}), "sam2_1_large": (AutoModelForMaskGeneration, {}),

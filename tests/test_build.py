@@ -3,6 +3,7 @@ work, changes that rerun exactly the stages that read them, an added stage, a da
 one build per folder, kill -9 and resume, byte identity."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -135,8 +136,8 @@ def test_a_changed_read_reruns_its_readers_and_the_resumed_build_equals_a_fresh_
     # The resume runs while a second build of the same folder is tried: refused, it changes nothing.
     first = subprocess.Popen([sys.executable, "-m", "flows.cli", "build", str(spec), "--json", str(tmp_path / "resumed.json")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from data_specs.build import load_build_spec
     from tasks.build_lock import lock_holder
+    from tasks.stages import load_build_spec
 
     deadline = time.monotonic() + 120
     while not (holder := lock_holder(load_build_spec(spec))):
@@ -153,30 +154,65 @@ def test_a_changed_read_reruns_its_readers_and_the_resumed_build_equals_a_fresh_
     assert data_bytes(Path(resumed["dataset"])) == tiny_build["bytes"]
 
 
-def test_a_stage_added_to_a_copy_of_the_list_runs_in_the_build(tiny_build, tmp_path, prefect_api):
-    """Adding a stage is its module plus one line in tasks.stages.STAGES: here a pass-through stage
-    inserted after annotate in this process's list, touching no file; it runs, shows in the funnel,
-    and the stages after it rerun to the same published bytes."""
+def test_a_stage_added_by_one_module_and_one_line_runs_with_its_section_threshold_and_score(tiny_build, tmp_path, prefect_api):
+    """Adding a stage is its module plus one line in tasks.stages.STAGES: tests/stage_plugin.py (a
+    sharpness score with its own spec section, threshold and published column) appended to this
+    process's list, touching no project file. Its parameter is validated in the spec, it alone runs
+    (then publish), drops what its threshold cuts, and its score is in the published data, the card
+    and `music calibrate`'s report."""
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from stage_plugin import sharpness
+
+    published = [row for path in sorted((tiny_build["dir"] / "dataset" / "data").glob("*.parquet"))
+                 for row in pq.read_table(path).to_pylist()]
+    values = {row["id"]: sharpness(Image.open(io.BytesIO(row["image"]["bytes"]))) for row in published}
+    threshold = sorted(set(values.values()))[len(set(values.values())) // 2]  # the median source: about half drop
     spec = copy_build(tiny_build, tmp_path)
-    out = tmp_path / "noop.json"
+    spec.write_text(yaml.safe_dump(yaml.safe_load(spec.read_text()) | {"sharpness": {"min_sharpness": threshold}}))
+    out = tmp_path / "plugin.json"
     script = f"""
-import json
-from tasks.contract import Stage
-from tasks.stages import BY_NAME, STAGES
-noop = Stage("noop", 1, lambda rows, ctx: rows)
-STAGES.insert(6, noop)
-BY_NAME["noop"] = noop
+import json, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import stage_plugin
+from tasks.stages import STAGES, load_build_spec, parse_build_spec
+STAGES.append(stage_plugin.STAGE)
+from data_specs.roles import SpecError
+try:
+    parse_build_spec({{**load_build_spec({str(spec)!r}).model_dump(), "sharpness": {{"min_sharpness": -1}}}})
+except SpecError as error:
+    invalid = str(error)
 from flows.build import build_training_set
-open({str(out)!r}, "w").write(json.dumps(build_training_set({str(spec)!r})))
+from tasks.calibrate import calibration_report
+result = build_training_set({str(spec)!r})
+report = calibration_report(load_build_spec({str(spec)!r}))
+open({str(out)!r}, "w").write(json.dumps({{"invalid": invalid, "result": result, "thresholds": report["thresholds"]}}))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert [t["stage"] for t in result["stages"]] == ["compose", "synthesize", "detect", "verify", "rerender", "annotate", "noop",
-                                                       "layout", "decimate", "filter"]
-    assert [f["stage"] for f in result["funnel"]] == [t["stage"] for t in result["stages"]] + ["publish"]
-    assert task_runs_by_stage(prefect_api) == Counter({"noop": 2, "layout": 2, "decimate": 2, "filter": 2, "publish": 1})
-    assert data_bytes(Path(result["dataset"])) == tiny_build["bytes"]
+    facts = json.loads(out.read_text())
+    assert "sharpness.min_sharpness" in facts["invalid"] and "greater than or equal to 0" in facts["invalid"], facts["invalid"]
+    result = facts["result"]
+    assert [t["stage"] for t in result["stages"]][-2:] == ["filter", "sharpness"]
+    assert task_runs_by_stage(prefect_api) == Counter({"sharpness": 2, "publish": 1})  # the stages before it are reused
+    rows = {row["id"]: row for path in sorted((Path(result["dataset"]) / "data").glob("*.parquet"))
+            for row in pq.read_table(path).to_pylist()}
+    kept = {i for i, value in values.items() if value >= threshold}
+    assert set(rows) == kept and 0 < len(kept) < len(values)
+    funnel = {f["stage"]: f for f in result["funnel"]}
+    assert funnel["sharpness"]["dropped"] == {"too_soft": len(values) - len(kept)}
+    before = {row["id"]: row for row in published}
+    # near_duplicate_clip looks at the earlier published sources, which the dropped ones no longer are
+    moved = ("sharpness", "content_hash", "near_duplicate_clip")
+    for sample_id, row in rows.items():
+        assert row["sharpness"] == pytest.approx(values[sample_id], abs=1e-6)
+        assert {k: v for k, v in row.items() if k not in moved} == {k: v for k, v in before[sample_id].items() if k not in moved}
+    card = (Path(result["dataset"]) / "README.md").read_text()
+    assert f"| `sharpness` | sample | mean absolute Laplacian of the target (sharpness) | 0 to 1 | >= `sharpness.min_sharpness` {threshold} |" in card
+    calibrated = {row["threshold"]: row for row in facts["thresholds"]}["sharpness.min_sharpness"]
+    assert (calibrated["stage"], calibrated["value"], calibrated["count"]) == ("sharpness", threshold, len(values))
+    assert calibrated["dropped"] == round((len(values) - len(kept)) / len(values), 4)
 
 
 def test_a_damaged_part_is_redone_on_resume_not_published(tiny_build, tmp_path, prefect_api):
@@ -245,8 +281,8 @@ def test_kill_during_build_then_resume_is_byte_identical(tiny_build, tmp_path, p
     assert len(refusal) == 1 and "being built by another run" in refusal[0] and f"pid {process.pid}" in refusal[0], refusal
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    from data_specs.build import load_build_spec
     from tasks.build_lock import lock_holder
+    from tasks.stages import load_build_spec
 
     assert lock_holder(load_build_spec(spec)) is None  # the kernel freed the dead holder's lock
     assert not (tmp_path / "out" / "tiny" / "dataset").exists()

@@ -68,8 +68,8 @@ def test_rerender_scores_every_candidate_kept_or_rejected(chain, tmp_path):
 
 
 def test_vary_names_its_variants_shared_stages_and_a_bad_value_in_one_line():
-    from data_specs.build import load_build_spec
     from tasks.calibrate import calibration_spec, parse_vary, shared_stages, variant_spec
+    from tasks.stages import load_build_spec
 
     assert parse_vary("rerender.render_size=512, 1024") == ("rerender.render_size", [512, 1024])
     for bad in ("rerender.render_size=512", "render_size=64,128", "rerender.render_size", "rerender.render_size=64,"):
@@ -91,11 +91,11 @@ def test_vary_names_its_variants_shared_stages_and_a_bad_value_in_one_line():
 def test_published_set_carries_quality_scores_a_user_filters_on(tiny_build):
     import datasets
 
-    from data_specs.build import load_build_spec
     from tasks.build_paths import stage_dir
     from tasks.clean import current_fingerprints
     from tasks.contract import num_shards
     from tasks.publish import read_filter_index
+    from tasks.stages import load_build_spec
 
     spec = load_build_spec(tiny_build["spec"])
     dataset = Path(tiny_build["result"]["dataset"])

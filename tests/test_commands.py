@@ -216,10 +216,10 @@ def test_the_deployments_spec_file_flows_run_from_yaml_paths(prefect_api, tmp_pa
 
 
 def test_every_shipped_spec_parses_and_says_what_it_claims():
-    from data_specs.build import load_build_spec
     from data_specs.eval import load_eval_spec
     from data_specs.train import load_train_spec
     from music_model.roles.smoke import zoo_role_specs
+    from tasks.stages import load_build_spec
 
     loaders = {"tiny.yaml": load_build_spec, "msic_tiny.yaml": load_build_spec, "music_10k.yaml": load_build_spec,
                "msic.yaml": load_build_spec, "train_tiny.yaml": load_train_spec, "train_music.yaml": load_train_spec,
@@ -246,9 +246,9 @@ def test_every_shipped_spec_parses_and_says_what_it_claims():
 def test_every_deployment_names_a_flow_whose_parameters_and_spec_load():
     from prefect.flows import load_flow_from_entrypoint
 
-    from data_specs.build import load_build_spec
     from data_specs.eval import load_eval_spec
     from data_specs.train import load_train_spec
+    from tasks.stages import load_build_spec
 
     loaders = {"build-training-set": load_build_spec, "build-msic": load_build_spec, "train-from-file": load_train_spec,
                "evaluate-from-file": load_eval_spec, "music-pipeline-from-file": load_train_spec}

@@ -14,7 +14,6 @@ import yaml
 from PIL import Image
 
 from data_specs import shipped
-from data_specs.build import parse_build_spec
 from data_specs.schemas import WORK
 from music_model.media import masks as rle
 from music_model.media.images import TAG_COLOURS, TAG_HEIGHT, draw_labelled_boxes, square, to_struct
@@ -24,6 +23,7 @@ from tasks import annotate, compose, decimate, rerender
 from tasks.build_paths import stage_dir
 from tasks.contract import StageContext, fingerprint, read_rows, run_shard, write_table
 from tasks.image_store import image_store
+from tasks.stages import parse_build_spec
 
 
 def tiny_spec(tmp_path, **changes):

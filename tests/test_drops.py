@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from data_specs.build import parse_build_spec
 from data_specs.schemas import DROPPED, WORK
 from music_model.media.images import to_struct
-from tasks import annotate, compose, detect, filter, publish, rerender, verify
+from tasks import annotate, compose, detect, filter, publish, releases, rerender, verify
 from tasks.build_paths import stage_dir
 from tasks.contract import fingerprint, read_rows, run_shard, write_table
 from tasks.markers import shard_name
+from tasks.stages import parse_build_spec
 
 
 def variant(spec, tmp_path: Path, **sections):
@@ -277,6 +277,13 @@ def test_publish_to_a_target_drops_the_samples_beyond_it(chain, tmp_path):
     assert [(d["id"], d["reason"]) for d in dropped] == [(rows[-1]["id"], "over_target")]
     assert dropped[0]["detail"] == f"beyond target.samples {len(rows) - 1}"
     assert stats["samples"] == len(rows) - 1 and stats["target"]["waves"] == [6]
+    # Publishing the same build again (publish asks no "already published?": the flows' publish_once
+    # does) makes no new release and leaves the published bytes as they were.
+    dataset = Path(targeted.output_root) / targeted.name / "dataset"
+    files = {p.relative_to(dataset): p.read_bytes() for p in sorted(dataset.rglob("*")) if p.is_file()}
+    again = publish.publish(targeted, out["filter"][3], 1, [out[stage][0] for stage in out], "target-test", [6])
+    assert [r["version"] for r in releases.releases(dataset)] == ["v1"] and again["release"] == stats["release"]
+    assert {p.relative_to(dataset): p.read_bytes() for p in sorted(dataset.rglob("*")) if p.is_file()} == files
 
 
 def test_every_drop_reason_of_the_stages_is_tested():

@@ -101,7 +101,7 @@ def test_cases_flow_reports_grounded_scores_missing_rate_and_passn(tmp_path, dre
     cases = tmp_path / "cases.parquet"
     pq.write_table(pa.Table.from_pylist(rows, schema=CASES), cases)
     spec_json, _ = tiny_spec(tmp_path, "cases-tiny", shard_size=2)
-    summary = evaluate(spec_json, "cases", cases=str(cases))
+    summary = evaluate(spec_json, "msic", cases=str(cases))
     out = Path(summary["output"])
     assert summary["cases_scored"] == 3 and summary["images_scored"] == 6 and summary["dropped"] == {"missing_file": 1}
     counts = summary["by_subject_count"]

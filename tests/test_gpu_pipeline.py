@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.cost_plan import BUILD_STAGES, STAGE_UNITS, read_bench
+from tasks.cost_plan import read_bench
+from tasks.stages import STAGES, stage_named
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,9 +25,9 @@ def test_tiny_run_measures_every_stage_and_feeds_the_plan(tmp_path):
     assert [(row["device"], row["mask_backend"], row["ok"]) for row in bench["device_check"]] == [("cpu", "auto", True)]
     assert "device check cpu     mask ok (auto): ok" in done.stdout
     stages = {record["stage"]: record for record in bench["stages"]}
-    assert list(stages) == BUILD_STAGES
+    assert list(stages) == [stage.name for stage in STAGES]
     for name, record in stages.items():
-        assert record["unit"] == STAGE_UNITS[name] and record["units"] > 0 and record["items_per_s"] > 0, record
+        assert record["unit"] == stage_named(name).unit and record["units"] > 0 and record["items_per_s"] > 0, record
         assert record["peak_bytes"] is None  # no accelerator on the CPU
     assert stages["compose"]["units"] == 2
     # every model call is measured beside the same model in a plain loop on the same inputs

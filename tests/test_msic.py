@@ -171,9 +171,9 @@ def test_published_benchmark_records_its_checks_prompts_and_preview(builds):
     """The build of a (checked against the training set): the card reports both checks with the
     highest similarities of the clean pair; every CLIP-T prompt fits CLIP's context, cut only when
     the full text does not, at a word boundary; the preview sheets exist."""
-    from data_specs.build import load_build_spec
     from music_model.roles import load_role
     from tasks.msic import clip_t_prompt, clip_text_budget
+    from tasks.stages import load_build_spec
 
     _, training, msic = builds
     card = (msic["a"] / "README.md").read_text()
@@ -199,9 +199,9 @@ def test_published_benchmark_records_its_checks_prompts_and_preview(builds):
 def test_near_duplicate_sources_are_removed_before_cases_are_selected(builds, tmp_path):
     """msic.yaml's filter.near_duplicate_clip applies to the benchmark: at -1 every source but the
     first nearly duplicates it, so every case comes from that one source."""
-    from data_specs.build import load_build_spec
     from tasks.contract import num_shards
     from tasks.msic import publish_msic
+    from tasks.stages import load_build_spec
 
     _, _, msic = builds
     spec = load_build_spec(msic["a"].parent / "spec.yaml")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_specs.eval import JUDGE_METRICS
 from music_model.roles import load_role
-from music_model.scoring.judge import JUDGE_METRICS
 
 EDITOR = {"role": "editor", "backend": "diffusers", "model": "zoo:flux_kontext", "batch_size": 4, "options": {"num_inference_steps": 4}}
 SELECT = {"role": "clip", "backend": "transformers", "model": "zoo:clip_l14", "dtype": "float32", "batch_size": 16}
@@ -74,7 +74,7 @@ class NoJudge(dict):
     """A candidate row that fails on any read of a judge column."""
 
     def __getitem__(self, key):
-        if key in JUDGE_METRICS:
+        if key in {m.name for m in JUDGE_METRICS}:
             raise AssertionError(f"selection read {key}")
         return super().__getitem__(key)
 
@@ -116,7 +116,7 @@ def test_the_judge_on_the_dreambench_subset_is_deterministic_with_intervals(zoo_
     again = judge_images(judge, images, references, [[bench.classes[s]] for s in subjects], texts)
     assert first == again
     for metric in JUDGE_METRICS:
-        values = [row[metric] for row in first]
+        values = [row[metric.name] for row in first]
         assert all(0.0 <= v <= 1.0 for v in values)
         estimate = bootstrap_estimate(values, subjects, equal_group_weight=True, samples=200)
         assert estimate.ci_low <= estimate.mean <= estimate.ci_high and estimate.n == len(subjects)

@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from data_specs.build import load_build_spec, parse_build_spec
 from tasks.cost_plan import PlanError, Rates, format_plan, funnel, measured_rates, plan, project_hours, read_bench
+from tasks.stages import load_build_spec, parse_build_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPER_ROLES = {"detector", "segmenter", "clip", "dino"}

@@ -47,12 +47,12 @@ def test_ray_client_addresses_are_refused_before_any_work(tmp_path):
 def test_a_failed_shard_fails_its_flow_run_and_the_other_shards_keep_their_markers(prefect_api, tmp_path):
     import httpx
 
-    from data_specs.build import load_build_spec
-    from tasks import compose, synthesize
     from data_specs.schemas import WORK
+    from tasks import compose, synthesize
     from tasks.build_paths import stage_dir
     from tasks.contract import fingerprint, read_rows, root_fingerprint, run_shard, write_table
     from tasks.markers import part_record
+    from tasks.stages import load_build_spec
 
     path = tiny_spec(tmp_path, "tiny-fail", num_source_images=4, shard_size=2)
     spec = load_build_spec(path)

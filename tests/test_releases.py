@@ -16,10 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from typer.testing import CliRunner
-
 from test_build import copy_build, data_bytes
+from typer.testing import CliRunner
 
 pytestmark = pytest.mark.prefect
 
@@ -90,8 +88,9 @@ def event_time(api: str, name: str, timeout: float = 60) -> float:
     """When the newest event of this name occurred (server's record), seconds since the epoch. The
     server's triggers act on an event before its persister writes it in a batch: a notification can
     come before the event is found, so this waits for it."""
-    import httpx
     from datetime import datetime
+
+    import httpx
 
     deadline = time.time() + timeout
     while not (events := httpx.post(f"{api}/events/filter", json={"filter": {"event": {"name": [name]}}, "limit": 1}).json()["events"]):
@@ -203,8 +202,8 @@ def test_msic_publishes_releases_with_content_hashes(msic_build):
 
 
 def test_gates_are_checked_before_any_model(tmp_path):
-    from data_specs.build import load_build_spec
     from data_specs.roles import SpecError
+    from tasks.stages import load_build_spec
 
     spec = tmp_path / "bad.yaml"
     spec.write_text(yaml.safe_dump({**yaml.safe_load((Path(__file__).parents[1] / "data_specs" / "tiny.yaml").read_text()),

@@ -122,9 +122,9 @@ def test_without_a_c_compiler_or_python_h_the_mask_uses_xgrammars_torch_kernel(m
 
     import xgrammar as xgr
 
-    from data_specs.build import load_build_spec
     from music_model.roles import kernels
     from tasks.preflight import kernel_notes
+    from tasks.stages import load_build_spec
 
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     assert "$CC is" in kernels.triton_toolchain_problem()

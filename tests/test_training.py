@@ -22,9 +22,9 @@ import torch
 import yaml
 from PIL import Image
 
-from data_specs.schemas import PUBLISHED
 from data_specs.train import load_train_spec, parse_train_spec
 from music_model.subjects.layout import box_to_mask, layout_grid, layout_to_text
+from tasks.stages import published_schema
 
 CATEGORIES = ["dog", "cat", "cup", "ball", "lamp", "book"]
 
@@ -36,7 +36,7 @@ def _png(image: Image.Image) -> dict:
 
 
 def write_published(folder: Path, samples: int = 8, size: int = 64, reference: int = 32, files: int = 1, seed: int = 0) -> Path:
-    """A published training set (data_specs.schemas.PUBLISHED) of `samples` fixed 2-3 subject scenes:
+    """A published training set (tasks.stages.published_schema()) of `samples` fixed 2-3 subject scenes:
     coloured boxes on grey, each subject's reference a patch of its colour, layout from the boxes."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -59,7 +59,7 @@ def write_published(folder: Path, samples: int = 8, size: int = 64, reference: i
     (folder / "data").mkdir(parents=True, exist_ok=True)
     per_file = -(-samples // files)
     for f in range(files):
-        table = pa.Table.from_pylist(rows[f * per_file : (f + 1) * per_file], schema=PUBLISHED)
+        table = pa.Table.from_pylist(rows[f * per_file : (f + 1) * per_file], schema=published_schema())
         pq.write_table(table, folder / "data" / f"train-{f:05d}-of-{files:05d}.parquet", row_group_size=3)
     return folder
 

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from data_specs import shipped
-from data_specs.build import parse_build_spec
 from tasks import waves
 from tasks.cost_plan import funnel, plan
+from tasks.stages import parse_build_spec
 
 
 def target_spec(target: dict, **changes):

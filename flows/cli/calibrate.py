@@ -25,9 +25,9 @@ def calibrate_command(
     sample side by side."""
     import yaml
 
-    from data_specs.build import load_build_spec
     from data_specs.roles import SpecError
     from tasks.calibrate import calibration_spec, parse_vary, shared_stages, variant_label, variant_spec
+    from tasks.stages import load_build_spec
 
     try:  # a bad spec or --vary fails here, before any server or model
         calibration = calibration_spec(load_build_spec(spec), sources)

@@ -30,6 +30,13 @@ def _spec(spec: Path, output: Optional[Path], name: Optional[str], generator: Op
     return parse_eval_spec({**parsed.model_dump(), **changes}, source=str(spec)) if changes else parsed
 
 
+def _metrics(benchmark: str) -> list[str]:
+    """The benchmark's headline scores, which the command prints."""
+    from tasks.evaluate.registry import benchmark as registered
+
+    return [m.name for m in registered(benchmark).metrics]
+
+
 def _run(benchmark: str, spec, json_out: Optional[Path], **inputs) -> dict:
     start_server(loads_models=False)
     typer.echo(f"Output: {spec.out_dir().resolve()}")
@@ -70,7 +77,7 @@ def dreambench(
     scores = summary["scores"]["all"]
     typer.echo(f"scored {summary['images_scored']} images of {scores['subjects']} subjects ({summary['scale']}):")
     typer.echo("  " + "  ".join(f"{m}={scores[m]['mean']:.4f} [{scores[m]['ci_low']:.4f}, {scores[m]['ci_high']:.4f}]"
-                                for m in ("dino", "clip_i", "clip_t")))
+                                for m in _metrics("dreambench")))
     typer.echo(f"dropped: {summary['dropped'] or 'none'}; report: {Path(summary['output']) / 'report.md'}")
 
 
@@ -92,11 +99,10 @@ def msic(
         typer.echo(f"{len(table)} cases in {cases}")
     except (SpecError, CasesError, FileNotFoundError, ValueError) as error:
         fail(error)
-    summary = _run("cases", parsed, json_out, cases=str(cases))
+    summary = _run("msic", parsed, json_out, cases=str(cases))
     overall = summary["by_subject_count"][-1] if summary["by_subject_count"] else {}
     typer.echo(f"scored {summary['images_scored']} images of {summary['cases_scored']} cases ({summary['scale']}):")
-    typer.echo("  " + "  ".join(f"{m}={overall[m]:.4f}" for m in ("uno_dino", "uno_clip_i", "clip_t", "grounded_dino", "missing_rate")
-                                if overall.get(m) is not None))
+    typer.echo("  " + "  ".join(f"{m}={overall[m]:.4f}" for m in _metrics("msic") if overall.get(m) is not None))
     typer.echo(f"dropped: {summary['dropped'] or 'none'}; report: {Path(summary['output']) / 'report.md'}")
 
 
@@ -111,15 +117,13 @@ def passn_budget_command(
 ) -> None:
     """Pass@N at fewer renders: plan screening and pruned trajectories replayed from one full pass, with R(C) against cost."""
     from flows.cli.model import _spec as train_spec
-    from music_model.music.model import msic_cases_file
+    from tasks.evaluate.cases import check_generation
 
     try:
         parsed = train_spec(spec, **{"generation.candidates": candidates, "evaluation.msic": msic})
         if adapters is not None and not any((adapters / part).is_dir() for part in ("planner", "renderer")):
             raise FileNotFoundError(f"--adapters {adapters}: no planner/ or renderer/ folder (a training run's adapter folder)")
-        if not parsed.evaluation.msic:
-            raise SpecError("evaluation.msic: no MSIC benchmark (pass --msic)")
-        msic_cases_file(parsed.evaluation.msic)
+        check_generation(parsed)  # passn-budget renders MSIC's cases as `music generate msic` does
     except (SpecError, FileNotFoundError, ValueError) as error:
         fail(error)
     start_server()

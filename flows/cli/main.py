@@ -8,13 +8,13 @@ from typing import Optional
 
 import typer
 
-from flows.cli.release import diff_command, release_app
-from flows.cli.shared import BUSY_EXIT, GATE_EXIT, fail, fail_lines, refuse_failed_preflight, refuse_if_building, start_server
 from flows.cli.calibrate import calibrate_command
 from flows.cli.eval import eval_app
 from flows.cli.model import generate_app, pipeline_command, train_command
 from flows.cli.msic import msic_app
 from flows.cli.plan import plan_command
+from flows.cli.release import diff_command, release_app
+from flows.cli.shared import BUSY_EXIT, GATE_EXIT, fail, fail_lines, refuse_failed_preflight, refuse_if_building, start_server
 from flows.cli.show import show
 
 app = typer.Typer(help="MUSIC pipeline: data generation, MSIC benchmark, scoring and training.", no_args_is_help=True)
@@ -109,9 +109,9 @@ def roles_check(
 
 
 def preflight_roles(spec: Path, json_out: Optional[Path]) -> None:
-    from data_specs.build import load_build_spec
     from data_specs.roles import SpecError
     from tasks.preflight import check_against_folder
+    from tasks.stages import load_build_spec
 
     try:
         parsed = load_build_spec(spec)
@@ -141,9 +141,9 @@ def build(
     wait: bool = typer.Option(False, "--wait", help="Wait for another run building into the same folder (default: exit 3 naming it)."),
 ) -> None:
     """Build a training set: every stage as a Prefect DAG on the local (or $PREFECT_API_URL) server."""
-    from data_specs.build import load_build_spec
     from data_specs.roles import SpecError
     from flows.runners import RunnerError, check_runner
+    from tasks.stages import load_build_spec
 
     try:
         parsed = load_build_spec(spec)  # a bad spec fails here, before any server or model
@@ -154,8 +154,8 @@ def build(
     refuse_failed_preflight(parsed)
     start_server()
     from flows.build import build_training_set
-    from flows.runners import make_task_runner
     from flows.ops.alerts import GateFailed
+    from flows.runners import make_task_runner
     from tasks.build_lock import BuildLocked
     from tasks.build_paths import build_dir
     from tasks.preflight import PreflightError
@@ -189,11 +189,11 @@ def clean(
     """List (with --yes remove) what the spec's build folder holds that the spec no longer uses: stage
     outputs of other fingerprints, stored images no current shard names and releases beyond the
     spec's `release.keep` (never the current one), with the bytes they free."""
-    from data_specs.build import load_build_spec
     from data_specs.roles import SpecError
     from tasks.build_lock import build_lock, lock_holder
     from tasks.build_paths import build_dir
     from tasks.clean import find_unused, remove
+    from tasks.stages import load_build_spec
 
     try:
         parsed = load_build_spec(spec)
@@ -287,8 +287,8 @@ def worker(
     """Start a Prefect process worker for the MUSIC deployments (stop it with SIGTERM; it ignores SIGINT)."""
     import os
 
-    from flows.runners import RunnerError, check_runner
     from flows.ops.server import ensure_server, ui_url
+    from flows.runners import RunnerError, check_runner
 
     try:
         check_runner(runner, ray_address)

@@ -77,9 +77,9 @@ def pipeline_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the pipeline summary as JSON here."),
 ) -> None:
     """Rebuild the training set, regenerate MSIC, train, then generate and evaluate on MSIC and DreamBench."""
-    from data_specs.build import load_build_spec
     from data_specs.eval import load_eval_spec
     from data_specs.train import resolve_spec_path
+    from tasks.stages import load_build_spec
 
     try:
         parsed = _spec(spec, output_root=str(output) if output else None)
@@ -103,16 +103,15 @@ def pipeline_command(
 
 def _generate(benchmark: str, spec: Path, adapters: Optional[Path], candidates: Optional[int], seed: Optional[int],
               score: bool, json_out: Optional[Path], **changes) -> None:
+    from tasks.evaluate import registry  # no Prefect: checked before the server starts
+
     try:
         parsed = _spec(spec, **{"generation.candidates": candidates, "generation.seed": seed, **changes})
         if adapters is not None and not any((adapters / part).is_dir() for part in ("planner", "renderer")):
             raise FileNotFoundError(f"--adapters {adapters}: no planner/ or renderer/ folder (a training run's adapter folder)")
-        if benchmark == "msic":
-            from music_model.music.model import msic_cases_file
-
-            if not parsed.evaluation.msic:
-                raise SpecError("evaluation.msic: no MSIC benchmark (pass --msic)")
-            msic_cases_file(parsed.evaluation.msic)
+        check = registry.benchmark(benchmark).generation.check
+        if check:
+            check(parsed)
     except (SpecError, FileNotFoundError, ValueError) as error:
         fail(error)
     start_server()

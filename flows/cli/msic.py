@@ -28,8 +28,8 @@ def build(
     wait: bool = typer.Option(False, "--wait", help="Wait for another run building into the same folder (default: exit 3 naming it)."),
 ) -> None:
     """Regenerate the benchmark as a Prefect flow on the local (or $PREFECT_API_URL) server."""
-    from data_specs.build import load_build_spec
     from data_specs.roles import SpecError
+    from tasks.stages import load_build_spec
 
     try:
         parsed = load_build_spec(spec)
@@ -82,9 +82,9 @@ def check_overlap_cmd(
 ) -> None:
     """Fail (exit 1) naming every benchmark item that is in the training set: the same content hash,
     or a target or reference whose CLIP and DINO embeddings nearly duplicate a training image's."""
-    from data_specs.build import load_build_spec
     from data_specs.roles import SpecError
     from tasks.msic import OverlapError, check_overlap, embedders, read_benchmark_cases
+    from tasks.stages import load_build_spec
 
     try:
         cases = read_benchmark_cases(msic)

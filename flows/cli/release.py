@@ -14,9 +14,9 @@ release_app = typer.Typer(help="Releases of a spec's published set: list, promot
 
 def _folder(spec: Path) -> tuple[object, Path]:
     """The parsed spec and its published folder (dataset/ or, for a benchmark, msic/)."""
-    from data_specs.build import load_build_spec
     from data_specs.roles import SpecError
     from tasks.clean import published_folder
+    from tasks.stages import load_build_spec
 
     try:
         parsed = load_build_spec(spec)
@@ -34,9 +34,9 @@ def diff_command(
     """Samples added, removed and changed between two releases (with causes), keep rates, mix and score quantiles."""
     from tasks.releases import ReleaseError, diff_between, diff_lines
 
-    _, folder = _folder(spec)
+    parsed, folder = _folder(spec)
     try:
-        change = diff_between(folder, a, b)
+        change = diff_between(folder, parsed.score_columns, a, b)
     except ReleaseError as error:
         fail(error)
     if json_out:

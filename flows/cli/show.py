@@ -17,8 +17,8 @@ def published_folder(target: Path) -> tuple[Path, str]:
     """The published folder a path names (a dataset or MSIC folder, or a build spec whose output it
     is) and its kind."""
     if target.suffix in (".yaml", ".yml"):
-        from data_specs.build import load_build_spec
         from tasks.build_paths import build_dir
+        from tasks.stages import load_build_spec
 
         spec = load_build_spec(target)
         target = build_dir(spec) / ("msic" if spec.msic else "dataset")

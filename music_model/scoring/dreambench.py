@@ -34,8 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from data_specs.eval import DREAMBENCH_METRICS
 from safe_files import write_atomic
-from music_model.scoring.metrics import METRICS, Scorer, UnreadableImage, bootstrap_estimate, decode_image, pair_means, rowwise_cosine
+from music_model.scoring.metrics import Scorer, UnreadableImage, bootstrap_estimate, decode_image, pair_means, rowwise_cosine
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 LIVE_CLASSES = frozenset({"cat", "dog"})
@@ -316,16 +317,16 @@ def summarise(rows: list[dict], bench: DreamBench, samples: int = 1000, confiden
         mine = by_subject.get(name, [])
         entry = {"subject": name, "class_noun": bench.classes[name], "live": bench.is_live(name), "images": len(mine),
                  "pairs": len(mine) * len(bench.subjects[name].references)}
-        for metric in METRICS:
-            entry[metric] = float(np.mean([r[metric] for r in mine])) if mine else float("nan")
+        for metric in DREAMBENCH_METRICS:
+            entry[metric.name] = float(np.mean([r[metric.name] for r in mine])) if mine else float("nan")
         subject_rows.append(entry)
     overall: dict[str, Any] = {}
     for part, keep in (("all", lambda r: True), ("live", lambda r: r["live"]), ("object", lambda r: not r["live"])):
         chosen = [r for r in rows if keep(r)]
         overall[part] = {
-            metric: bootstrap_estimate([r[metric] for r in chosen], [r["subject"] for r in chosen], equal_group_weight=True,
-                                       samples=samples, confidence=confidence, seed=seed).as_dict()
-            for metric in METRICS
+            metric.name: bootstrap_estimate([r[metric.name] for r in chosen], [r["subject"] for r in chosen], equal_group_weight=True,
+                                            samples=samples, confidence=confidence, seed=seed).as_dict()
+            for metric in DREAMBENCH_METRICS
         } | {"subjects": len({r["subject"] for r in chosen}), "images": len(chosen)}
     return subject_rows, overall
 

@@ -3,7 +3,7 @@ Image-to-Text Generation", 2024) from an open VLM's p(yes), reported beside DINO
 and never used to select a Pass@N candidate. It is this project's addition, not the paper's
 (docs/FIDELITY.md): a metric that selects (CLIP) rewards the selector when it is also reported.
 
-Per generated image:
+Per generated image (the metrics `data_specs.eval.JUDGE_METRICS`):
 - `judge_subjects`: for each subject, p(yes) that the subject of its reference (shown first) is in
   the generated image (shown second); the mean over subjects, a missing subject counting what the
   VLM says.
@@ -18,7 +18,6 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-JUDGE_METRICS = ("judge_subjects", "judge_instruction", "judge")
 SUBJECT_QUESTION = ("The first image shows a {category}. Is that same {category} in the second image? Answer Yes or No.")
 INSTRUCTION_QUESTION = "Does this image show the following: {text} Answer Yes or No."
 

@@ -20,15 +20,15 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from data_specs.eval import CLIP_I, CLIP_T, DINO
 from data_specs.roles import RoleSpec
 
 SCALE = "raw cosine similarity of L2-normalised embeddings, in [-1, 1] (not x100, not rescaled)"
 PROTOCOL = {
-    "dino": "dino role CLS embedding; Resize 256 bicubic -> CenterCrop 224 -> ImageNet normalisation",
-    "clip_i": "clip role image embedding; Resize 224 bicubic -> CenterCrop 224 -> CLIP normalisation",
-    "clip_t": "clip role image embedding against the text embedding of the prompt (class noun, no rare token)",
+    DINO.name: "dino role CLS embedding; Resize 256 bicubic -> CenterCrop 224 -> ImageNet normalisation",
+    CLIP_I.name: "clip role image embedding; Resize 224 bicubic -> CenterCrop 224 -> CLIP normalisation",
+    CLIP_T.name: "clip role image embedding against the text embedding of the prompt (class noun, no rare token)",
 }
-METRICS = ("dino", "clip_i", "clip_t")
 
 
 class UnreadableImage(ValueError):
@@ -173,7 +173,10 @@ def bootstrap_estimate(
         point.append(members.mean())
         weights.append(1.0 if equal_group_weight else float(len(members)))
     weights_arr = np.asarray(weights) / np.sum(weights)
-    statistic = np.stack(group_means, axis=1) @ weights_arr
+    # The point estimate is row 0 of the resampled statistics' own product: computed apart (np.dot
+    # against a matrix product), it can differ in the last bit and fall outside an interval whose
+    # draws are all equal (one value per group).
+    statistic = np.vstack([point, np.stack(group_means, axis=1)]) @ weights_arr
     tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(statistic, [tail, 100 - tail])
-    return Estimate(float(np.dot(point, weights_arr)), float(low), float(high), int(len(values)))
+    low, high = np.percentile(statistic[1:], [tail, 100 - tail])
+    return Estimate(float(statistic[0]), float(low), float(high), int(len(values)))

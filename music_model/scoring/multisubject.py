@@ -25,13 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from data_specs.eval import CASES, GroundingParams
+from data_specs.eval import CASE_METRICS, CASES, GroundingParams
 from music_model.media.images import crop
 from music_model.scoring.metrics import Scorer, UnreadableImage, bootstrap_estimate, cosine_matrix, decode_image, rowwise_cosine
 
 MISSING_SCORE = 0.0
-# Candidate-level scores reported by subject count (raw cosines, except missing_rate: a fraction).
-CASE_METRICS = ("uno_dino", "uno_clip_i", "clip_t", "grounded_dino", "grounded_clip_i", "missing_rate", "worst_dino")
 
 
 class CasesError(ValueError):
@@ -233,7 +231,7 @@ def case_means(candidate_rows: list[dict]) -> list[dict]:
         by_case.setdefault(row["case_id"], []).append(row)
     return [
         {"case_id": case_id, "n_subjects": rows[0]["n_subjects"], "candidates": len(rows),
-         **{metric: float(np.mean([r[metric] for r in rows])) for metric in CASE_METRICS}}
+         **{m.name: float(np.mean([r[m.name] for r in rows])) for m in CASE_METRICS}}
         for case_id, rows in by_case.items()
     ]
 
@@ -247,8 +245,9 @@ def by_subject_count(candidate_rows: list[dict], samples: int = 1000, confidence
         chosen = [c for c in cases if count == "all" or c["n_subjects"] == count]
         row: dict[str, Any] = {"subjects": str(count), "cases": len(chosen), "images": sum(c["candidates"] for c in chosen)}
         for metric in CASE_METRICS:
-            estimate = bootstrap_estimate([c[metric] for c in chosen], [c["n_subjects"] for c in chosen],
+            estimate = bootstrap_estimate([c[metric.name] for c in chosen], [c["n_subjects"] for c in chosen],
                                           samples=samples, confidence=confidence, seed=seed)
-            row |= {metric: estimate.mean, f"{metric}_ci_low": estimate.ci_low, f"{metric}_ci_high": estimate.ci_high}
+            m = metric.name
+            row |= {m: estimate.mean, f"{m}_ci_low": estimate.ci_low, f"{m}_ci_high": estimate.ci_high}
         table.append(row)
     return table

@@ -12,14 +12,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_specs.eval import PAPER_FIGURES, PAPER_FIGURES_SOURCE, EvalSpec
+from data_specs.eval import PAPER_FIGURES, PAPER_FIGURES_SOURCE, EvalSpec, Metric
 from safe_files import write_atomic
 from tasks.contract import write_table
-from tasks.markers import shard_name
-
-LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "uno_dino": "DINO (UNO)", "uno_clip_i": "CLIP-I (UNO)",
-          "grounded_dino": "grounded DINO", "grounded_clip_i": "grounded CLIP-I", "missing_rate": "missing rate",
-          "worst_dino": "worst-subject DINO"}
+from tasks.markers import shard_marker, shard_name  # shard_marker: re-exported for the benchmarks and flows.evaluate
 
 
 # --- shards ---------------------------------------------------------------------------------------
@@ -49,10 +45,6 @@ def files_digest(paths: list[Path]) -> str:
         stat = path.stat()
         digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
-
-
-def shard_marker(work_dir: Path, shard: int) -> Path:
-    return work_dir / f"{shard_name(shard)}.done.json"
 
 
 def gather(work_dir: Path, shards: int, kind: str, schema: pa.Schema) -> list[dict]:
@@ -100,13 +92,10 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> list[s
     return lines
 
 
-def published_note(benchmark: str) -> list[str]:
+def published_note(differs: str) -> list[str]:
     """What the paper's rows in a report are: published figures of another model (on another
-    benchmark, for MSIC), shown for context, never as a like-for-like comparison."""
-    differs = {"dreambench": "the benchmark is the same public DreamBench (a subset of its subjects gives other numbers), "
-                             "but the model is not",
-               "msic": "neither the model nor the benchmark is the same: this MSIC is a regeneration by the paper's recipe "
-                       "(the paper's curated set was never released)"}[benchmark]
+    benchmark, for MSIC: `differs` says what differs), shown for context, never as a like-for-like
+    comparison."""
     return [f"The paper's rows are its published figures for its own model (built on SEED-X); {differs}. "
             "They are context, not a comparison: docs/FIDELITY.md lists every difference.", ""]
 
@@ -124,16 +113,16 @@ def tiny_note(models: dict[str, str]) -> list[str]:
     return []
 
 
-def passn_outputs(curve: list[dict], metrics: list[str], out: Path, identity: str) -> list[str]:
+def passn_outputs(curve: list[dict], metrics: tuple[Metric, ...], out: Path, identity: str) -> list[str]:
     if not curve:
         return ["", "## Pass@N", "", "One image per prompt: no Pass@N curve (needs 2 or more candidates per prompt)."]
-    write_table(curve, pa.schema([("selector", pa.string()), ("n", pa.int32())] + [(m, pa.float64()) for m in metrics]),
+    write_table(curve, pa.schema([("selector", pa.string()), ("n", pa.int32())] + [m.column for m in metrics]),
                 out / "scores" / "passn.parquet")
     plot_passn(curve, metrics, out / "plots" / "passn.png")
     return ["", "## Pass@N", "",
             f"Expected score of the selected candidate when n of the N candidates are drawn (exact, every candidate used). "
             f"`clip_t`: the selector model's text-image cosine; `identity_aware`: that + weight x {identity}.", "",
-            *markdown_table(curve, ["selector", "n", *metrics]), "", "![Pass@N](plots/passn.png)"]
+            *markdown_table(curve, ["selector", "n", *(m.name for m in metrics)]), "", "![Pass@N](plots/passn.png)"]
 
 
 
@@ -156,14 +145,14 @@ def save_figure(plt, fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_passn(curve: list[dict], metrics: list[str], path: Path) -> None:
+def plot_passn(curve: list[dict], metrics: tuple[Metric, ...], path: Path) -> None:
     plt = figure()
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.1 * len(metrics), 3.0), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for selector in dict.fromkeys(p["selector"] for p in curve):
             points = [p for p in curve if p["selector"] == selector]
-            ax.plot([p["n"] for p in points], [p[metric] for p in points], marker="o", label=selector)
-        ax.set_title(LABELS.get(metric, metric), fontsize=9)
+            ax.plot([p["n"] for p in points], [p[metric.name] for p in points], marker="o", label=selector)
+        ax.set_title(metric.label, fontsize=9)
         ax.set_xticks(sorted({p["n"] for p in curve}))
         ax.set_xlabel("N")
     axes[0][0].legend(fontsize=7)

@@ -21,24 +21,24 @@ import numpy as np
 import pyarrow as pa
 from prefect import task
 
-from data_specs.eval import EvalSpec
+from data_specs.eval import CLIP_T, GROUNDED_DINO, JUDGE, JUDGE_METRICS, UNO_CLIP_I, UNO_DINO, EvalSpec
 from data_specs.train import TrainSpec
 from music_model.music.model import load_model, read_msic_cases, save_image, selection_scores
 from music_model.music.trajectory import Trajectories
 from music_model.roles import load_role
-from music_model.scoring.judge import JUDGE_METRICS, judge_images
+from music_model.scoring.judge import judge_images
 from music_model.scoring.metrics import Scorer, bootstrap_estimate
 from music_model.scoring.passn import budget_table, rank_agreement, strategies
 from safe_files import write_atomic
 from tasks.contract import write_table
 from tasks.evaluate.common import figure, gather, markdown_table, save_figure, with_ci, write_json
-from tasks.markers import run_marked, shard_name
+from tasks.markers import run_marked, shard_marker, shard_name
 
-METRICS = ("uno_dino", "uno_clip_i", "clip_t", "grounded_dino", *JUDGE_METRICS)
+METRICS = (UNO_DINO, UNO_CLIP_I, CLIP_T, GROUNDED_DINO, *JUDGE_METRICS)
 BUDGET_CANDIDATES = pa.schema([
     ("case_id", pa.string()), ("candidate", pa.int32()), ("n_subjects", pa.int32()), ("path", pa.string()),
     ("plan_score", pa.float64()), ("step_scores", pa.list_(pa.float64())), ("select_clip_t", pa.float64()),
-    *[(m, pa.float64()) for m in METRICS], ("cost", pa.string()),
+    *(m.column for m in METRICS), ("cost", pa.string()),
 ])
 
 
@@ -77,13 +77,13 @@ def budget_shard(train_json: str, eval_json: str, adapters: str | None, cases_pa
                 rows.append({"case_id": case.case_id, "candidate": candidate.index, "n_subjects": row["n_subjects"],
                              "path": f"images/{case.case_id}/{candidate.index}.png", "plan_score": candidate.plan_score,
                              "step_scores": [candidate.step_scores[s] for s in sorted(candidate.step_scores)],
-                             "select_clip_t": row["select_clip_t"], **{m: row[m] for m in METRICS if m in row}, **verdict,
+                             "select_clip_t": row["select_clip_t"], **{m.name: row[m.name] for m in METRICS if m.name in row}, **verdict,
                              "cost": json.dumps(cost, sort_keys=True)})
         path = out / "shards" / f"{shard_name(shard)}.candidates.parquet"
         write_table(rows, BUDGET_CANDIDATES, path)
         return {"shard": shard, "cases": len(cases), "candidates": len(rows)}, [path]
 
-    return run_marked(out / "shards" / f"{shard_name(shard)}.done.json", work)
+    return run_marked(shard_marker(out / "shards", shard), work)
 
 
 @task(name="passn-budget-shard", task_run_name="passn-budget-shard-{shard:05d}")
@@ -98,13 +98,14 @@ def judge_by_subject_count(rows: list[dict], spec: EvalSpec) -> list[dict]:
     by_case: dict[str, list[dict]] = {}
     for row in rows:
         by_case.setdefault(row["case_id"], []).append(row)
-    cases = [{"n_subjects": r[0]["n_subjects"], **{m: float(np.nanmean([x[m] for x in r])) for m in JUDGE_METRICS}} for r in by_case.values()]
+    names = [m.name for m in JUDGE_METRICS]
+    cases = [{"n_subjects": r[0]["n_subjects"], **{m: float(np.nanmean([x[m] for x in r])) for m in names}} for r in by_case.values()]
     b = spec.bootstrap
     table = []
     for count in sorted({c["n_subjects"] for c in cases}) + ["all"]:
         chosen = [c for c in cases if count == "all" or c["n_subjects"] == count]
         row = {"subjects": str(count), "cases": len(chosen)}
-        for m in JUDGE_METRICS:
+        for m in names:
             e = bootstrap_estimate([c[m] for c in chosen], [c["n_subjects"] for c in chosen], samples=b.samples, confidence=b.confidence, seed=b.seed)
             row |= {m: e.mean, f"{m}_ci_low": e.ci_low, f"{m}_ci_high": e.ci_high}
         table.append(row)
@@ -136,19 +137,19 @@ def finish_budget(spec: TrainSpec, eval_spec: EvalSpec, out: Path, shards: int, 
     n = g.candidates
     plans = strategies(n, g.prune_at, g.prune_fraction, min(g.screen_keep, n))
     b = eval_spec.bootstrap
-    table = budget_table(rows, list(METRICS), steps, tokens, plans, b.samples, b.confidence, b.seed)
+    table = budget_table(rows, [m.name for m in METRICS], steps, tokens, plans, b.samples, b.confidence, b.seed)
     tau = rank_agreement(rows, steps)
     judged = judge_by_subject_count(rows, eval_spec)
     write_table(table, pa.schema([("strategy", pa.string())] + [(k, pa.float64()) for k in table[0] if k != "strategy"]), out / "budget.parquet")
     write_table(tau, pa.schema([("step", pa.int32()), ("kendall_tau", pa.float64()), ("cases", pa.int32())]), out / "rank_agreement.parquet")
     write_table(judged, pa.schema([("subjects", pa.string()), ("cases", pa.int32())] + [(k, pa.float64()) for k in judged[0] if k not in ("subjects", "cases")]),
                 out / "judge_by_subject_count.parquet")
-    plot_budget(table, ["clip_t", "grounded_dino", "judge"], out / "plots" / "budget.png")
+    plot_budget(table, [CLIP_T.name, GROUNDED_DINO.name, JUDGE.name], out / "plots" / "budget.png")
     full = next(r for r in table if r["strategy"] == "full")
     cost_columns = ["strategy", "renders", "denoise_steps", "latent_token_steps", "decodes", "selector_calls"]
     cost_rows = [{**{k: r[k] for k in cost_columns}, "steps_vs_full": r["denoise_steps"] / full["denoise_steps"],
                   "renders_vs_full": r["renders"] / full["renders"]} for r in table]
-    quality = [{"strategy": r["strategy"], **{m: with_ci(r[f"R_{m}"], r[f"R_{m}_ci_low"], r[f"R_{m}_ci_high"]) for m in ("clip_t", "uno_dino", "grounded_dino", "judge")}}
+    quality = [{"strategy": r["strategy"], **{m: with_ci(r[f"R_{m}"], r[f"R_{m}_ci_low"], r[f"R_{m}_ci_high"]) for m in (CLIP_T.name, UNO_DINO.name, GROUNDED_DINO.name, JUDGE.name)}}
                for r in table]
     tiny = any(str(m).startswith("zoo:") for m in models.values())
     lines = [f"# Pass@N budget: {spec.name}", "",
@@ -166,7 +167,7 @@ def finish_budget(spec: TrainSpec, eval_spec: EvalSpec, out: Path, shards: int, 
              "## How well the score after step t ranks the final images (Kendall tau-b, mean over cases)", "",
              *markdown_table(tau), "",
              "## The judge (VQAScore-style p(yes) of the `judge` VLM; ours, not the paper's), one sample, by subject count", "",
-             *markdown_table([{"subjects": r["subjects"], "cases": r["cases"], **{m: with_ci(r[m], r[f"{m}_ci_low"], r[f"{m}_ci_high"]) for m in JUDGE_METRICS}}
+             *markdown_table([{"subjects": r["subjects"], "cases": r["cases"], **{m.name: with_ci(r[m.name], r[f"{m.name}_ci_low"], r[f"{m.name}_ci_high"]) for m in JUDGE_METRICS}}
                               for r in judged]), "",
              "Models: " + ", ".join(f"{k} `{v}`" for k, v in models.items())]
     text = "\n".join(lines) + "\n"
