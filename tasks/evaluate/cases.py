@@ -12,8 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_specs.eval import (CANDIDATE_SCORES, CASE_DROPS, CASE_METRICS, CASES, CLIP_T, GROUNDED_DINO, MISSING_RATE, SUBJECT_SCORES,
-                             UNO_CLIP_I, UNO_DINO, WORST_DINO, EvalSpec, load_eval_spec)
+from data_specs.eval import CANDIDATE_SCORES, CASE_DROPS, CASE_METRICS, CASES, CLIP_T, GROUNDED_DINO, MISSING_RATE, SUBJECT_SCORES, UNO_CLIP_I, UNO_DINO, WORST_DINO, EvalSpec, load_eval_spec
 from data_specs.roles import SpecError
 from data_specs.train import TrainSpec, resolve_spec_path
 from music_model.music.model import GENERATION, generate_msic_shard, load_model, msic_cases_file, read_msic_cases
@@ -24,9 +23,8 @@ from music_model.scoring.passn import passn_curve
 from safe_files import write_atomic
 from tasks.contract import write_table
 from tasks.evaluate.benchmark import Benchmark, Generation, Prepared, ShardRunner
-from tasks.evaluate.common import (chunks, comparison_rows, figure, files_digest, gather, markdown_table, passn_outputs,
-                                   published_note, save_figure, shard_marker, tiny_note, with_ci, write_json)
-from tasks.markers import run_marked, shard_name
+from tasks.evaluate.common import chunks, comparison_rows, figure, files_digest, gather, markdown_table, passn_outputs, published_note, save_figure, tiny_note, with_ci, write_json
+from tasks.markers import run_marked, shard_marker, shard_name
 
 # The headline scores: the Pass@N curve, the pipeline report and `music eval msic` show these.
 METRICS = (UNO_DINO, UNO_CLIP_I, CLIP_T, GROUNDED_DINO, MISSING_RATE)

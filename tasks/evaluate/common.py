@@ -15,8 +15,7 @@ import pyarrow.parquet as pq
 from data_specs.eval import PAPER_FIGURES, PAPER_FIGURES_SOURCE, EvalSpec, Metric
 from safe_files import write_atomic
 from tasks.contract import write_table
-from tasks.markers import shard_marker, shard_name  # shard_marker: re-exported for the benchmarks and flows.evaluate
-
+from tasks.markers import shard_name
 
 # --- shards ---------------------------------------------------------------------------------------
 

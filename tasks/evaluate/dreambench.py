@@ -16,16 +16,14 @@ from data_specs.eval import DREAMBENCH_DROPS, DREAMBENCH_METRICS, DREAMBENCH_SCO
 from data_specs.train import TrainSpec, resolve_spec_path
 from music_model.music.model import GENERATION, generate_dreambench_images, load_model
 from music_model.roles import load_role
-from music_model.scoring.dreambench import (DreamBenchError, GeneratedImage, Scan, coverage, generate_missing, load_dreambench,
-                                            scan_generated, score_generated, summarise)
+from music_model.scoring.dreambench import DreamBenchError, GeneratedImage, Scan, coverage, generate_missing, load_dreambench, scan_generated, score_generated, summarise
 from music_model.scoring.metrics import PROTOCOL, SCALE, Scorer
 from music_model.scoring.passn import passn_curve
 from safe_files import write_atomic
 from tasks.contract import write_table
 from tasks.evaluate.benchmark import Benchmark, Generation, Prepared, ShardRunner
-from tasks.evaluate.common import (chunks, comparison_rows, figure, files_digest, gather, markdown_table, passn_outputs,
-                                   published_note, save_figure, shard_marker, tiny_note, with_ci, write_json)
-from tasks.markers import ShardMeter, run_marked, shard_name
+from tasks.evaluate.common import chunks, comparison_rows, figure, files_digest, gather, markdown_table, passn_outputs, published_note, save_figure, tiny_note, with_ci, write_json
+from tasks.markers import ShardMeter, run_marked, shard_marker, shard_name
 
 PLAN = pa.schema([("subject", pa.string()), ("prompt_index", pa.int32()), ("sample", pa.int32()), ("path", pa.string())])
 
