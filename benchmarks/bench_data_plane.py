@@ -8,7 +8,7 @@ images) over the published Parquet bytes, and the peak RSS of publishing alone.
 
 Each build is a `music build` process of that checkout (its modules first on the path) against one
 local Prefect server. Publishing is then timed on its own: a fresh process runs that checkout's
-`tasks.publish.publish` on the build's filter output under a new fingerprint, so its peak RSS is
+`tasks.publishing.publish.publish` on the build's filter output under a new fingerprint, so its peak RSS is
 publish's (the models of the build are not in it). Image sizes default to the tiny spec's; the
 spec's real sizes (`--image-size 1024 --reference-size 512`) make the tiny zoo render at them."""
 from __future__ import annotations
@@ -33,9 +33,9 @@ PUBLISH_ALONE = """
 import json, resource, sys
 from pathlib import Path
 from tasks.stages import load_build_spec
-from tasks.build_paths import build_dir
-from tasks.contract import num_shards
-from tasks.publish import publish
+from tasks.engine.build_paths import build_dir
+from tasks.engine.contract import num_shards
+from tasks.publishing.publish import publish
 spec = load_build_spec(sys.argv[1])
 (filter_dir,) = [p for p in (build_dir(spec) / "stages" / "filter").iterdir() if p.is_dir()]
 stats = publish(spec, filter_dir, num_shards(spec), [], "bench-publish-alone")

@@ -7,7 +7,7 @@ source + extra waves x one wave's model loads).
 
 BUILD_SPEC: the spec of a finished build without a target (e.g. the tiny spec at 96 sources);
 BUILD_JSON: its `music build --json` summary. The yields: each source of that build is one draw of
-the samples it can publish by subject count (`tasks.publish.publishable`: after every stage and
+the samples it can publish by subject count (`tasks.publishing.publish.publishable`: after every stage and
 near-duplicate removal), and a simulated build's sources are drawn from them with replacement, one
 sequence per seed, which both policies read. The costs: the build's model-seconds per source made
 (every stage) and its load seconds (one wave's model loads); the new policy's `target.wave_cost`
@@ -28,12 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_specs.build import BuildSpec  # noqa: E402
-from tasks import waves  # noqa: E402
-from tasks.build_paths import stage_dir  # noqa: E402
-from tasks.clean import current_fingerprints  # noqa: E402
-from tasks.contract import num_shards  # noqa: E402
-from tasks.cost_plan import funnel  # noqa: E402
-from tasks.publish import publishable  # noqa: E402
+from tasks.checks.clean import current_fingerprints  # noqa: E402
+from tasks.checks.cost_plan import funnel  # noqa: E402
+from tasks.engine.build_paths import stage_dir  # noqa: E402
+from tasks.engine.contract import num_shards  # noqa: E402
+from tasks.publishing import waves  # noqa: E402
+from tasks.publishing.publish import publishable  # noqa: E402
 from tasks.stages import load_build_spec, parse_build_spec  # noqa: E402
 
 SHARD_SIZE = 4
@@ -44,7 +44,7 @@ MIXES = (("rare 4:3:3 of 10", 10, {2: 4, 3: 3, 4: 3}), ("rarer 6:3:1 of 30", 30,
 
 
 def baseline_next_wave(spec: BuildSpec, sources: int, subject_counts: Counter) -> int:
-    """`tasks.waves.next_wave` before issue 32: each short count extrapolated linearly from its
+    """`tasks.publishing.waves.next_wave` before issue 32: each short count extrapolated linearly from its
     yield so far, twice the sources for a count that yielded none."""
     short = waves.shortfall(spec, subject_counts)
     if not short or sources >= spec.num_source_images:

@@ -4,7 +4,7 @@ The build is `music_10k.yaml` (1024 px targets, 28 steps, its batch sizes and de
 with each model replaced by its `arch:` twin (`music_model.zoo.arch`: the published architecture,
 random weights built on the GPU in bf16) and a few sources. Stages run through the project's own
 per-shard entry (`tasks.build_tasks.run_stage_shard`: stage-scoped residency, then
-`tasks.contract.run_shard`) without Prefect, so no server is needed; publish runs at the end.
+`tasks.engine.contract.run_shard`) without Prefect, so no server is needed; publish runs at the end.
 Random models produce noise, so the thresholds that judge content are opened (every sample flows
 through every stage) and generated texts run to their schema's bounds: LLM/VLM times are upper
 bounds of what real checkpoints, which stop early, take.
@@ -16,7 +16,7 @@ stage); beside each model call, the same model in a plain diffusers / transforme
 pipeline costs nothing over a hand-written loop; generation compares tokens/s, since the plain loop
 samples without the grammar); seconds per 1024 px FLUX image and its fraction of the GPU's dense
 bf16 peak; and the projected GPU-hours of `music_10k.yaml` on this GPU from the measured rates and
-the spec's funnel (`tasks.cost_plan`). The JSON result is what `music plan --bench` reads. First,
+the spec's funnel (`tasks.checks.cost_plan`). The JSON result is what `music plan --bench` reads. First,
 on every visible GPU, it checks that a shard thread holding that GPU's slot runs with it as the
 current CUDA device and stream, and that xgrammar's mask kernel gives the CPU kernel's result there.
 
@@ -182,7 +182,7 @@ class Call:
 def recording(calls: list[Call]):
     """Record every model call the stages make through `StageContext.timed` (their one entry to a
     model), so the plain loops replay the same inputs."""
-    from tasks.contract import StageContext
+    from tasks.engine.contract import StageContext
 
     timed = StageContext.timed
 
@@ -451,10 +451,10 @@ def diffusion_figures(calls: list[Call], peak_tflops: float | None) -> list[dict
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from music_model.roles import release_roles
     from tasks.build_tasks import enter_stage, run_stage_shard
-    from tasks.contract import read_rows
-    from tasks.cost_plan import funnel, measured_rates, project_hours
-    from tasks.markers import shard_name
-    from tasks.publish import publish
+    from tasks.checks.cost_plan import funnel, measured_rates, project_hours
+    from tasks.engine.contract import read_rows
+    from tasks.engine.markers import shard_name
+    from tasks.publishing.publish import publish
     from tasks.stages import stage_chain
 
     device = torch.device(args.device)

@@ -20,17 +20,17 @@ from flows.run_names import artifact_key, run_name
 from flows.runners import default_task_runner, shard_placement
 from music_model.roles import release_roles
 from safe_files import write_atomic
-from tasks import releases, waves
-from tasks.build_lock import build_lock
-from tasks.build_paths import build_dir
 from tasks.build_tasks import enter_stage, publish_dataset, stage_shard
-from tasks.contract import num_shards, shard_input
-from tasks.cost_plan import funnel
-from tasks.faults import operational_exit
-from tasks.image_store import forget_image
-from tasks.markers import check_shard
-from tasks.preflight import preflight
-from tasks.publish import preview_markdown, publish_fingerprint, publishable, published_stats
+from tasks.checks.cost_plan import funnel
+from tasks.checks.preflight import preflight
+from tasks.engine.build_lock import build_lock
+from tasks.engine.build_paths import build_dir
+from tasks.engine.contract import num_shards, shard_input
+from tasks.engine.faults import operational_exit
+from tasks.engine.image_store import forget_image
+from tasks.engine.markers import check_shard
+from tasks.publishing import releases, waves
+from tasks.publishing.publish import preview_markdown, publish_fingerprint, publishable, published_stats
 from tasks.stages import load_build_spec, stage_chain
 
 
@@ -208,7 +208,7 @@ def publish_once(spec: BuildSpec, run: StagesRun, verify: bool, published: Calla
 
 
 def run_waves(spec: BuildSpec, verify: bool = False) -> tuple[StagesRun, list[int], list[dict]]:
-    """Build to the spec's target (`tasks.waves`): waves of sources until the target is met or the
+    """Build to the spec's target (`tasks.publishing.waves`): waves of sources until the target is met or the
     ceiling reached; the run, the sources made after each wave and the publishable index rows."""
     logger = get_run_logger()
     prior = funnel(spec)["per_source_by_count"]

@@ -16,11 +16,11 @@ from data_specs.eval import EvalSpec, load_eval_spec
 from flows.ops.monitor import on_flow_running
 from flows.run_names import artifact_key, run_name
 from music_model.roles import total_model_loads
+from tasks.engine.faults import stops_on_fault
+from tasks.engine.markers import check_marker, shard_marker
 from tasks.evaluate import registry
 from tasks.evaluate.common import fingerprint, json_safe, write_json
 from tasks.evaluate.shard_tasks import fill_task, score_task
-from tasks.faults import stops_on_fault
-from tasks.markers import check_marker, shard_marker
 
 MAX_ARTIFACT_ROWS = 500
 

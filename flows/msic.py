@@ -13,14 +13,14 @@ from flows.ops.alerts import GateFailed, announce, release_lines
 from flows.ops.monitor import on_flow_running
 from flows.run_names import artifact_key, run_name
 from flows.runners import default_task_runner
-from tasks import releases
-from tasks.build_lock import build_lock
-from tasks.build_paths import build_dir
-from tasks.faults import operational_exit
-from tasks.image_store import DamagedImage
-from tasks.msic import msic_fingerprint, publish_msic, published_msic
-from tasks.preflight import preflight
-from tasks.publish import preview_markdown
+from tasks.checks.preflight import preflight
+from tasks.engine.build_lock import build_lock
+from tasks.engine.build_paths import build_dir
+from tasks.engine.faults import operational_exit
+from tasks.engine.image_store import DamagedImage
+from tasks.publishing import releases
+from tasks.publishing.msic import msic_fingerprint, publish_msic, published_msic
+from tasks.publishing.publish import preview_markdown
 from tasks.stages import load_build_spec, spec_from_json
 
 

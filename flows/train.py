@@ -19,7 +19,7 @@ from flows.run_names import artifact_key, run_name
 from music_model.music import training
 from music_model.roles import resident_roles
 from safe_files import write_atomic
-from tasks.faults import stops_on_fault
+from tasks.engine.faults import stops_on_fault
 from tasks.train_tasks import train_task
 
 MAX_TABLE_ROWS = 500

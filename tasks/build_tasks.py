@@ -19,11 +19,11 @@ from prefect import get_run_logger, runtime, task
 from data_specs.build import BuildSpec
 from music_model.roles import release_roles
 from music_model.roles.slots import Slot, device_slot, machine_slots
-from tasks import publish
-from tasks.build_paths import build_dir
-from tasks.contract import run_shard
-from tasks.faults import operational_exit
-from tasks.image_store import DamagedImage
+from tasks.engine.build_paths import build_dir
+from tasks.engine.contract import run_shard
+from tasks.engine.faults import operational_exit
+from tasks.engine.image_store import DamagedImage
+from tasks.publishing import publish
 from tasks.stages import STAGES, spec_from_json, stage_named
 
 # Stages that run models take a device slot (locally) or run on actors (Ray); decimate runs none.

@@ -13,7 +13,7 @@ from prefect import task
 from data_specs.train import TrainSpec
 from music_model.music.training import read_history, train
 from safe_files import write_atomic
-from tasks.faults import stops_on_fault
+from tasks.engine.faults import stops_on_fault
 
 MAX_PLOTTED = 2000
 

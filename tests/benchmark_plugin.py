@@ -12,10 +12,10 @@ from PIL import Image
 
 from data_specs.eval import EvalSpec, Metric
 from safe_files import write_atomic
-from tasks.contract import write_table
+from tasks.engine.contract import write_table
+from tasks.engine.markers import run_marked, shard_marker, shard_name
 from tasks.evaluate.benchmark import Benchmark, Prepared
 from tasks.evaluate.common import chunks, files_digest, gather, markdown_table, write_json
-from tasks.markers import run_marked, shard_marker, shard_name
 
 BRIGHTNESS = Metric("brightness", "mean brightness")
 SCORES = pa.schema([("path", pa.string()), BRIGHTNESS.column])

@@ -118,7 +118,7 @@ def chain(tmp_path_factory):
 
     from data_specs import shipped
     from data_specs.schemas import WORK
-    from tasks.contract import read_rows, run_shard
+    from tasks.engine.contract import read_rows, run_shard
     from tasks.stages import parse_build_spec, stage_chain
 
     data = yaml.safe_load(shipped("tiny.yaml").read_text())

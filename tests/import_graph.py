@@ -6,8 +6,11 @@ Rules (every import counts, a function-level one too: a lazy import is still a d
    module every writer uses, standard library only).
 2. `music_model` and `data_specs` never import prefect: they are usable from a notebook or another
    orchestrator.
-3. Inside `music_model` each subpackage imports only those `MUSIC_MODEL_LAYERS` allows it; the
-   table itself is a hierarchy, so no subpackage imports one that uses it.
+3. Inside `music_model` and `tasks` each subpackage (or top-level module) imports only those its
+   table (`MUSIC_MODEL_LAYERS`, `TASKS_LAYERS`) allows it; each table is a hierarchy, so no
+   subpackage imports one that uses it. `tasks`' floors are the pipeline: the engine, the stages on
+   it, publishing on those, the checks that look at a whole build on top; evaluation needs only the
+   engine, and the Prefect task modules sit above all.
 4. No circle between modules anywhere (the `music` CLI modules included).
 """
 from __future__ import annotations
@@ -31,6 +34,16 @@ MUSIC_MODEL_LAYERS: dict[str, set[str]] = {
     "scoring": _ANY | {"media", "subjects", "roles"},
     "music": _ANY | {"media", "subjects", "zoo", "roles", "scoring"},
 }
+TASKS_LAYERS: dict[str, set[str]] = {
+    "engine": set(),
+    "stages": {"engine"},
+    "evaluate": {"engine"},
+    "publishing": {"engine", "stages"},
+    "checks": {"engine", "stages", "publishing"},
+    "build_tasks": {"engine", "stages", "publishing"},
+    "train_tasks": {"engine"},
+}
+LAYERS = {"music_model": ("MUSIC_MODEL_LAYERS", MUSIC_MODEL_LAYERS), "tasks": ("TASKS_LAYERS", TASKS_LAYERS)}
 
 
 def module_files(root: Path) -> dict[str, Path]:
@@ -81,9 +94,10 @@ def import_graph(root: Path) -> dict[str, set[str]]:
     return {module: imports_of(module, path, modules) for module, path in modules.items()}
 
 
-def music_model_part(module: str) -> str | None:
+def layer_part(module: str) -> str | None:
+    """The subpackage (or top-level module) of a layered package `module` belongs to."""
     parts = module.split(".")
-    return parts[1] if parts[0] == "music_model" and len(parts) > 1 else None
+    return parts[1] if parts[0] in LAYERS and len(parts) > 1 else None
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -125,12 +139,14 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def violations(graph: dict[str, set[str]]) -> list[str]:
     problems = []
-    for layer in cycles({part: allowed for part, allowed in MUSIC_MODEL_LAYERS.items()}):
-        problems.append(f"MUSIC_MODEL_LAYERS is not a hierarchy: {' <-> '.join(layer)}")
+    for table_name, table in LAYERS.values():
+        for layer in cycles(dict(table)):
+            problems.append(f"{table_name} is not a hierarchy: {' <-> '.join(layer)}")
     for module, targets in sorted(graph.items()):
-        package, part = module.split(".")[0], music_model_part(module)
-        if part and part not in MUSIC_MODEL_LAYERS:
-            problems.append(f"music_model.{part} has no row in MUSIC_MODEL_LAYERS")
+        package, part = module.split(".")[0], layer_part(module)
+        table_name, table = LAYERS.get(package, ("", {}))
+        if part and part not in table:
+            problems.append(f"{package}.{part} has no row in {table_name}")
         for target in sorted(targets):
             if target == "prefect":
                 if package in NO_PREFECT:
@@ -140,30 +156,31 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
             if PACKAGES.index(other) < PACKAGES.index(package):
                 problems.append(f"{module} imports {target}: {package} may not import {other} (imports go "
                                 f"{' -> '.join(PACKAGES)})")
-            source, dest = music_model_part(module), music_model_part(target)
-            if source in MUSIC_MODEL_LAYERS and dest and source != dest and dest not in MUSIC_MODEL_LAYERS[source]:
-                problems.append(f"{module} imports {target}: music_model.{source} may import only "
-                                f"{', '.join(sorted(MUSIC_MODEL_LAYERS[source])) or 'nothing in music_model'}")
+            source, dest = part, layer_part(target)
+            if other == package and source in table and dest and source != dest and dest not in table[source]:
+                problems.append(f"{module} imports {target}: {package}.{source} may import only "
+                                f"{', '.join(sorted(table[source])) or f'nothing in {package}'}")
     problems += [f"import circle: {' -> '.join(cycle)}" for cycle in cycles(graph)]
     return list(dict.fromkeys(problems))
 
 
-def layer_edges(graph: dict[str, set[str]]) -> dict[str, set[str]]:
-    """music_model's subpackage-level graph, as the code has it."""
+def layer_edges(graph: dict[str, set[str]], package: str = "music_model") -> dict[str, set[str]]:
+    """A layered package's subpackage-level graph, as the code has it."""
     edges: dict[str, set[str]] = {}
     for module, targets in graph.items():
-        source = music_model_part(module)
-        if source:
+        source = layer_part(module)
+        if source and module.split(".")[0] == package:
             edges.setdefault(source, set()).update(
-                dest for t in targets if (dest := music_model_part(t)) and dest != source)
+                dest for t in targets if t.split(".")[0] == package and (dest := layer_part(t)) and dest != source)
     return edges
 
 
 def main(root: Path) -> int:
     graph = import_graph(root)
     print(f"{len(graph)} modules, {sum(len(t) for t in graph.values())} imports")
-    for part, targets in sorted(layer_edges(graph).items()):
-        print(f"  music_model.{part:9s} -> {', '.join(sorted(targets)) or '-'}")
+    for package in LAYERS:
+        for part, targets in sorted(layer_edges(graph, package).items()):
+            print(f"  {package}.{part:{20 - len(package)}s} -> {', '.join(sorted(targets)) or '-'}")
     problems = violations(graph)
     for problem in problems:
         print(f"error: {problem}")

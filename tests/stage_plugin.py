@@ -8,7 +8,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from data_specs.build import Section
-from tasks.contract import PublishedScore, Stage, StageContext, Threshold
+from tasks.engine.contract import PublishedScore, Stage, StageContext, Threshold
 
 
 class SharpnessParams(Section):

@@ -136,7 +136,7 @@ def test_a_changed_read_reruns_its_readers_and_the_resumed_build_equals_a_fresh_
     # The resume runs while a second build of the same folder is tried: refused, it changes nothing.
     first = subprocess.Popen([sys.executable, "-m", "flows.cli", "build", str(spec), "--json", str(tmp_path / "resumed.json")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from tasks.build_lock import lock_holder
+    from tasks.engine.build_lock import lock_holder
     from tasks.stages import load_build_spec
 
     deadline = time.monotonic() + 120
@@ -184,7 +184,7 @@ try:
 except SpecError as error:
     invalid = str(error)
 from flows.build import build_training_set
-from tasks.calibrate import calibration_report
+from tasks.checks.calibrate import calibration_report
 result = build_training_set({str(spec)!r})
 report = calibration_report(load_build_spec({str(spec)!r}))
 open({str(out)!r}, "w").write(json.dumps({{"invalid": invalid, "result": result, "thresholds": report["thresholds"]}}))
@@ -281,7 +281,7 @@ def test_kill_during_build_then_resume_is_byte_identical(tiny_build, tmp_path, p
     assert len(refusal) == 1 and "being built by another run" in refusal[0] and f"pid {process.pid}" in refusal[0], refusal
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    from tasks.build_lock import lock_holder
+    from tasks.engine.build_lock import lock_holder
     from tasks.stages import load_build_spec
 
     assert lock_holder(load_build_spec(spec)) is None  # the kernel freed the dead holder's lock
@@ -296,7 +296,7 @@ def test_kill_during_build_then_resume_is_byte_identical(tiny_build, tmp_path, p
 def test_each_stage_holds_only_its_own_models(tiny_build):
     """Residency is stage-scoped: while a model stage runs only its roles are loaded; a model the
     next model stage shares (clip: layout, then filter) stays and is not loaded again."""
-    from tasks.contract import declares
+    from tasks.engine.contract import declares
     from tasks.stages import STAGES
 
     result, stages = tiny_build["result"], tiny_build["dir"] / "stages"

@@ -21,7 +21,7 @@ SCORE_COLUMNS = ("detector_scores", "verify_confidences", "reference_dino", "mas
 
 
 def test_near_duplicate_clip_is_the_highest_cosine_to_a_lower_published_id():
-    from tasks.publish import nearest_earlier
+    from tasks.publishing.publish import nearest_earlier
 
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(7, 16)).astype(np.float32)
@@ -41,10 +41,10 @@ def test_near_duplicate_clip_is_the_highest_cosine_to_a_lower_published_id():
 
 
 def test_rerender_scores_every_candidate_kept_or_rejected(chain, tmp_path):
-    from tasks import rerender
-    from tasks.build_paths import stage_dir
-    from tasks.contract import fingerprint, read_rows, run_shard
-    from tasks.markers import scores_path
+    from tasks.engine.build_paths import stage_dir
+    from tasks.engine.contract import fingerprint, read_rows, run_shard
+    from tasks.engine.markers import scores_path
+    from tasks.stages import rerender
 
     spec, out = chain
     candidates = {(r["index"], s["id"]): s["category"] for r in out["verify"][1] for s in r["subjects"]}
@@ -68,7 +68,7 @@ def test_rerender_scores_every_candidate_kept_or_rejected(chain, tmp_path):
 
 
 def test_vary_names_its_variants_shared_stages_and_a_bad_value_in_one_line():
-    from tasks.calibrate import calibration_spec, parse_vary, shared_stages, variant_spec
+    from tasks.checks.calibrate import calibration_spec, parse_vary, shared_stages, variant_spec
     from tasks.stages import load_build_spec
 
     assert parse_vary("rerender.render_size=512, 1024") == ("rerender.render_size", [512, 1024])
@@ -91,10 +91,10 @@ def test_vary_names_its_variants_shared_stages_and_a_bad_value_in_one_line():
 def test_published_set_carries_quality_scores_a_user_filters_on(tiny_build):
     import datasets
 
-    from tasks.build_paths import stage_dir
-    from tasks.clean import current_fingerprints
-    from tasks.contract import num_shards
-    from tasks.publish import read_filter_index
+    from tasks.checks.clean import current_fingerprints
+    from tasks.engine.build_paths import stage_dir
+    from tasks.engine.contract import num_shards
+    from tasks.publishing.publish import read_filter_index
     from tasks.stages import load_build_spec
 
     spec = load_build_spec(tiny_build["spec"])

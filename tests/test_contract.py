@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from tasks.build_lock import BuildLocked, build_lock, lock_holder
-from tasks.build_paths import stage_dir
-from tasks.contract import ContractError, Stage, declares, fingerprint, root_fingerprint, run_shard
-from tasks.markers import check_shard
+from tasks.engine.build_lock import BuildLocked, build_lock, lock_holder
+from tasks.engine.build_paths import stage_dir
+from tasks.engine.contract import ContractError, Stage, declares, fingerprint, root_fingerprint, run_shard
+from tasks.engine.markers import check_shard
 from tasks.stages import STAGES, spec_model
 
 
@@ -181,7 +181,7 @@ def test_a_shard_whose_source_range_grew_is_redone_and_so_are_the_shards_made_fr
     """Fingerprints do not count sources: 6 sources in shards of 4, then 8, share one fingerprint;
     the last shard's range grew (4-6 to 4-8), so it is redone, and the synthesize shard made from its
     old part is redone too, while shard 0 is reused."""
-    from tasks.contract import shard_input
+    from tasks.engine.contract import shard_input
     from tasks.stages import stage_named
 
     spec, _ = chain

@@ -19,11 +19,10 @@ from music_model.media import masks as rle
 from music_model.media.images import TAG_COLOURS, TAG_HEIGHT, draw_labelled_boxes, square, to_struct
 from music_model.roles.structured import DecodeOptions, decode_settings, max_json_bytes, schema_token_budget
 from music_model.subjects.layout import box_to_mask, layout_grid
-from tasks import annotate, compose, decimate, rerender
-from tasks.build_paths import stage_dir
-from tasks.contract import StageContext, fingerprint, read_rows, run_shard, write_table
-from tasks.image_store import image_store
-from tasks.stages import parse_build_spec
+from tasks.engine.build_paths import stage_dir
+from tasks.engine.contract import StageContext, fingerprint, read_rows, run_shard, write_table
+from tasks.engine.image_store import image_store
+from tasks.stages import annotate, compose, decimate, parse_build_spec, rerender
 
 
 def tiny_spec(tmp_path, **changes):

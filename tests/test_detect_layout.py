@@ -9,7 +9,7 @@ from music_model.media.images import NEUTRAL, subject_view
 from music_model.media.preprocess import clip_transform
 from music_model.roles import load_role
 from music_model.roles.detector import Detections
-from tasks.detect import select_subjects
+from tasks.stages.detect import select_subjects
 
 
 def detections(found: list[tuple[int, float, list[float]]], phrases: list[str]) -> Detections:

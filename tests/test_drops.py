@@ -19,11 +19,11 @@ from PIL import Image
 
 from data_specs.schemas import DROPPED, WORK
 from music_model.media.images import to_struct
-from tasks import annotate, compose, detect, filter, publish, releases, rerender, verify
-from tasks.build_paths import stage_dir
-from tasks.contract import fingerprint, read_rows, run_shard, write_table
-from tasks.markers import shard_name
-from tasks.stages import parse_build_spec
+from tasks.engine.build_paths import stage_dir
+from tasks.engine.contract import fingerprint, read_rows, run_shard, write_table
+from tasks.engine.markers import shard_name
+from tasks.publishing import publish, releases
+from tasks.stages import annotate, compose, detect, filter, parse_build_spec, rerender, verify
 
 
 def variant(spec, tmp_path: Path, **sections):

@@ -1,4 +1,4 @@
-"""`tasks.faults`: which failures are conditions of the machine (one line, exit 2, the traceback in
+"""`tasks.engine.faults`: which failures are conditions of the machine (one line, exit 2, the traceback in
 a log file) and which are bugs of ours (raised as they are); a check never trusts what it rejected."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from tasks.faults import describe, operational_exit
+from tasks.engine.faults import describe, operational_exit
 
 
 def test_each_condition_is_named_with_what_the_machine_has_and_a_bug_is_not(tmp_path):
@@ -37,7 +37,7 @@ def test_a_condition_exits_2_in_one_line_naming_its_log(tmp_path):
     code = textwrap.dedent(f"""
         import errno
         from pathlib import Path
-        from tasks.faults import operational_exit
+        from tasks.engine.faults import operational_exit
         with operational_exit(Path({str(tmp_path)!r})):
             raise OSError(errno.ENOSPC, "No space left on device")
     """)
@@ -54,9 +54,9 @@ def test_an_image_that_fails_its_check_is_removed_so_the_redo_writes_it_anew(cha
     and the redone shard stores it again (the store keeps a name it holds, so it must be gone)."""
     from test_contract import _shard_spec
 
-    from tasks.build_paths import stage_dir
-    from tasks.contract import run_shard
-    from tasks.markers import check_shard
+    from tasks.engine.build_paths import stage_dir
+    from tasks.engine.contract import run_shard
+    from tasks.engine.markers import check_shard
     from tasks.stages import STAGES
 
     spec, out = chain

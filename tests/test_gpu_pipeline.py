@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.cost_plan import read_bench
+from tasks.checks.cost_plan import read_bench
 from tasks.stages import STAGES, stage_named
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -59,7 +59,7 @@ def test_same_spec_gives_identical_manifests_and_cases(builds):
     a, b = (json.loads((msic[k] / "manifest.json").read_text()) for k in "ab")
     assert a == b and a["cases"]
     cases = pq.read_table(msic["a"] / "data" / "test-00000-of-00001.parquet").to_pylist()
-    from tasks.msic import case_hash
+    from tasks.publishing.msic import case_hash
 
     # The manifest describes the published file: its cases with their content hashes, its counts.
     assert a["cases"] == {case["case_id"]: case_hash(case) for case in cases}
@@ -172,7 +172,7 @@ def test_published_benchmark_records_its_checks_prompts_and_preview(builds):
     highest similarities of the clean pair; every CLIP-T prompt fits CLIP's context, cut only when
     the full text does not, at a word boundary; the preview sheets exist."""
     from music_model.roles import load_role
-    from tasks.msic import clip_t_prompt, clip_text_budget
+    from tasks.publishing.msic import clip_t_prompt, clip_text_budget
     from tasks.stages import load_build_spec
 
     _, training, msic = builds
@@ -199,8 +199,8 @@ def test_published_benchmark_records_its_checks_prompts_and_preview(builds):
 def test_near_duplicate_sources_are_removed_before_cases_are_selected(builds, tmp_path):
     """msic.yaml's filter.near_duplicate_clip applies to the benchmark: at -1 every source but the
     first nearly duplicates it, so every case comes from that one source."""
-    from tasks.contract import num_shards
-    from tasks.msic import publish_msic
+    from tasks.engine.contract import num_shards
+    from tasks.publishing.msic import publish_msic
     from tasks.stages import load_build_spec
 
     _, _, msic = builds

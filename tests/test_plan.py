@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from tasks.cost_plan import PlanError, Rates, format_plan, funnel, measured_rates, plan, project_hours, read_bench
+from tasks.checks.cost_plan import PlanError, Rates, format_plan, funnel, measured_rates, plan, project_hours, read_bench
 from tasks.stages import load_build_spec, parse_build_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +191,7 @@ def test_subject_stage_drops_the_thinning_model_misses_are_scaled_in(tmp_path):
 
 
 def test_disk_counts_each_image_once_in_the_build_and_every_embedding_in_the_published_set():
-    from tasks.cost_plan import PNG_BYTES_PER_PIXEL, disk
+    from tasks.checks.cost_plan import PNG_BYTES_PER_PIXEL, disk
 
     spec = load_build_spec("data_specs/music_10k.yaml")
     expected = funnel(spec)

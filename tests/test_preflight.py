@@ -1,4 +1,4 @@
-"""Preflight (`tasks.preflight`): a spec whose models cannot load, or whose disk is too small, fails
+"""Preflight (`tasks.checks.preflight`): a spec whose models cannot load, or whose disk is too small, fails
 in seconds with one line per problem and runs no task; the commits a build was made with are
 recorded, shown on its card, and a resume whose commits changed is refused.
 

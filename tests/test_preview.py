@@ -58,8 +58,8 @@ def test_sheet_refuses_inconsistent_samples(change, message):
 def published(chain, tmp_path_factory):
     """The tiny chain's filter output published as a training set and as a 2-3 subject benchmark."""
     from data_specs.build import MsicParams
-    from tasks.msic import publish_msic
-    from tasks.publish import publish
+    from tasks.publishing.msic import publish_msic
+    from tasks.publishing.publish import publish
 
     spec, stages = chain
     root = tmp_path_factory.mktemp("published")
@@ -74,7 +74,7 @@ def published(chain, tmp_path_factory):
 
 def test_publish_writes_a_seeded_preview_shown_in_the_card(published):
     dataset, stats, result = published
-    from tasks.publish import PREVIEW_SAMPLES, preview_ids
+    from tasks.publishing.publish import PREVIEW_SAMPLES, preview_ids
 
     ids = [p.stem for p in (dataset / "preview").glob("*.png")]
     assert stats["preview"] == [f"preview/{i}.png" for i in sorted(ids)]

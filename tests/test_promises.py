@@ -48,11 +48,10 @@ def test_a_failed_shard_fails_its_flow_run_and_the_other_shards_keep_their_marke
     import httpx
 
     from data_specs.schemas import WORK
-    from tasks import compose, synthesize
-    from tasks.build_paths import stage_dir
-    from tasks.contract import fingerprint, read_rows, root_fingerprint, run_shard, write_table
-    from tasks.markers import part_record
-    from tasks.stages import load_build_spec
+    from tasks.engine.build_paths import stage_dir
+    from tasks.engine.contract import fingerprint, read_rows, root_fingerprint, run_shard, write_table
+    from tasks.engine.markers import part_record
+    from tasks.stages import compose, load_build_spec, synthesize
 
     path = tiny_spec(tmp_path, "tiny-fail", num_source_images=4, shard_size=2)
     spec = load_build_spec(path)

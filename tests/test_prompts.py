@@ -17,10 +17,9 @@ from music_model.media.images import from_struct, to_struct
 from music_model.roles import load_role
 from music_model.roles.structured import bounded_int, bounded_list, bounded_text, describe_schema, end_at_word
 from music_model.subjects import nouns
-from tasks import annotate, compose, verify
-from tasks.build_paths import stage_dir
-from tasks.contract import StageContext, fingerprint, read_rows, run_shard
-from tasks.stages import parse_build_spec
+from tasks.engine.build_paths import stage_dir
+from tasks.engine.contract import StageContext, fingerprint, read_rows, run_shard
+from tasks.stages import annotate, compose, parse_build_spec, verify
 
 TWELVE = ["cutting board", "tape measure", "French horn", "computer mouse", "fire extinguisher", "baseball glove",
           "toothbrush", "wine glass", "potted plant", "hair dryer", "traffic cone", "monitor"]

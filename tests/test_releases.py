@@ -104,7 +104,7 @@ def test_gate_failure_alert_rollback_and_resume(tiny_build, prefect_api, tmp_pat
 
     from flows.build import build_training_set
     from flows.ops.alerts import register_automations
-    from tasks import releases
+    from tasks.publishing import releases
 
     spec = copy_build(tiny_build, tmp_path)
     dataset = tmp_path / "out" / "tiny" / "dataset"
@@ -161,7 +161,7 @@ def test_gate_failure_alert_rollback_and_resume(tiny_build, prefect_api, tmp_pat
 
 KILL_IN_RELEASE_STEP = """
 import os, signal, sys
-from tasks import releases
+from tasks.publishing import releases
 from flows.build import build_training_set
 
 def killed(*args, **kwargs):  # the release folder is in place; the published folder not yet swapped
@@ -174,7 +174,7 @@ build_training_set(sys.argv[1])
 
 def test_kill_in_release_step_keeps_previous_release(tiny_build, tmp_path):
     from flows.build import build_training_set
-    from tasks import releases
+    from tasks.publishing import releases
 
     spec = variant(copy_build(tiny_build, tmp_path), "capped.yaml", publish={"max_samples": tiny_build["result"]["samples"] - 1})
     dataset = tmp_path / "out" / "tiny" / "dataset"
@@ -191,7 +191,7 @@ def test_kill_in_release_step_keeps_previous_release(tiny_build, tmp_path):
 def test_msic_publishes_releases_with_content_hashes(msic_build):
     import pyarrow.parquet as pq
 
-    from tasks import releases
+    from tasks.publishing import releases
 
     folder = msic_build["dir"] / "msic"
     record = releases.current(folder)

@@ -14,9 +14,9 @@ import torch
 from music_model.roles import load_role, release_roles, resident_roles, thread_oom_retries
 from music_model.roles.base import OutOfMemory
 from music_model.roles.slots import Slot, current_device, device_slot, free_slots, slot_dir
-from tasks import filter as filter_stage
-from tasks.build_paths import stage_dir
-from tasks.contract import fingerprint, read_rows, run_shard
+from tasks.engine.build_paths import stage_dir
+from tasks.engine.contract import fingerprint, read_rows, run_shard
+from tasks.stages import filter as filter_stage
 
 CLIP = {"role": "clip", "backend": "transformers", "model": "zoo:clip_b32", "batch_size": 8}
 DINO = {"role": "dino", "backend": "transformers", "model": "zoo:dino_vits16", "batch_size": 8}
@@ -123,7 +123,7 @@ def test_without_a_c_compiler_or_python_h_the_mask_uses_xgrammars_torch_kernel(m
     import xgrammar as xgr
 
     from music_model.roles import kernels
-    from tasks.preflight import kernel_notes
+    from tasks.checks.preflight import kernel_notes
     from tasks.stages import load_build_spec
 
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))

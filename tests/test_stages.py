@@ -8,10 +8,10 @@ import numpy as np
 
 from music_model.media import masks as rle
 from music_model.subjects.decimate import mentioned
-from tasks import compose, detect, rerender, synthesize
-from tasks.build_paths import stage_dir
-from tasks.contract import fingerprint, read_rows, root_fingerprint, run_shard
-from tasks.image_store import image_store
+from tasks.engine.build_paths import stage_dir
+from tasks.engine.contract import fingerprint, read_rows, root_fingerprint, run_shard
+from tasks.engine.image_store import image_store
+from tasks.stages import compose, detect, rerender, synthesize
 
 
 def test_every_row_is_kept_or_dropped_with_a_reason(chain):

@@ -1,5 +1,5 @@
 """Building to a target, without a model: the per-count targets, the wave sizes, the selection of
-exactly the target and the one line of a build that ends short (tasks.waves; the builds
+exactly the target and the one line of a build that ends short (tasks.publishing.waves; the builds
 themselves are in test_target.py)."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from data_specs import shipped
-from tasks import waves
-from tasks.cost_plan import funnel, plan
+from tasks.checks.cost_plan import funnel, plan
+from tasks.publishing import waves
 from tasks.stages import parse_build_spec
 
 
@@ -123,7 +123,7 @@ def test_a_build_short_of_its_target_says_why_in_one_line():
 
 
 def test_the_card_line_names_the_waves_when_the_build_made_them():
-    from tasks.publish import target_line
+    from tasks.publishing.publish import target_line
 
     made = {"samples": 10, "mix": {"2": 6, "3": 4}, "waves": [8, 12], "sources_made": 12, "samples_per_source": 0.8333}
     assert target_line(made) == ("- built to a target of 10 samples (per subject count {'2': 6, '3': 4}): 12 sources made in "

@@ -1,5 +1,5 @@
 """`music calibrate`: build a spec's first N sources into a folder of their own with the build flow,
-then print per-stage keep rates and the distribution behind every threshold (tasks.calibrate); with
+then print per-stage keep rates and the distribution behind every threshold (tasks.checks.calibrate); with
 `--vary`, once per value of one field, side by side."""
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def calibrate_command(
     import yaml
 
     from data_specs.roles import SpecError
-    from tasks.calibrate import calibration_spec, parse_vary, shared_stages, variant_label, variant_spec
+    from tasks.checks.calibrate import calibration_spec, parse_vary, shared_stages, variant_label, variant_spec
     from tasks.stages import load_build_spec
 
     try:  # a bad spec or --vary fails here, before any server or model
@@ -40,10 +40,10 @@ def calibrate_command(
         refuse_failed_preflight(variant)
     start_server()
     from flows.build import build_training_set
-    from tasks.build_lock import BuildLocked
-    from tasks.build_paths import build_dir
-    from tasks.calibrate import calibration_report, text_table, variants_table
-    from tasks.preflight import PreflightError
+    from tasks.checks.calibrate import calibration_report, text_table, variants_table
+    from tasks.checks.preflight import PreflightError
+    from tasks.engine.build_lock import BuildLocked
+    from tasks.engine.build_paths import build_dir
 
     if field:
         shared = shared_stages(variants)

@@ -110,7 +110,7 @@ def roles_check(
 
 def preflight_roles(spec: Path, json_out: Optional[Path]) -> None:
     from data_specs.roles import SpecError
-    from tasks.preflight import check_against_folder
+    from tasks.checks.preflight import check_against_folder
     from tasks.stages import load_build_spec
 
     try:
@@ -156,9 +156,9 @@ def build(
     from flows.build import build_training_set
     from flows.ops.alerts import GateFailed
     from flows.runners import make_task_runner
-    from tasks.build_lock import BuildLocked
-    from tasks.build_paths import build_dir
-    from tasks.preflight import PreflightError
+    from tasks.checks.preflight import PreflightError
+    from tasks.engine.build_lock import BuildLocked
+    from tasks.engine.build_paths import build_dir
 
     typer.echo(f"Output: {build_dir(parsed).resolve()}")
     try:
@@ -190,9 +190,9 @@ def clean(
     outputs of other fingerprints, stored images no current shard names and releases beyond the
     spec's `release.keep` (never the current one), with the bytes they free."""
     from data_specs.roles import SpecError
-    from tasks.build_lock import build_lock, lock_holder
-    from tasks.build_paths import build_dir
-    from tasks.clean import find_unused, remove
+    from tasks.checks.clean import find_unused, remove
+    from tasks.engine.build_lock import build_lock, lock_holder
+    from tasks.engine.build_paths import build_dir
     from tasks.stages import load_build_spec
 
     try:

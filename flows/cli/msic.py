@@ -41,8 +41,8 @@ def build(
     refuse_failed_preflight(parsed)
     start_server()
     from flows.msic import build_msic
-    from tasks.build_lock import BuildLocked
-    from tasks.preflight import PreflightError
+    from tasks.checks.preflight import PreflightError
+    from tasks.engine.build_lock import BuildLocked
 
     try:
         result = build_msic(str(spec), verify, wait)
@@ -58,7 +58,7 @@ def build(
 @msic_app.command("diff")
 def diff(a: Path = typer.Argument(..., help="An MSIC folder or its manifest.json."), b: Path = typer.Argument(...)) -> None:
     """Cases added, removed and changed (by content hash) from A to B."""
-    from tasks.msic import diff_manifests
+    from tasks.publishing.msic import diff_manifests
 
     ma, mb = _manifest(a), _manifest(b)
     changes = diff_manifests(ma, mb)
@@ -83,7 +83,7 @@ def check_overlap_cmd(
     """Fail (exit 1) naming every benchmark item that is in the training set: the same content hash,
     or a target or reference whose CLIP and DINO embeddings nearly duplicate a training image's."""
     from data_specs.roles import SpecError
-    from tasks.msic import OverlapError, check_overlap, embedders, read_benchmark_cases
+    from tasks.publishing.msic import OverlapError, check_overlap, embedders, read_benchmark_cases
     from tasks.stages import load_build_spec
 
     try:

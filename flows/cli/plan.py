@@ -18,7 +18,7 @@ def plan_command(
     """Shards, task runs, expected samples, the models and memory each stage needs and, with --bench,
     the projected GPU-hours; loads no model."""
     from data_specs.roles import SpecError
-    from tasks.cost_plan import PlanError, format_plan, plan, read_bench
+    from tasks.checks.cost_plan import PlanError, format_plan, plan, read_bench
     from tasks.stages import load_build_spec
 
     try:

@@ -1,4 +1,4 @@
-"""`music diff` and `music release`: the releases of a spec's published set (`tasks.releases`)."""
+"""`music diff` and `music release`: the releases of a spec's published set (`tasks.publishing.releases`)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ release_app = typer.Typer(help="Releases of a spec's published set: list, promot
 def _folder(spec: Path) -> tuple[object, Path]:
     """The parsed spec and its published folder (dataset/ or, for a benchmark, msic/)."""
     from data_specs.roles import SpecError
-    from tasks.clean import published_folder
+    from tasks.checks.clean import published_folder
     from tasks.stages import load_build_spec
 
     try:
@@ -32,7 +32,7 @@ def diff_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the diff as JSON here."),
 ) -> None:
     """Samples added, removed and changed between two releases (with causes), keep rates, mix and score quantiles."""
-    from tasks.releases import ReleaseError, diff_between, diff_lines
+    from tasks.publishing.releases import ReleaseError, diff_between, diff_lines
 
     parsed, folder = _folder(spec)
     try:
@@ -48,7 +48,7 @@ def diff_command(
 @release_app.command("list")
 def list_releases(spec: Path = typer.Argument(..., help="The build spec.")) -> None:
     """Every release: version, parent, status, samples, time; the current one marked."""
-    from tasks.releases import current, releases
+    from tasks.publishing.releases import current, releases
 
     _, folder = _folder(spec)
     now = (current(folder) or {}).get("version")
@@ -59,8 +59,8 @@ def list_releases(spec: Path = typer.Argument(..., help="The build spec.")) -> N
 
 
 def _swap(spec: Path, action) -> None:
-    from tasks.build_lock import build_lock, lock_holder
-    from tasks.releases import ReleaseError
+    from tasks.engine.build_lock import build_lock, lock_holder
+    from tasks.publishing.releases import ReleaseError
 
     parsed, folder = _folder(spec)
     if holder := lock_holder(parsed):
@@ -77,7 +77,7 @@ def _swap(spec: Path, action) -> None:
 def promote(spec: Path = typer.Argument(..., help="The build spec."),
             version: str = typer.Argument(..., help="The release to accept and make current, e.g. v3.")) -> None:
     """Accept a release by hand (e.g. one its gates rejected) and make it current."""
-    from tasks.releases import promote as promote_release
+    from tasks.publishing.releases import promote as promote_release
 
     _swap(spec, lambda folder: promote_release(folder, version))
 
@@ -85,6 +85,6 @@ def promote(spec: Path = typer.Argument(..., help="The build spec."),
 @release_app.command("rollback")
 def rollback(spec: Path = typer.Argument(..., help="The build spec.")) -> None:
     """Make the current release's parent current again."""
-    from tasks.releases import rollback as rollback_release
+    from tasks.publishing.releases import rollback as rollback_release
 
     _swap(spec, rollback_release)

@@ -7,7 +7,6 @@ from typing import NoReturn
 
 import typer
 
-
 BUSY_EXIT = 3  # another run is building into the same output folder
 GATE_EXIT = 4  # the rebuild's release failed its quality gates (kept as a rejected candidate)
 
@@ -21,9 +20,9 @@ def fail(error: Exception | str, code: int = 2) -> NoReturn:
 def refuse_if_building(spec, wait: bool) -> None:
     """Exit at once, naming the holder, when another run builds into this spec's folder (unless
     `wait`: the flow then waits for it). Checked before the server starts, so it takes a second."""
-    from tasks.build_lock import busy_message, lock_holder
-    from tasks.build_paths import build_dir
-    from tasks.faults import operational_exit
+    from tasks.engine.build_lock import busy_message, lock_holder
+    from tasks.engine.build_paths import build_dir
+    from tasks.engine.faults import operational_exit
 
     with operational_exit(build_dir(spec)):  # the lock is the build's first write: a read-only folder stops here
         holder = None if wait else lock_holder(spec)
@@ -33,9 +32,9 @@ def refuse_if_building(spec, wait: bool) -> None:
 
 def refuse_failed_preflight(spec) -> None:
     """Exit 2 with one line per problem when the spec's models, the disk or the folder's recorded
-    commits would stop the build (`tasks.preflight`): before the server starts or a task runs.
+    commits would stop the build (`tasks.checks.preflight`): before the server starts or a task runs.
     Its notes (what runs, but slower) are printed."""
-    from tasks.preflight import check_against_folder
+    from tasks.checks.preflight import check_against_folder
 
     result, problems = check_against_folder(spec)
     if problems:

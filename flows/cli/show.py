@@ -17,7 +17,7 @@ def published_folder(target: Path) -> tuple[Path, str]:
     """The published folder a path names (a dataset or MSIC folder, or a build spec whose output it
     is) and its kind."""
     if target.suffix in (".yaml", ".yml"):
-        from tasks.build_paths import build_dir
+        from tasks.engine.build_paths import build_dir
         from tasks.stages import load_build_spec
 
         spec = load_build_spec(target)
@@ -39,8 +39,8 @@ def show(
     import pyarrow.parquet as pq
 
     from music_model.subjects import preview
-    from tasks.contract import read_rows
-    from tasks.publish import preview_ids, write_sheets
+    from tasks.engine.contract import read_rows
+    from tasks.publishing.publish import preview_ids, write_sheets
 
     try:
         folder, kind = published_folder(target)

@@ -14,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from music_model import settings
-from tasks import releases
+from tasks.publishing import releases
 
 PUBLISHED = "music.release.published"
 GATE_FAILED = "music.release.gate-failed"

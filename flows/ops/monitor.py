@@ -30,7 +30,7 @@ from uuid import UUID
 import psutil
 
 from music_model import settings
-from tasks import faults
+from tasks.engine import faults
 
 HOST, PID, PID_STARTED, HEARTBEAT = "music.host", "music.pid", "music.pid_started", "music.heartbeat"
 # A run on another host is stale after this many missed beats.
@@ -127,7 +127,7 @@ def crash_this_process_runs(reason: str) -> None:
         _end_runs(client, _this_process_runs(client), lambda _: Crashed(message=reason), reason)
 
 
-# An operational failure (`tasks.faults`) exits at once: the process's runs say why in the UI.
+# An operational failure (`tasks.engine.faults`) exits at once: the process's runs say why in the UI.
 faults.before_exit.append(crash_this_process_runs)
 
 _guarded = 0  # flow bodies inside `stop_promptly` in this process

@@ -21,10 +21,10 @@ from music_model.scoring.metrics import PROTOCOL, SCALE, Scorer
 from music_model.scoring.multisubject import CasesError, by_subject_count, decode_case, read_cases_table, score_cases
 from music_model.scoring.passn import passn_curve
 from safe_files import write_atomic
-from tasks.contract import write_table
+from tasks.engine.contract import write_table
+from tasks.engine.markers import run_marked, shard_marker, shard_name
 from tasks.evaluate.benchmark import Benchmark, Generation, Prepared, ShardRunner
 from tasks.evaluate.common import chunks, comparison_rows, figure, files_digest, gather, markdown_table, passn_outputs, published_note, save_figure, tiny_note, with_ci, write_json
-from tasks.markers import run_marked, shard_marker, shard_name
 
 # The headline scores: the Pass@N curve, the pipeline report and `music eval msic` show these.
 METRICS = (UNO_DINO, UNO_CLIP_I, CLIP_T, GROUNDED_DINO, MISSING_RATE)

@@ -1,5 +1,5 @@
 """What the DreamBench and the multi-subject evaluations share: shard bookkeeping (chunks, input
-fingerprints, marker paths, gathering shard files; the markers themselves are `tasks.markers`'), report pieces (JSON without NaN, Markdown tables,
+fingerprints, marker paths, gathering shard files; the markers themselves are `tasks.engine.markers`'), report pieces (JSON without NaN, Markdown tables,
 the paper's published rows, the Pass@N section) and the plotting set-up."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 
 from data_specs.eval import PAPER_FIGURES, PAPER_FIGURES_SOURCE, EvalSpec, Metric
 from safe_files import write_atomic
-from tasks.contract import write_table
-from tasks.markers import shard_name
+from tasks.engine.contract import write_table
+from tasks.engine.markers import shard_name
 
 # --- shards ---------------------------------------------------------------------------------------
 

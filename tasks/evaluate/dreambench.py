@@ -20,10 +20,10 @@ from music_model.scoring.dreambench import DreamBenchError, GeneratedImage, Scan
 from music_model.scoring.metrics import PROTOCOL, SCALE, Scorer
 from music_model.scoring.passn import passn_curve
 from safe_files import write_atomic
-from tasks.contract import write_table
+from tasks.engine.contract import write_table
+from tasks.engine.markers import ShardMeter, run_marked, shard_marker, shard_name
 from tasks.evaluate.benchmark import Benchmark, Generation, Prepared, ShardRunner
 from tasks.evaluate.common import chunks, comparison_rows, figure, files_digest, gather, markdown_table, passn_outputs, published_note, save_figure, tiny_note, with_ci, write_json
-from tasks.markers import ShardMeter, run_marked, shard_marker, shard_name
 
 PLAN = pa.schema([("subject", pa.string()), ("prompt_index", pa.int32()), ("sample", pa.int32()), ("path", pa.string())])
 

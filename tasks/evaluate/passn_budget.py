@@ -30,9 +30,9 @@ from music_model.scoring.judge import judge_images
 from music_model.scoring.metrics import Scorer, bootstrap_estimate
 from music_model.scoring.passn import budget_table, rank_agreement, strategies
 from safe_files import write_atomic
-from tasks.contract import write_table
+from tasks.engine.contract import write_table
+from tasks.engine.markers import run_marked, shard_marker, shard_name
 from tasks.evaluate.common import figure, gather, markdown_table, save_figure, with_ci, write_json
-from tasks.markers import run_marked, shard_marker, shard_name
 
 METRICS = (UNO_DINO, UNO_CLIP_I, CLIP_T, GROUNDED_DINO, *JUDGE_METRICS)
 BUDGET_CANDIDATES = pa.schema([

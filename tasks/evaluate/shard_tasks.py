@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect import task
 
+from tasks.engine.faults import stops_on_fault
 from tasks.evaluate.registry import benchmark
-from tasks.faults import stops_on_fault
 
 
 @task(name="score-benchmark", task_run_name="score-{name}-shard-{shard:05d}")

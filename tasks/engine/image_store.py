@@ -11,7 +11,7 @@ from pathlib import Path
 from data_specs.build import BuildSpec
 from music_model.media.images import from_struct, to_struct
 from safe_files import sha256_file, write_atomic
-from tasks.build_paths import build_dir
+from tasks.engine.build_paths import build_dir
 
 
 class ImageStore:

@@ -19,9 +19,8 @@ import pyarrow.parquet as pq
 from data_specs.build import BuildSpec
 from music_model.roles import thread_load_seconds, thread_model_loads, thread_oom_retries
 from safe_files import sha256_file, write_atomic
-from tasks.build_paths import build_dir, stage_dir
-from tasks.image_store import image_problem
-
+from tasks.engine.build_paths import build_dir, stage_dir
+from tasks.engine.image_store import image_problem
 
 MARKER_SUFFIX = ".done.json"
 

@@ -14,7 +14,7 @@ from pydantic import Field
 from data_specs.build import Section
 from music_model.roles.detector import Detections
 from music_model.subjects.decimate import box_area
-from tasks.contract import PublishedScore, Stage, StageContext, Threshold
+from tasks.engine.contract import PublishedScore, Stage, StageContext, Threshold
 
 
 class DetectParams(Section):

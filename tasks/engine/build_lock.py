@@ -13,8 +13,7 @@ from filelock import FileLock, Timeout
 
 from data_specs.build import BuildSpec
 from music_model.roles.slots import describe_holders, write_holder
-from tasks.build_paths import build_dir
-
+from tasks.engine.build_paths import build_dir
 
 LOCK_GRACE_SECONDS = 1.0
 

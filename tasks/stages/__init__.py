@@ -3,7 +3,7 @@ sections, the build flow, the funnel, the cost plan's units and roles, `music ca
 thresholds, the published score columns and the card, the tests). It imports no Prefect, so a
 notebook, a benchmark or a test runs stages without a server.
 
-Adding a stage is one module that defines its `Stage` (tasks.contract), with its spec section,
+Adding a stage is one module that defines its `Stage` (tasks.engine.contract), with its spec section,
 thresholds and published scores, plus one line here."""
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import pyarrow as pa
 from data_specs import build
 from data_specs.build import BuildSpec
 from data_specs.schemas import published_schema as schema_of
-from tasks import annotate, compose, decimate, detect, layout, rerender, synthesize, verify
-from tasks import filter as filter_stage
-from tasks.build_paths import stage_dir
-from tasks.contract import ContractError, PublishedScore, Stage, Threshold, check_read, fingerprint, root_fingerprint
+from tasks.engine.build_paths import stage_dir
+from tasks.engine.contract import ContractError, PublishedScore, Stage, Threshold, check_read, fingerprint, root_fingerprint
+from tasks.stages import annotate, compose, decimate, detect, layout, rerender, synthesize, verify
+from tasks.stages import filter as filter_stage
 
 STAGES: list[Stage] = [
     compose.STAGE, synthesize.STAGE, detect.STAGE, verify.STAGE, rerender.STAGE,

@@ -14,7 +14,7 @@ from pydantic import Field
 from data_specs.build import Section
 from music_model.media.images import TAG_COLOURS, crop, pixel_box
 from music_model.subjects import nouns
-from tasks.contract import PublishedScore, Stage, StageContext, Threshold
+from tasks.engine.contract import PublishedScore, Stage, StageContext, Threshold
 
 
 class VerifyParams(Section):

@@ -22,11 +22,11 @@ import yaml
 
 from data_specs.build import BuildSpec
 from safe_files import write_atomic
-from tasks.build_paths import build_dir, stage_dir
-from tasks.clean import current_fingerprints
-from tasks.contract import Stage, Threshold, num_shards, read_rows
-from tasks.markers import scores_path, shard_name
-from tasks.publish import near_duplicate_scores, read_filter_index
+from tasks.checks.clean import current_fingerprints
+from tasks.engine.build_paths import build_dir, stage_dir
+from tasks.engine.contract import Stage, Threshold, num_shards, read_rows
+from tasks.engine.markers import scores_path, shard_name
+from tasks.publishing.publish import near_duplicate_scores, read_filter_index
 from tasks.stages import STAGES, parse_build_spec, thresholds
 
 QUANTILES = {"min": 0, "p5": 5, "p25": 25, "median": 50, "p75": 75, "p95": 95, "max": 100}

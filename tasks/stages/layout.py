@@ -16,7 +16,7 @@ from music_model.media import masks as rle
 from music_model.media.images import subject_view
 from music_model.subjects import nouns
 from music_model.subjects.layout import box_to_mask, layout_grid, layout_to_text
-from tasks.contract import PublishedScore, Stage, StageContext
+from tasks.engine.contract import PublishedScore, Stage, StageContext
 
 
 class LayoutParams(Section):

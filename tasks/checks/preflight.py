@@ -24,8 +24,8 @@ from data_specs.build import BuildSpec
 from music_model.roles.hub import HubState, Resolved, resolve
 from music_model.roles.kernels import triton_toolchain_problem
 from safe_files import write_atomic
-from tasks.build_paths import build_dir, models_record, recorded
-from tasks.cost_plan import disk, funnel
+from tasks.checks.cost_plan import disk, funnel
+from tasks.engine.build_paths import build_dir, models_record, recorded
 
 
 class PreflightError(RuntimeError):

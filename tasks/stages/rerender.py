@@ -20,8 +20,8 @@ from pydantic import Field, model_validator
 from data_specs.build import Section
 from music_model.media.images import crop, letterbox, square
 from music_model.subjects import nouns
-from tasks.contract import PublishedScore, Stage, StageContext, Threshold
-from tasks.verify import renumber
+from tasks.engine.contract import PublishedScore, Stage, StageContext, Threshold
+from tasks.stages.verify import renumber
 
 
 class RerenderParams(Section):

@@ -25,7 +25,7 @@ from data_specs import shipped
 from data_specs.build import Section, load_categories
 from music_model.roles.structured import bounded_text, describe_schema, end_at_word
 from music_model.subjects import nouns
-from tasks.contract import Stage, StageContext, sample_id
+from tasks.engine.contract import Stage, StageContext, sample_id
 
 
 class ComposeParams(Section):

@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 
 from data_specs.build import BuildSpec
 from music_model.paths import folder_bytes
-from tasks import releases
-from tasks.build_paths import build_dir
-from tasks.contract import num_shards
-from tasks.msic import msic_fingerprint
-from tasks.publish import publish_fingerprint
+from tasks.engine.build_paths import build_dir
+from tasks.engine.contract import num_shards
+from tasks.publishing import releases
+from tasks.publishing.msic import msic_fingerprint
+from tasks.publishing.publish import publish_fingerprint
 from tasks.stages import stage_chain
 
 

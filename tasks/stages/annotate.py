@@ -22,7 +22,7 @@ from data_specs.build import Section
 from music_model.media.images import draw_labelled_boxes, pixel_box
 from music_model.roles.structured import bounded_text, describe_schema, end_at_word
 from music_model.subjects.decimate import mentioned, token
-from tasks.contract import Stage, StageContext
+from tasks.engine.contract import Stage, StageContext
 
 
 class AnnotateParams(Section):

@@ -34,11 +34,11 @@ from music_model.roles import load_role
 from music_model.subjects.decimate import SUBJECT_TOKEN
 from music_model.subjects.preview import from_case, render_sheet
 from safe_files import write_atomic
-from tasks.build_paths import build_dir, stage_dir
-from tasks.contract import read_rows, role_content, stable_int, write_table
-from tasks.image_store import ImageStore
-from tasks.publish import code_version, drop_near_duplicates, preview_ids, preview_markdown, publish_folder, published_result, read_filter_index, stream_rows, write_sheets, yaml_header
-from tasks.releases import hash_changes, row_hash
+from tasks.engine.build_paths import build_dir, stage_dir
+from tasks.engine.contract import read_rows, role_content, stable_int, write_table
+from tasks.engine.image_store import ImageStore
+from tasks.publishing.publish import code_version, drop_near_duplicates, preview_ids, preview_markdown, publish_folder, published_result, read_filter_index, stream_rows, write_sheets, yaml_header
+from tasks.publishing.releases import hash_changes, row_hash
 
 BENCHMARK_CASES = pa.schema([
     ("case_id", pa.string()), ("subject_count", pa.int32()), ("instruction", pa.string()),
@@ -46,7 +46,7 @@ BENCHMARK_CASES = pa.schema([
     ("references", pa.list_(IMAGE)), ("boxes", pa.list_(pa.list_(pa.float32()))),
     ("target", IMAGE), ("layout", pa.list_(pa.int32())), ("layout_text", pa.string()),
     ("cot", pa.string()), ("caption", pa.string()), ("sample_id", pa.string()), ("source_id", pa.string()),
-    ("content_hash", pa.string()),  # tasks.msic.case_hash: what the manifest and a release diff compare
+    ("content_hash", pa.string()),  # tasks.publishing.msic.case_hash: what the manifest and a release diff compare
 ])
 BENCHMARK_CASES_FEATURES = {
     "case_id": {"dtype": "string", "_type": "Value"}, "subject_count": {"dtype": "int32", "_type": "Value"},

@@ -40,11 +40,11 @@ from data_specs.schemas import DROPPED
 from music_model.roles.hub import licence_of
 from music_model.subjects.preview import from_published, render_sheet
 from safe_files import write_atomic
-from tasks import releases, waves
-from tasks.build_paths import build_dir, recorded, stage_dir
-from tasks.contract import read_rows, stable_int, write_table
-from tasks.image_store import ImageStore
-from tasks.markers import shard_name
+from tasks.engine.build_paths import build_dir, recorded, stage_dir
+from tasks.engine.contract import read_rows, stable_int, write_table
+from tasks.engine.image_store import ImageStore
+from tasks.engine.markers import shard_name
+from tasks.publishing import releases, waves
 from tasks.stages import published_schema, published_scores
 
 PREVIEW_SAMPLES = 6
@@ -214,7 +214,7 @@ def published_result(folder: Path, fingerprint: str, spec: BuildSpec, target: in
 
 def publish_folder(folder: Path, fingerprint: str, write: Callable[[Path], dict], spec: BuildSpec, target: int | None) -> dict:
     """The one way a publication is written: `write(staging)` fills a staging folder beside `folder`
-    and returns the result; the staging folder then becomes a release (`tasks.releases.commit`) and,
+    and returns the result; the staging folder then becomes a release (`tasks.publishing.releases.commit`) and,
     when it passes the spec's gates, `folder` is swapped whole for it, so a reader never sees a
     half-written publication. `target`: the sample count the `min_samples: target` gate asks for.
     The result carries its release (`release.status`: accepted or rejected)."""

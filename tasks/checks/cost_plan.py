@@ -36,8 +36,8 @@ from data_specs.build import BuildSpec
 from data_specs.roles import RoleSpec, model_kind
 from music_model.paths import zoo_dir
 from music_model.zoo.arch import ARCH_BY_HUB_ID, param_bytes, param_count
-from tasks import waves
-from tasks.contract import Stage, num_shards
+from tasks.engine.contract import Stage, num_shards
+from tasks.publishing import waves
 from tasks.stages import STAGES, stage_named
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

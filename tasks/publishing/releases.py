@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 
 from data_specs.build import QUANTILES, BuildSpec, GateParams, canonical_json
 from safe_files import write_atomic
-from tasks.build_paths import recorded
-from tasks.contract import role_content, spec_values
+from tasks.engine.build_paths import recorded
+from tasks.engine.contract import role_content, spec_values
 from tasks.stages import STAGES
 
 RECORD = "release.json"

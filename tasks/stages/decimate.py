@@ -10,7 +10,7 @@ from pydantic import Field
 from data_specs.build import Section
 from music_model.subjects.decimate import decimate
 from music_model.subjects.layout import layout_grid, layout_to_text, subject_regions
-from tasks.contract import Stage, StageContext
+from tasks.engine.contract import Stage, StageContext
 
 
 class DecimateParams(Section):

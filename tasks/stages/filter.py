@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from data_specs.build import Section
-from tasks.contract import PublishedScore, Stage, StageContext, Threshold
+from tasks.engine.contract import PublishedScore, Stage, StageContext, Threshold
 
 
 class FilterParams(Section):

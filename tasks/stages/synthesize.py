@@ -4,7 +4,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from data_specs.build import Section
-from tasks.contract import Stage, StageContext
+from tasks.engine.contract import Stage, StageContext
 
 
 class SynthesizeParams(Section):

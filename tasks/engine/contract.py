@@ -9,12 +9,12 @@ its `columns` hold, fails the shard.
 
 A stage's output for shard k lives at `stages/<stage>/<fingerprint>/part-0000k.parquet`, with its
 dropped rows beside it (and its scores table, for a stage that declares scores) and a
-`.done.json` marker written last (`tasks.markers`). The fingerprint hashes the stage's
+`.done.json` marker written last (`tasks.engine.markers`). The fingerprint hashes the stage's
 name, version, the values of the fields it reads, its roles' content settings (backend, model,
 dtype, options: what decides the output) and the upstream fingerprint, so changing a field reruns
 the stages that read it and what follows, and nothing else. Execution settings (batch size, device,
 offload: how fast, not what) are recorded in each marker instead. Images live once per build in
-`ImageStore` (`tasks.image_store`); rows name them by path.
+`ImageStore` (`tasks.engine.image_store`); rows name them by path.
 """
 from __future__ import annotations
 
@@ -38,17 +38,17 @@ from music_model.roles import load_role, peak_memory_bytes, reset_peak_memory, r
 from music_model.roles.base import resolve_device
 from music_model.roles.slots import current_device
 from safe_files import sha256_file, write_atomic
-from tasks.build_paths import build_dir, stage_dir
-from tasks.image_store import ImageStore, image_store
-from tasks.markers import marker_path, run_marked, scores_path, shard_marker, shard_name
+from tasks.engine.build_paths import build_dir, stage_dir
+from tasks.engine.image_store import ImageStore, image_store
+from tasks.engine.markers import marker_path, run_marked, scores_path, shard_marker, shard_name
 
 # How a role runs, not what it makes: recorded in markers and the card, never fingerprinted.
 EXECUTION_FIELDS = ("batch_size", "device", "offload")
-# A hub revision names weights, but the build folder pins them (`tasks.preflight`: a resume whose
+# A hub revision names weights, but the build folder pins them (`tasks.checks.preflight`: a resume whose
 # commits changed is refused), so pinning the commit a build already uses keeps every shard.
 PINNED_BY_FOLDER = ("revision",)
 UNITS = ("rows", "subjects", "sources")
-# How the cost plan's funnel passes rows through a stage (`tasks.cost_plan.funnel`).
+# How the cost plan's funnel passes rows through a stage (`tasks.checks.cost_plan.funnel`).
 PLANS = ("rows", "subjects", "decimate", "select")
 
 
