@@ -291,7 +291,7 @@ def test_every_drop_reason_of_the_stages_is_tested():
     test that shows it has no cause left)."""
     tested = re.findall(r'["`](\w+)["`]', Path(__file__).read_text())
     found = set()
-    for path in Path(__file__).resolve().parent.parent.joinpath("tasks").glob("*.py"):
+    for path in Path(__file__).resolve().parent.parent.joinpath("tasks").rglob("*.py"):
         found |= set(re.findall(r'(?:ctx\.drop\(\w+, |dropped_row\(\w+, (?:\w+|"[\w-]+"), )"(\w+)"', path.read_text()))
     assert found >= {"too_few_detected", "near_duplicate", "over_max_samples"}, found
     assert found <= set(tested), found - set(tested)
